@@ -1,0 +1,527 @@
+//! Loading and saving models: external data, the 2 GiB limit, atomic writes.
+//!
+//! Loading resolves every external tensor into `raw_data`, so the rest of qfold only ever sees
+//! tensors in memory; the names of the tensors that were external are kept in
+//! [`Model::external`] so saving can keep the layout. Saving writes to a temporary file in the
+//! destination folder and renames it into place, so a failure leaves nothing half-written.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Component, Path, PathBuf};
+
+use protobuf::Message;
+
+use super::proto::{
+    tensor_proto::DataLocation, GraphProto, ModelProto, NodeProto, StringStringEntryProto,
+    TensorProto,
+};
+use super::tensor::TensorData;
+use crate::error::{Error, Result};
+
+/// protobuf cannot encode a message of 2 GiB or more.
+pub const PROTOBUF_LIMIT: u64 = (1u64 << 31) - 1;
+
+/// A loaded model: the protobuf message plus where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    /// The message. Every tensor's data is in memory.
+    pub proto: ModelProto,
+    /// The folder of the file it was loaded from; external data paths are relative to it.
+    pub dir: Option<PathBuf>,
+    /// Names of the tensors that were stored as external data when loaded.
+    pub external: BTreeSet<String>,
+}
+
+/// Where saving puts tensor data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExternalData {
+    /// Tensors that were external when loaded stay external; everything else is inline unless
+    /// the file would exceed the 2 GiB protobuf limit, in which case the largest tensors move out.
+    #[default]
+    Keep,
+    /// Every tensor inline; fails when the model would exceed 2 GiB.
+    Never,
+    /// Every tensor of at least this many bytes goes to the external data file.
+    Threshold(usize),
+}
+
+/// Options for [`save`].
+#[derive(Debug, Clone, Default)]
+pub struct SaveOptions {
+    pub external: ExternalData,
+}
+
+impl Model {
+    /// Wraps a message built in memory.
+    pub fn new(proto: ModelProto) -> Model {
+        Model {
+            proto,
+            dir: None,
+            external: BTreeSet::new(),
+        }
+    }
+
+    /// The main graph (an empty one is created if the message has none).
+    pub fn graph(&self) -> &GraphProto {
+        self.proto.graph.get_or_default()
+    }
+
+    /// The main graph, mutably.
+    pub fn graph_mut(&mut self) -> &mut GraphProto {
+        self.proto.graph.mut_or_insert_default()
+    }
+
+    /// The opset version imported for the default ONNX domain.
+    pub fn opset(&self) -> Option<i64> {
+        self.proto
+            .opset_import
+            .iter()
+            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+            .map(|o| o.version)
+    }
+
+    /// Encodes the message as bytes (every tensor inline).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        encode(&self.proto, "model")
+    }
+}
+
+fn encode(proto: &ModelProto, what: &str) -> Result<Vec<u8>> {
+    let size = proto.compute_size();
+    if size > PROTOBUF_LIMIT {
+        return Err(Error::Encode {
+            what: what.into(),
+            reason: format!(
+                "{size} bytes exceeds protobuf's 2 GiB limit: save it with external data"
+            ),
+        });
+    }
+    proto.write_to_bytes().map_err(|e| Error::Encode {
+        what: what.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// Loads a model file, resolving external data relative to its folder.
+pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let dir = path
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_path_buf()
+            }
+        })
+        .unwrap_or_else(|| PathBuf::from("."));
+    load_bytes(&bytes, Some(&dir), &path.display().to_string())
+}
+
+/// Decodes a model from bytes. `dir` is where external data files are looked up (external
+/// data is an error without it); `what` names the source in error messages.
+pub fn load_bytes(bytes: &[u8], dir: Option<&Path>, what: &str) -> Result<Model> {
+    let proto = ModelProto::parse_from_bytes(bytes).map_err(|e| Error::Decode {
+        what: what.into(),
+        reason: e.to_string(),
+    })?;
+    if proto.graph.is_none() {
+        return Err(Error::Decode {
+            what: what.into(),
+            reason: "the message has no graph".into(),
+        });
+    }
+    let mut model = Model {
+        proto,
+        dir: dir.map(Path::to_path_buf),
+        external: BTreeSet::new(),
+    };
+    resolve_external(&mut model)?;
+    Ok(model)
+}
+
+/// Calls `f` on every tensor of the model: initializers, Constant and other tensor attributes,
+/// sparse tensors, in subgraphs, training graphs and function bodies. The order is fixed.
+pub fn for_each_tensor_mut(
+    proto: &mut ModelProto,
+    f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+) -> Result<()> {
+    fn nodes(
+        nodes: &mut [NodeProto],
+        f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+    ) -> Result<()> {
+        for n in nodes {
+            for a in &mut n.attribute {
+                if let Some(t) = a.t.as_mut() {
+                    f(t)?;
+                }
+                for t in &mut a.tensors {
+                    f(t)?;
+                }
+                if let Some(s) = a.sparse_tensor.as_mut() {
+                    sparse(s, f)?;
+                }
+                for s in &mut a.sparse_tensors {
+                    sparse(s, f)?;
+                }
+                if let Some(g) = a.g.as_mut() {
+                    graph(g, f)?;
+                }
+                for g in &mut a.graphs {
+                    graph(g, f)?;
+                }
+            }
+        }
+        Ok(())
+    }
+    fn sparse(
+        s: &mut super::proto::SparseTensorProto,
+        f: &mut dyn FnMut(&mut TensorProto) -> Result<()>,
+    ) -> Result<()> {
+        if let Some(t) = s.values.as_mut() {
+            f(t)?;
+        }
+        if let Some(t) = s.indices.as_mut() {
+            f(t)?;
+        }
+        Ok(())
+    }
+    fn graph(g: &mut GraphProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
+        for t in &mut g.initializer {
+            f(t)?;
+        }
+        for s in &mut g.sparse_initializer {
+            sparse(s, f)?;
+        }
+        nodes(&mut g.node, f)
+    }
+    if let Some(g) = proto.graph.as_mut() {
+        graph(g, f)?;
+    }
+    for ti in &mut proto.training_info {
+        if let Some(g) = ti.initialization.as_mut() {
+            graph(g, f)?;
+        }
+        if let Some(g) = ti.algorithm.as_mut() {
+            graph(g, f)?;
+        }
+    }
+    for func in &mut proto.functions {
+        nodes(&mut func.node, f)?;
+    }
+    Ok(())
+}
+
+fn is_external(t: &TensorProto) -> bool {
+    t.data_location.value() == DataLocation::EXTERNAL as i32
+}
+
+/// A relative path that stays inside the model folder, or the reason it does not.
+fn safe_relative(location: &str) -> std::result::Result<PathBuf, String> {
+    if location.is_empty() {
+        return Err("no 'location'".into());
+    }
+    let p = Path::new(location);
+    for c in p.components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(format!(
+                    "location '{location}' leaves the model folder ('..')"
+                ))
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!("location '{location}' is absolute"))
+            }
+        }
+    }
+    Ok(p.to_path_buf())
+}
+
+fn resolve_external(model: &mut Model) -> Result<()> {
+    let dir = model.dir.clone();
+    let mut files: HashMap<PathBuf, (File, u64)> = HashMap::new();
+    let mut external = BTreeSet::new();
+    for_each_tensor_mut(&mut model.proto, &mut |t| {
+        if !is_external(t) {
+            return Ok(());
+        }
+        let err = |reason: String| Error::ExternalData {
+            tensor: t.name.clone(),
+            reason,
+        };
+        let mut location = String::new();
+        let mut offset: u64 = 0;
+        let mut length: Option<u64> = None;
+        for kv in &t.external_data {
+            match kv.key.as_str() {
+                "location" => location = kv.value.clone(),
+                "offset" => {
+                    offset = kv
+                        .value
+                        .parse()
+                        .map_err(|_| err(format!("bad offset '{}'", kv.value)))?
+                }
+                "length" => {
+                    length = Some(
+                        kv.value
+                            .parse()
+                            .map_err(|_| err(format!("bad length '{}'", kv.value)))?,
+                    )
+                }
+                _ => {}
+            }
+        }
+        let rel = safe_relative(&location).map_err(err)?;
+        let dir = dir.as_ref().ok_or_else(|| {
+            err("the model was not loaded from a file, so its external data cannot be found".into())
+        })?;
+        let path = dir.join(rel);
+        if !files.contains_key(&path) {
+            let f = File::open(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+            let len = f
+                .metadata()
+                .map_err(|e| err(format!("{}: {e}", path.display())))?
+                .len();
+            files.insert(path.clone(), (f, len));
+        }
+        let (file, file_len) = files.get_mut(&path).expect("inserted above");
+        let length = length.unwrap_or(file_len.saturating_sub(offset));
+        if offset.checked_add(length).is_none_or(|end| end > *file_len) {
+            return Err(err(format!(
+                "{}: offset {offset} + length {length} is past the end of the file ({file_len} bytes)",
+                path.display()
+            )));
+        }
+        let mut buf = vec![0u8; length as usize];
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(&mut buf))
+            .map_err(|e| err(format!("{}: {e}", path.display())))?;
+        t.raw_data = buf;
+        t.external_data.clear();
+        t.data_location = DataLocation::DEFAULT.into();
+        external.insert(t.name.clone());
+        Ok(())
+    })?;
+    model.external = external;
+    Ok(())
+}
+
+/// Bytes a tensor's data takes.
+fn data_bytes(t: &TensorProto) -> usize {
+    if !t.raw_data.is_empty() {
+        return t.raw_data.len();
+    }
+    t.float_data.len() * 4
+        + t.int32_data.len() * 4
+        + t.int64_data.len() * 8
+        + t.double_data.len() * 8
+        + t.uint64_data.len() * 8
+}
+
+/// Raw little-endian bytes of a tensor's data, converting typed fields when needed. `None` for
+/// tensors whose type has no raw form here (strings, unknown types).
+fn raw_bytes(t: &TensorProto) -> Option<Vec<u8>> {
+    if !t.raw_data.is_empty() {
+        return Some(t.raw_data.clone());
+    }
+    TensorData::from_proto(t)
+        .ok()
+        .map(|d| d.to_proto("").raw_data)
+}
+
+/// A temporary path next to `path`, removed on drop unless persisted.
+struct TempFile {
+    tmp: PathBuf,
+    dest: PathBuf,
+    done: bool,
+}
+
+impl TempFile {
+    fn new(dest: &Path) -> Result<(TempFile, BufWriter<File>)> {
+        let name = dest
+            .file_name()
+            .ok_or_else(|| Error::Usage(format!("{}: not a file path", dest.display())))?;
+        let tmp = dest.with_file_name(format!(
+            ".{}.qfold-{}.tmp",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok((
+            TempFile {
+                tmp,
+                dest: dest.to_path_buf(),
+                done: false,
+            },
+            BufWriter::new(f),
+        ))
+    }
+
+    fn finish(w: BufWriter<File>, path: &Path) -> Result<()> {
+        let f = w
+            .into_inner()
+            .map_err(|e| Error::io(path, e.into_error()))?;
+        f.sync_all().map_err(|e| Error::io(path, e))
+    }
+
+    fn persist(mut self) -> Result<()> {
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Saves a model atomically. External data, when any, goes to `<file name>.data` beside it.
+pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Result<()> {
+    let path = path.as_ref();
+    let total = model.proto.compute_size();
+    let mut chosen: BTreeSet<String> = match options.external {
+        ExternalData::Never => BTreeSet::new(),
+        ExternalData::Keep => model.external.clone(),
+        ExternalData::Threshold(min) => {
+            let mut set = BTreeSet::new();
+            let mut proto = model.proto.clone();
+            for_each_tensor_mut(&mut proto, &mut |t| {
+                if data_bytes(t) >= min && !t.name.is_empty() {
+                    set.insert(t.name.clone());
+                }
+                Ok(())
+            })?;
+            set
+        }
+    };
+    if total > PROTOBUF_LIMIT && options.external == ExternalData::Keep {
+        // Move the largest tensors out until what stays inline fits.
+        let mut sizes = Vec::new();
+        let mut proto = model.proto.clone();
+        for_each_tensor_mut(&mut proto, &mut |t| {
+            if !t.name.is_empty() {
+                sizes.push((data_bytes(t) as u64, t.name.clone()));
+            }
+            Ok(())
+        })?;
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let mut inline = total;
+        for (size, name) in sizes {
+            if inline <= PROTOBUF_LIMIT / 2 {
+                break;
+            }
+            if chosen.insert(name) {
+                inline = inline.saturating_sub(size);
+            }
+        }
+    }
+    if chosen.is_empty() {
+        if total > PROTOBUF_LIMIT {
+            return Err(Error::Encode {
+                what: path.display().to_string(),
+                reason: format!(
+                    "{total} bytes exceeds protobuf's 2 GiB limit: save it with external data"
+                ),
+            });
+        }
+        let (tmp, mut w) = TempFile::new(path)?;
+        model
+            .proto
+            .write_to_writer(&mut w)
+            .map_err(|e| Error::Encode {
+                what: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        TempFile::finish(w, path)?;
+        return tmp.persist();
+    }
+    save_with_external(model, path, &chosen)
+}
+
+fn save_with_external(model: &Model, path: &Path, chosen: &BTreeSet<String>) -> Result<()> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::Usage(format!("{}: not a file path", path.display())))?
+        .to_string_lossy()
+        .to_string();
+    let location = format!("{file_name}.data");
+    let data_path = path.with_file_name(&location);
+    let (data_tmp, mut data_w) = TempFile::new(&data_path)?;
+    let mut offset: u64 = 0;
+    let mut proto = model.proto.clone();
+    for_each_tensor_mut(&mut proto, &mut |t| {
+        if !chosen.contains(&t.name) {
+            return Ok(());
+        }
+        let Some(raw) = raw_bytes(t) else {
+            return Ok(());
+        };
+        // Align every tensor to 4 KiB, as ONNX's own writer does for mmap-friendliness.
+        let pad = (4096 - offset % 4096) % 4096;
+        data_w
+            .write_all(&vec![0u8; pad as usize])
+            .and_then(|_| data_w.write_all(&raw))
+            .map_err(|e| Error::io(&data_path, e))?;
+        offset += pad;
+        let entry = |k: &str, v: String| {
+            let mut e = StringStringEntryProto::new();
+            e.key = k.into();
+            e.value = v;
+            e
+        };
+        t.external_data = vec![
+            entry("location", location.clone()),
+            entry("offset", offset.to_string()),
+            entry("length", raw.len().to_string()),
+        ];
+        t.data_location = DataLocation::EXTERNAL.into();
+        t.raw_data.clear();
+        t.float_data.clear();
+        t.int32_data.clear();
+        t.int64_data.clear();
+        t.double_data.clear();
+        t.uint64_data.clear();
+        offset += raw.len() as u64;
+        Ok(())
+    })?;
+    TempFile::finish(data_w, &data_path)?;
+    let size = proto.compute_size();
+    if size > PROTOBUF_LIMIT {
+        return Err(Error::Encode {
+            what: path.display().to_string(),
+            reason: format!("{size} bytes stay inline even with external data"),
+        });
+    }
+    let (tmp, mut w) = TempFile::new(path)?;
+    proto.write_to_writer(&mut w).map_err(|e| Error::Encode {
+        what: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    TempFile::finish(w, path)?;
+    data_tmp.persist()?;
+    tmp.persist()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_locations() {
+        assert!(safe_relative("weights.bin").is_ok());
+        assert!(safe_relative("sub/./w.bin").is_ok());
+        assert!(safe_relative("../w.bin").unwrap_err().contains(".."));
+        assert!(safe_relative("a/../../w.bin").is_err());
+        assert!(safe_relative("/etc/passwd")
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(safe_relative("").is_err());
+    }
+}
