@@ -1,0 +1,430 @@
+//! The editable graph: a read-only index over a `GraphProto` that every rule queries, and
+//! [`Patch`], the only way a rule changes the graph.
+
+mod names;
+mod patch;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+
+pub use names::Names;
+pub use patch::Patch;
+
+use crate::error::{Error, Result};
+use crate::onnx::attr;
+use crate::onnx::proto::{attribute_proto::AttributeType, GraphProto, NodeProto, TensorProto};
+use crate::onnx::{ElemType, Model, TensorData};
+
+/// Where a constant value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConstSource {
+    /// `graph.initializer[i]`.
+    Initializer(usize),
+    /// The output of the Constant node `graph.node[i]`.
+    ConstantNode(usize),
+}
+
+/// An index over one graph: producer and consumers of every value, constants, graph inputs and
+/// outputs. Values used inside If/Loop/Scan bodies but defined outside count as inputs of the
+/// node that owns the body.
+#[derive(Debug)]
+pub struct Graph<'a> {
+    proto: &'a GraphProto,
+    producer: HashMap<&'a str, usize>,
+    consumers: HashMap<String, Vec<usize>>,
+    initializers: HashMap<&'a str, usize>,
+    inputs: HashSet<&'a str>,
+    outputs: HashSet<&'a str>,
+    /// Initializers that are also graph inputs are defaults a caller may override (IR >= 4),
+    /// so they are not constants.
+    overridable_initializers: bool,
+}
+
+/// Every name a node reads: its inputs and the outer-scope values its subgraphs capture.
+pub fn node_uses(node: &NodeProto) -> Vec<String> {
+    let mut uses: Vec<String> = node
+        .input
+        .iter()
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .collect();
+    uses.extend(implicit_inputs(node));
+    uses
+}
+
+/// Values a node's subgraphs read from the enclosing scope.
+pub fn implicit_inputs(node: &NodeProto) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for a in &node.attribute {
+        for g in a.g.as_ref().into_iter().chain(a.graphs.iter()) {
+            for name in free_values(g) {
+                if seen.insert(name.clone()) {
+                    out.push(name);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Names a graph reads but does not define (its captures from the enclosing scope).
+pub fn free_values(g: &GraphProto) -> Vec<String> {
+    let mut defined: HashSet<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
+    defined.extend(g.initializer.iter().map(|t| t.name.as_str()));
+    defined.extend(
+        g.sparse_initializer
+            .iter()
+            .filter_map(|s| s.values.as_ref().map(|t| t.name.as_str())),
+    );
+    for n in &g.node {
+        defined.extend(n.output.iter().map(String::as_str));
+    }
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut add = |name: String| {
+        if !name.is_empty() && !defined.contains(name.as_str()) && seen.insert(name.clone()) {
+            out.push(name);
+        }
+    };
+    for n in &g.node {
+        for name in node_uses(n) {
+            add(name);
+        }
+    }
+    for o in &g.output {
+        add(o.name.clone());
+    }
+    out
+}
+
+/// Stable topological order of `nodes` (original position breaks ties). `available` are the
+/// names defined before any node (graph inputs, initializers, outer scope). Errors name a node
+/// input nothing produces, a value produced twice, or a cycle.
+pub(crate) fn topo_order(
+    nodes: &[&NodeProto],
+    available: &HashSet<&str>,
+) -> std::result::Result<Vec<usize>, String> {
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for o in n.output.iter().filter(|o| !o.is_empty()) {
+            if available.contains(o.as_str()) {
+                return Err(format!(
+                    "value '{o}' is produced by node '{}' but is also a graph input or initializer",
+                    n.name
+                ));
+            }
+            if let Some(&j) = producer.get(o.as_str()) {
+                return Err(format!(
+                    "value '{o}' is produced by two nodes: '{}' and '{}'",
+                    nodes[j].name, n.name
+                ));
+            }
+            producer.insert(o, i);
+        }
+    }
+    let mut pending = vec![0usize; nodes.len()];
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+    for (i, n) in nodes.iter().enumerate() {
+        let mut deps = HashSet::new();
+        for name in node_uses(n) {
+            match producer.get(name.as_str()) {
+                Some(&p) => {
+                    if deps.insert(p) {
+                        users[p].push(i);
+                        pending[i] += 1;
+                    }
+                }
+                None if available.contains(name.as_str()) => {}
+                None => {
+                    return Err(format!(
+                        "node '{}' ({}) reads '{name}', which no node, initializer or graph input produces",
+                        n.name, n.op_type
+                    ))
+                }
+            }
+        }
+    }
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..nodes.len())
+        .filter(|&i| pending[i] == 0)
+        .map(Reverse)
+        .collect();
+    let mut order = Vec::with_capacity(nodes.len());
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        for &u in &users[i] {
+            pending[u] -= 1;
+            if pending[u] == 0 {
+                ready.push(Reverse(u));
+            }
+        }
+    }
+    if order.len() != nodes.len() {
+        let stuck = (0..nodes.len()).find(|&i| pending[i] > 0).unwrap_or(0);
+        return Err(format!(
+            "the graph has a cycle through node '{}' ({})",
+            nodes[stuck].name, nodes[stuck].op_type
+        ));
+    }
+    Ok(order)
+}
+
+impl<'a> Graph<'a> {
+    /// Indexes a graph. Initializers that are also graph inputs are not treated as constants.
+    pub fn new(proto: &'a GraphProto) -> Graph<'a> {
+        let mut producer = HashMap::new();
+        let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, n) in proto.node.iter().enumerate() {
+            for o in n.output.iter().filter(|o| !o.is_empty()) {
+                producer.entry(o.as_str()).or_insert(i);
+            }
+            let mut seen = HashSet::new();
+            for name in node_uses(n) {
+                if seen.insert(name.clone()) {
+                    consumers.entry(name).or_default().push(i);
+                }
+            }
+        }
+        Graph {
+            proto,
+            producer,
+            consumers,
+            initializers: proto
+                .initializer
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.as_str(), i))
+                .collect(),
+            inputs: proto.input.iter().map(|v| v.name.as_str()).collect(),
+            outputs: proto.output.iter().map(|v| v.name.as_str()).collect(),
+            overridable_initializers: true,
+        }
+    }
+
+    /// Indexes a model's main graph; IR < 4 models list their initializers as inputs, so those
+    /// count as constants there.
+    pub fn of_model(model: &'a Model) -> Graph<'a> {
+        let mut g = Graph::new(model.graph());
+        g.overridable_initializers = model.proto.ir_version >= 4;
+        g
+    }
+
+    /// The underlying message.
+    pub fn proto(&self) -> &'a GraphProto {
+        self.proto
+    }
+
+    /// The graph's name for messages.
+    pub fn name(&self) -> &'a str {
+        &self.proto.name
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> &'a NodeProto {
+        &self.proto.node[i]
+    }
+
+    /// All nodes, in stored order.
+    pub fn nodes(&self) -> &'a [NodeProto] {
+        &self.proto.node
+    }
+
+    /// The node named `name`.
+    pub fn node_by_name(&self, name: &str) -> Option<usize> {
+        self.proto.node.iter().position(|n| n.name == name)
+    }
+
+    /// The node that produces `value`.
+    pub fn producer(&self, value: &str) -> Option<usize> {
+        self.producer.get(value).copied()
+    }
+
+    /// The nodes that read `value` (each once, in stored order), subgraph captures included.
+    pub fn consumers(&self, value: &str) -> &[usize] {
+        self.consumers.get(value).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// True when `value` is a graph output.
+    pub fn is_output(&self, value: &str) -> bool {
+        self.outputs.contains(value)
+    }
+
+    /// True when `value` is a graph input.
+    pub fn is_input(&self, value: &str) -> bool {
+        self.inputs.contains(value)
+    }
+
+    /// The initializer named `name`.
+    pub fn initializer(&self, name: &str) -> Option<&'a TensorProto> {
+        self.initializers
+            .get(name)
+            .map(|&i| &self.proto.initializer[i])
+    }
+
+    /// Graph inputs that are not initializers: what a caller feeds.
+    pub fn real_inputs(&self) -> Vec<&'a crate::onnx::proto::ValueInfoProto> {
+        self.proto
+            .input
+            .iter()
+            .filter(|v| !self.initializers.contains_key(v.name.as_str()))
+            .collect()
+    }
+
+    /// Where the constant value `name` comes from, if it is a constant.
+    pub fn const_source(&self, name: &str) -> Option<ConstSource> {
+        if let Some(&i) = self.initializers.get(name) {
+            if self.overridable_initializers && self.inputs.contains(name) {
+                return None;
+            }
+            return Some(ConstSource::Initializer(i));
+        }
+        let p = self.producer(name)?;
+        let n = self.node(p);
+        (n.op_type == "Constant" && n.domain.is_empty()).then_some(ConstSource::ConstantNode(p))
+    }
+
+    /// The value of constant `name` (initializer or Constant node), `None` if it is not constant.
+    pub fn constant(&self, name: &str) -> Result<Option<TensorData>> {
+        match self.const_source(name) {
+            None => Ok(None),
+            Some(ConstSource::Initializer(i)) => {
+                TensorData::from_proto(&self.proto.initializer[i]).map(Some)
+            }
+            Some(ConstSource::ConstantNode(p)) => constant_node_value(self.node(p)).map(Some),
+        }
+    }
+
+    /// Number of nodes (including this graph's) reading a constant's storage: for an
+    /// initializer, every reader of that name; a Constant node's value is read by its consumers.
+    pub fn is_shared(&self, name: &str) -> bool {
+        self.consumers(name).len() > 1 || self.is_output(name)
+    }
+
+    /// Element type of a constant, if known.
+    pub fn constant_type(&self, name: &str) -> Option<ElemType> {
+        match self.const_source(name)? {
+            ConstSource::Initializer(i) => ElemType::from_onnx(self.proto.initializer[i].data_type),
+            ConstSource::ConstantNode(p) => constant_node_value(self.node(p))
+                .ok()
+                .map(|t| t.elem_type()),
+        }
+    }
+
+    /// Node indices in a topological order (stable: stored order where it is already valid).
+    pub fn topo_order(&self) -> Result<Vec<usize>> {
+        let nodes: Vec<&NodeProto> = self.proto.node.iter().collect();
+        topo_order(&nodes, &self.defined_outside_nodes(&HashSet::new()))
+            .map_err(|e| Error::graph(self.name(), e))
+    }
+
+    fn defined_outside_nodes<'s>(&'s self, outer: &HashSet<&'s str>) -> HashSet<&'s str> {
+        let mut avail: HashSet<&str> = outer.clone();
+        avail.extend(self.inputs.iter().copied());
+        avail.extend(self.initializers.keys().copied());
+        avail.extend(
+            self.proto
+                .sparse_initializer
+                .iter()
+                .filter_map(|s| s.values.as_ref().map(|t| t.name.as_str())),
+        );
+        avail
+    }
+
+    /// Checks the graph: one producer per value, no dangling input, graph outputs defined,
+    /// unique node names, nodes in topological order; subgraphs recursively.
+    pub fn check(&self) -> Result<()> {
+        self.check_scoped(&HashSet::new())
+    }
+
+    fn check_scoped(&self, outer: &HashSet<&str>) -> Result<()> {
+        let gname = if self.name().is_empty() {
+            "main"
+        } else {
+            self.name()
+        };
+        let err = |r: String| Error::graph(gname, r);
+        let avail = self.defined_outside_nodes(outer);
+        let mut names = HashSet::new();
+        for n in &self.proto.node {
+            if !n.name.is_empty() && !names.insert(n.name.as_str()) {
+                return Err(err(format!("two nodes are named '{}'", n.name)));
+            }
+        }
+        let nodes: Vec<&NodeProto> = self.proto.node.iter().collect();
+        let order = topo_order(&nodes, &avail).map_err(&err)?;
+        if let Some(pos) = order.iter().enumerate().position(|(k, &i)| k != i) {
+            let n = &self.proto.node[pos];
+            return Err(err(format!(
+                "nodes are not in topological order: node '{}' ({}) reads a value produced later",
+                n.name, n.op_type
+            )));
+        }
+        let mut defined = avail.clone();
+        for n in &self.proto.node {
+            for a in &n.attribute {
+                for g in a.g.as_ref().into_iter().chain(a.graphs.iter()) {
+                    Graph::new(g).check_scoped(&defined)?;
+                }
+            }
+            defined.extend(n.output.iter().map(String::as_str));
+        }
+        for o in &self.proto.output {
+            if !defined.contains(o.name.as_str()) {
+                return Err(err(format!(
+                    "graph output '{}' is not produced by any node, initializer or input",
+                    o.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of subgraphs (If/Loop/Scan bodies), nested ones included.
+    pub fn subgraph_count(&self) -> usize {
+        fn count(g: &GraphProto) -> usize {
+            g.node
+                .iter()
+                .flat_map(|n| n.attribute.iter())
+                .flat_map(|a| a.g.as_ref().into_iter().chain(a.graphs.iter()))
+                .map(|s| 1 + count(s))
+                .sum()
+        }
+        count(self.proto)
+    }
+}
+
+/// The value of a Constant node, from whichever attribute holds it.
+pub fn constant_node_value(n: &NodeProto) -> Result<TensorData> {
+    let node_err = |r: &str| Error::Node {
+        node: n.name.clone(),
+        op_type: n.op_type.clone(),
+        reason: r.to_string(),
+    };
+    let a = n
+        .attribute
+        .first()
+        .ok_or_else(|| node_err("Constant node without a value attribute"))?;
+    use ndarray::{arr0, ArrayD, IxDyn};
+    let kind = a.type_.enum_value().ok();
+    Ok(match (a.name.as_str(), kind) {
+        ("value", _) => {
+            let t = attr::tensor(n, "value")?.ok_or_else(|| node_err("missing 'value'"))?;
+            TensorData::from_proto(t)?
+        }
+        ("value_float", Some(AttributeType::FLOAT)) => TensorData::F32(arr0(a.f).into_dyn()),
+        ("value_floats", Some(AttributeType::FLOATS)) => TensorData::F32(
+            ArrayD::from_shape_vec(IxDyn(&[a.floats.len()]), a.floats.clone())
+                .map_err(|e| node_err(&e.to_string()))?,
+        ),
+        ("value_int", Some(AttributeType::INT)) => TensorData::I64(arr0(a.i).into_dyn()),
+        ("value_ints", Some(AttributeType::INTS)) => TensorData::I64(
+            ArrayD::from_shape_vec(IxDyn(&[a.ints.len()]), a.ints.clone())
+                .map_err(|e| node_err(&e.to_string()))?,
+        ),
+        (other, _) => {
+            return Err(node_err(&format!(
+                "Constant attribute '{other}' is not supported as a constant here"
+            )))
+        }
+    })
+}

@@ -1,0 +1,205 @@
+//! A rewrite as data. A rule builds a [`Patch`] against a read-only [`super::Graph`]; `apply`
+//! validates the whole result first and only then mutates, so a patch never half-applies.
+//! After applying, nodes are re-sorted topologically and unused initializers, Constant nodes and
+//! value_info entries are swept.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use super::{node_uses, topo_order, Graph};
+use crate::error::{Error, Result};
+use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
+
+/// Nodes removed, replaced and added, and initializers added, against one graph snapshot (node
+/// indices are positions in `graph.node` when the patch was built).
+#[derive(Debug, Clone, Default)]
+pub struct Patch {
+    /// What the patch does, for messages (`fold conv1+bn1`).
+    pub name: String,
+    removed: BTreeSet<usize>,
+    replaced: BTreeMap<usize, NodeProto>,
+    added: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+}
+
+enum Src {
+    Old(usize),
+    Replaced(usize),
+    Added(usize),
+}
+
+impl Patch {
+    /// An empty patch.
+    pub fn new(name: impl Into<String>) -> Patch {
+        Patch {
+            name: name.into(),
+            ..Patch::default()
+        }
+    }
+
+    /// Removes node `i`.
+    pub fn remove_node(&mut self, i: usize) -> &mut Self {
+        self.removed.insert(i);
+        self
+    }
+
+    /// Replaces node `i` by `node` (same position before re-sorting).
+    pub fn replace_node(&mut self, i: usize, node: NodeProto) -> &mut Self {
+        self.replaced.insert(i, node);
+        self
+    }
+
+    /// Adds a node; its place is found by the topological sort.
+    pub fn add_node(&mut self, node: NodeProto) -> &mut Self {
+        self.added.push(node);
+        self
+    }
+
+    /// Adds an initializer (its name must be new).
+    pub fn add_initializer(&mut self, t: TensorProto) -> &mut Self {
+        self.initializers.push(t);
+        self
+    }
+
+    /// Nodes removed by the patch.
+    pub fn removed_nodes(&self) -> impl Iterator<Item = usize> + '_ {
+        self.removed.iter().copied()
+    }
+
+    /// True when the patch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.removed.is_empty()
+            && self.replaced.is_empty()
+            && self.added.is_empty()
+            && self.initializers.is_empty()
+    }
+
+    fn err(&self, reason: impl Into<String>) -> Error {
+        Error::Patch {
+            patch: self.name.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Validates the patched graph, then rewrites `g`. On error `g` is unchanged.
+    pub fn apply(mut self, g: &mut GraphProto) -> Result<()> {
+        let n = g.node.len();
+        if let Some(&i) = self
+            .removed
+            .iter()
+            .chain(self.replaced.keys())
+            .find(|&&i| i >= n)
+        {
+            return Err(self.err(format!("node index {i} is out of range ({n} nodes)")));
+        }
+        if let Some(&i) = self.removed.iter().find(|i| self.replaced.contains_key(i)) {
+            return Err(self.err(format!(
+                "node '{}' is both removed and replaced",
+                g.node[i].name
+            )));
+        }
+        let mut srcs = Vec::with_capacity(n + self.added.len());
+        for i in 0..n {
+            if self.replaced.contains_key(&i) {
+                srcs.push(Src::Replaced(i));
+            } else if !self.removed.contains(&i) {
+                srcs.push(Src::Old(i));
+            }
+        }
+        srcs.extend((0..self.added.len()).map(Src::Added));
+
+        let order = {
+            let view: Vec<&NodeProto> = srcs
+                .iter()
+                .map(|s| match s {
+                    Src::Old(i) => &g.node[*i],
+                    Src::Replaced(i) => &self.replaced[i],
+                    Src::Added(k) => &self.added[*k],
+                })
+                .collect();
+            let mut avail: HashSet<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
+            avail.extend(g.initializer.iter().map(|t| t.name.as_str()));
+            avail.extend(
+                g.sparse_initializer
+                    .iter()
+                    .filter_map(|s| s.values.as_ref().map(|t| t.name.as_str())),
+            );
+            let mut produced: HashSet<&str> = HashSet::new();
+            for v in &view {
+                produced.extend(v.output.iter().map(String::as_str));
+            }
+            for t in &self.initializers {
+                if avail.contains(t.name.as_str()) || produced.contains(t.name.as_str()) {
+                    return Err(self.err(format!("initializer name '{}' is already used", t.name)));
+                }
+                avail.insert(t.name.as_str());
+            }
+            let mut names = HashSet::new();
+            for v in &view {
+                if !v.name.is_empty() && !names.insert(v.name.as_str()) {
+                    return Err(self.err(format!("two nodes would be named '{}'", v.name)));
+                }
+            }
+            let order = topo_order(&view, &avail).map_err(|e| self.err(e))?;
+            for o in &g.output {
+                if !avail.contains(o.name.as_str()) && !produced.contains(o.name.as_str()) {
+                    return Err(self.err(format!(
+                        "graph output '{}' would no longer be produced",
+                        o.name
+                    )));
+                }
+            }
+            order
+        };
+
+        // Everything is valid: mutate.
+        let mut old: Vec<Option<NodeProto>> =
+            std::mem::take(&mut g.node).into_iter().map(Some).collect();
+        let mut added: Vec<Option<NodeProto>> = std::mem::take(&mut self.added)
+            .into_iter()
+            .map(Some)
+            .collect();
+        g.node = order
+            .into_iter()
+            .map(|k| match &srcs[k] {
+                Src::Old(i) => old[*i].take(),
+                Src::Replaced(i) => self.replaced.remove(i),
+                Src::Added(j) => added[*j].take(),
+            })
+            .map(|n| n.expect("each source is taken once"))
+            .collect();
+        g.initializer.append(&mut self.initializers);
+        sweep(g);
+        if cfg!(debug_assertions) {
+            Graph::new(g)
+                .check()
+                .map_err(|e| self.err(format!("the patched graph fails its check: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes initializers, Constant nodes and value_info entries nothing uses any more. Graph
+/// inputs that only existed to carry a removed initializer (IR < 4 style) go with it.
+pub fn sweep(g: &mut GraphProto) {
+    let mut used: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    for n in &g.node {
+        used.extend(node_uses(n));
+    }
+    g.node.retain(|n| {
+        !(n.op_type == "Constant"
+            && n.domain.is_empty()
+            && n.output.iter().all(|o| !used.contains(o)))
+    });
+    let before: HashSet<String> = g.initializer.iter().map(|t| t.name.clone()).collect();
+    g.initializer.retain(|t| used.contains(&t.name));
+    let kept: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    g.input.retain(|v| {
+        !(before.contains(&v.name) && !kept.contains(v.name.as_str()) && !used.contains(&v.name))
+    });
+    let produced: HashSet<&str> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(String::as_str))
+        .collect();
+    g.value_info.retain(|v| produced.contains(v.name.as_str()));
+}
