@@ -1,0 +1,157 @@
+//! `qfold check A B [--inputs DIR | --random N] [--atol X --rtol Y | --tolerance L | --min-sqnr DB]`
+//! and `qfold check MODEL --inputs DIR` (against the stored `output_K.pb`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use qfold::verify::{self, tolerance, Case, Comparison, Criterion};
+use qfold::{Error, Result};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The reference model.
+    a: PathBuf,
+    /// The model to check against it; without it, MODEL is checked against the expected
+    /// outputs stored in --inputs.
+    b: Option<PathBuf>,
+    /// A test_data_set_N folder, or a folder of them.
+    #[arg(long, conflicts_with_all = ["random", "npy"])]
+    inputs: Option<PathBuf>,
+    /// One sample from .npy files: `name=file.npy`, or files in input order (repeatable).
+    #[arg(long, conflicts_with = "random")]
+    npy: Vec<String>,
+    /// N random samples from the declared input shapes.
+    #[arg(long, value_name = "N")]
+    random: Option<usize>,
+    /// Seed of the random samples.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Shape of an input with symbolic dims: `name:1,3,224,224` (repeatable).
+    #[arg(long = "input-shape", value_name = "NAME:DIMS")]
+    input_shape: Vec<String>,
+    /// Absolute tolerance (with --rtol).
+    #[arg(long, conflicts_with_all = ["tolerance", "min_sqnr"])]
+    atol: Option<f64>,
+    /// Relative tolerance (with --atol).
+    #[arg(long, conflicts_with_all = ["tolerance", "min_sqnr"])]
+    rtol: Option<f64>,
+    /// A named tolerance: exact, float (1e-5 abs / 1e-4 rel, the default), half, loose.
+    #[arg(long, conflicts_with = "min_sqnr")]
+    tolerance: Option<String>,
+    /// Pass when every output's SQNR is at least this many dB.
+    #[arg(long, value_name = "DB")]
+    min_sqnr: Option<f64>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn criterion(args: &Args) -> Result<Criterion> {
+    if let Some(db) = args.min_sqnr {
+        return Ok(Criterion::MinSqnr { db });
+    }
+    if let Some(name) = &args.tolerance {
+        return tolerance::by_name(name).ok_or_else(|| {
+            Error::Usage(format!(
+                "--tolerance {name}: use exact, float, half or loose"
+            ))
+        });
+    }
+    match (args.atol, args.rtol) {
+        (None, None) => Ok(tolerance::FLOAT),
+        (a, r) => {
+            let (atol, rtol) = (a.unwrap_or(0.0), r.unwrap_or(0.0));
+            if !(atol >= 0.0 && rtol >= 0.0) {
+                return Err(Error::Usage(
+                    "--atol and --rtol must be non-negative".into(),
+                ));
+            }
+            Ok(Criterion::Tolerance { atol, rtol })
+        }
+    }
+}
+
+fn cases(args: &Args, model: &qfold::onnx::Model) -> Result<Vec<Case>> {
+    if let Some(dir) = &args.inputs {
+        return verify::read_cases(model, dir);
+    }
+    if !args.npy.is_empty() {
+        return Ok(vec![verify::read_npy_sample(model, &args.npy)?]);
+    }
+    let shapes: HashMap<String, Vec<usize>> = args
+        .input_shape
+        .iter()
+        .map(|s| verify::parse_input_shape(s))
+        .collect::<Result<_>>()?;
+    verify::random_cases(model, args.random.unwrap_or(1), args.seed, &shapes)
+}
+
+/// Prints a comparison as text.
+pub fn print_comparison(c: &Comparison) {
+    println!(
+        "{} samples, criterion {}",
+        c.samples,
+        match c.criterion {
+            Criterion::Tolerance { atol, rtol } => format!("atol {atol:e} rtol {rtol:e}"),
+            Criterion::MinSqnr { db } => format!("SQNR >= {db} dB"),
+        }
+    );
+    println!(
+        "  {:<24} {:>11} {:>11} {:>10} {:>9} {:>7}  result",
+        "output", "max abs", "max rel", "cosine", "SQNR dB", "top-1"
+    );
+    for o in &c.outputs {
+        let sqnr = o.sqnr_db.map_or("inf".to_string(), |s| format!("{s:.2}"));
+        let top1 = o
+            .top1
+            .map_or("-".to_string(), |t| format!("{:.1}%", 100.0 * t));
+        let result = match (&o.mismatch, o.passed) {
+            (Some(m), _) => format!("FAIL ({m})"),
+            (None, true) => "ok".into(),
+            (None, false) if o.violations > 0 => {
+                format!("FAIL ({} elements out of tolerance)", o.violations)
+            }
+            (None, false) => "FAIL".into(),
+        };
+        println!(
+            "  {:<24} {:>11.3e} {:>11.3e} {:>10.7} {:>9} {:>7}  {}",
+            o.name, o.max_abs, o.max_rel, o.cosine, sqnr, top1, result
+        );
+    }
+    println!("{}", if c.passed { "PASS" } else { "FAIL" });
+}
+
+pub fn run(args: Args) -> Result<i32> {
+    let crit = criterion(&args)?;
+    let a = qfold::onnx::load(&args.a)?;
+    let comparison = match &args.b {
+        Some(bp) => {
+            let b = qfold::onnx::load(bp)?;
+            let cases = cases(&args, &a)?;
+            verify::compare_models(&a, &b, &cases, crit)?
+        }
+        None => {
+            if args.inputs.is_none() {
+                return Err(Error::Usage(
+                    "check with one model needs --inputs DIR holding expected output_K.pb files"
+                        .into(),
+                ));
+            }
+            let cases = cases(&args, &a)?;
+            verify::compare_expected(&a, &cases, crit)?
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&comparison).expect("report serializes")
+        );
+    } else {
+        print_comparison(&comparison);
+    }
+    Ok(if comparison.passed {
+        super::OK
+    } else {
+        super::CHECK_FAILED
+    })
+}

@@ -1,0 +1,68 @@
+//! `qfold inspect MODEL [--json]`.
+
+use std::path::PathBuf;
+
+use qfold::inspect::{summarize, ValueSummary};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The model.
+    model: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn value_line(v: &ValueSummary) -> String {
+    let shape = v
+        .shape
+        .as_ref()
+        .map(|s| format!("[{}]", s.join(", ")))
+        .unwrap_or_else(|| "(unknown shape)".into());
+    format!("  {} {} {}", v.name, v.elem_type, shape)
+}
+
+pub fn run(args: Args) -> qfold::Result<i32> {
+    let model = qfold::onnx::load(&args.model)?;
+    let s = summarize(&model);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&s).expect("summary serializes")
+        );
+        return Ok(super::OK);
+    }
+    println!("{}", args.model.display());
+    println!(
+        "  ir_version {}, opsets {}",
+        s.ir_version,
+        s.opsets
+            .iter()
+            .map(|(d, v)| format!("{d} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if !s.producer.is_empty() {
+        println!("  producer {} {}", s.producer, s.producer_version);
+    }
+    println!("inputs");
+    s.inputs.iter().for_each(|v| println!("{}", value_line(v)));
+    println!("outputs");
+    s.outputs.iter().for_each(|v| println!("{}", value_line(v)));
+    println!(
+        "nodes {} ({} subgraphs, {} functions)",
+        s.nodes, s.subgraphs, s.functions
+    );
+    for (op, n) in &s.op_types {
+        println!("  {op:<24} {n}");
+    }
+    println!(
+        "initializers {} ({} bytes), {} external ({} bytes); {} Constant nodes",
+        s.initializers,
+        s.initializer_bytes,
+        s.external_initializers,
+        s.external_bytes,
+        s.constant_nodes
+    );
+    Ok(super::OK)
+}

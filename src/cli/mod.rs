@@ -1,0 +1,54 @@
+//! clap definitions and dispatch. Exit codes: 0 ok, 1 a check failed, 2 usage or input error.
+
+mod check;
+mod inspect;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code: success.
+pub const OK: i32 = 0;
+/// Exit code: a check ran and failed.
+pub const CHECK_FAILED: i32 = 1;
+/// Exit code: bad usage or bad input.
+pub const USAGE: i32 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "qfold",
+    version,
+    about = "Fuse and quantize ONNX models, checked in tract"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// What is inside a model.
+    Inspect(inspect::Args),
+    /// Run two models (or one model against stored outputs) in tract and compare.
+    Check(check::Args),
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { USAGE } else { OK };
+        }
+    };
+    let result = match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Check(a) => check::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            USAGE
+        }
+    }
+}
