@@ -1,0 +1,1 @@
+ByJd…zlpwzZ}s¡fs^’sZ…pvŒd” fr„Áºˆp“ÿwª“9½(vÌa§~2œBo‹Zo†vfg–`Žeˆ¦qŸ‹GŒ‚}w¤|„Ÿ ‡gO”ÇÉrŽsÁ­€l«H‰fœ›s}›
