@@ -29,8 +29,11 @@ pub struct Case {
     pub expected: Vec<(String, TensorData)>,
 }
 
+/// A model input: name, element type and declared dims (`None` for symbolic ones).
+pub type DeclaredInput = (String, ElemType, Vec<Option<usize>>);
+
 /// Model inputs: names, element types and declared dims (`None` for symbolic ones).
-pub fn declared_inputs(model: &Model) -> Result<Vec<(String, ElemType, Vec<Option<usize>>)>> {
+pub fn declared_inputs(model: &Model) -> Result<Vec<DeclaredInput>> {
     let g = Graph::of_model(model);
     g.real_inputs()
         .into_iter()
