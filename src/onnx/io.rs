@@ -349,7 +349,8 @@ impl TempFile {
             name.to_string_lossy(),
             std::process::id()
         ));
-        let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        // Name the destination, not the temporary, in the error: that is the path the user gave.
+        let f = File::create(&tmp).map_err(|e| Error::io(dest, e))?;
         Ok((
             TempFile {
                 tmp,
