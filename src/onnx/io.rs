@@ -50,6 +50,10 @@ pub enum ExternalData {
 #[derive(Debug, Clone, Default)]
 pub struct SaveOptions {
     pub external: ExternalData,
+    /// Test hook: the size above which a message counts as too big to encode, in place of
+    /// [`PROTOBUF_LIMIT`], so the over-2-GiB paths can be exercised on small models.
+    #[doc(hidden)]
+    pub inline_limit: Option<u64>,
 }
 
 impl Model {
@@ -386,6 +390,7 @@ impl Drop for TempFile {
 /// Saves a model atomically. External data, when any, goes to `<file name>.data` beside it.
 pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Result<()> {
     let path = path.as_ref();
+    let limit = options.inline_limit.unwrap_or(PROTOBUF_LIMIT);
     let total = model.proto.compute_size();
     let mut chosen: BTreeSet<String> = match options.external {
         ExternalData::Never => BTreeSet::new(),
@@ -402,7 +407,7 @@ pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Res
             set
         }
     };
-    if total > PROTOBUF_LIMIT && options.external == ExternalData::Keep {
+    if total > limit && options.external == ExternalData::Keep {
         // Move the largest tensors out until what stays inline fits.
         let mut sizes = Vec::new();
         let mut proto = model.proto.clone();
@@ -415,7 +420,7 @@ pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Res
         sizes.sort_unstable_by(|a, b| b.cmp(a));
         let mut inline = total;
         for (size, name) in sizes {
-            if inline <= PROTOBUF_LIMIT / 2 {
+            if inline <= limit / 2 {
                 break;
             }
             if chosen.insert(name) {
@@ -424,7 +429,7 @@ pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Res
         }
     }
     if chosen.is_empty() {
-        if total > PROTOBUF_LIMIT {
+        if total > limit {
             return Err(Error::Encode {
                 what: path.display().to_string(),
                 reason: format!(
@@ -443,10 +448,15 @@ pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Res
         TempFile::finish(w, path)?;
         return tmp.persist();
     }
-    save_with_external(model, path, &chosen)
+    save_with_external(model, path, &chosen, limit)
 }
 
-fn save_with_external(model: &Model, path: &Path, chosen: &BTreeSet<String>) -> Result<()> {
+fn save_with_external(
+    model: &Model,
+    path: &Path,
+    chosen: &BTreeSet<String>,
+    limit: u64,
+) -> Result<()> {
     let file_name = path
         .file_name()
         .ok_or_else(|| Error::Usage(format!("{}: not a file path", path.display())))?
@@ -494,7 +504,7 @@ fn save_with_external(model: &Model, path: &Path, chosen: &BTreeSet<String>) -> 
     })?;
     TempFile::finish(data_w, &data_path)?;
     let size = proto.compute_size();
-    if size > PROTOBUF_LIMIT {
+    if size > limit {
         return Err(Error::Encode {
             what: path.display().to_string(),
             reason: format!("{size} bytes stay inline even with external data"),
