@@ -19,6 +19,7 @@ pub struct Patch {
     replaced: BTreeMap<usize, NodeProto>,
     added: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
+    replaced_initializers: Vec<TensorProto>,
 }
 
 enum Src {
@@ -60,6 +61,12 @@ impl Patch {
         self
     }
 
+    /// Replaces the data of the existing initializer of the same name (kept in place).
+    pub fn replace_initializer(&mut self, t: TensorProto) -> &mut Self {
+        self.replaced_initializers.push(t);
+        self
+    }
+
     /// Nodes removed by the patch.
     pub fn removed_nodes(&self) -> impl Iterator<Item = usize> + '_ {
         self.removed.iter().copied()
@@ -71,6 +78,7 @@ impl Patch {
             && self.replaced.is_empty()
             && self.added.is_empty()
             && self.initializers.is_empty()
+            && self.replaced_initializers.is_empty()
     }
 
     fn err(&self, reason: impl Into<String>) -> Error {
@@ -133,6 +141,11 @@ impl Patch {
                 }
                 avail.insert(t.name.as_str());
             }
+            for t in &self.replaced_initializers {
+                if !g.initializer.iter().any(|x| x.name == t.name) {
+                    return Err(self.err(format!("no initializer '{}' to replace", t.name)));
+                }
+            }
             let mut names = HashSet::new();
             for v in &view {
                 if !v.name.is_empty() && !names.insert(v.name.as_str()) {
@@ -168,6 +181,11 @@ impl Patch {
             .map(|n| n.expect("each source is taken once"))
             .collect();
         g.initializer.append(&mut self.initializers);
+        for t in std::mem::take(&mut self.replaced_initializers) {
+            if let Some(slot) = g.initializer.iter_mut().find(|x| x.name == t.name) {
+                *slot = t;
+            }
+        }
         sweep(g);
         if cfg!(debug_assertions) {
             Graph::new(g)
