@@ -35,7 +35,8 @@ pub struct Args {
     /// Relative tolerance (with --atol).
     #[arg(long, conflicts_with_all = ["tolerance", "min_sqnr"])]
     rtol: Option<f64>,
-    /// A named tolerance: exact, float (1e-5 abs / 1e-4 rel, the default), half, loose.
+    /// A named tolerance: exact, float (1e-5 abs / 1e-4 rel), half (1e-2), loose (1e-3 abs /
+    /// 1e-2 rel). Default: half for float16 models, float otherwise.
     #[arg(long, conflicts_with = "min_sqnr")]
     tolerance: Option<String>,
     /// Pass when every output's SQNR is at least this many dB.
@@ -122,8 +123,15 @@ pub fn print_comparison(c: &Comparison) {
 }
 
 pub fn run(args: Args) -> Result<i32> {
-    let crit = criterion(&args)?;
+    let mut crit = criterion(&args)?;
     let a = qfold::onnx::load(&args.a)?;
+    if args.min_sqnr.is_none()
+        && args.tolerance.is_none()
+        && args.atol.is_none()
+        && args.rtol.is_none()
+    {
+        crit = tolerance::for_model(&a);
+    }
     let comparison = match &args.b {
         Some(bp) => {
             let b = qfold::onnx::load(bp)?;
