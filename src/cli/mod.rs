@@ -1,6 +1,7 @@
 //! clap definitions and dispatch. Exit codes: 0 ok, 1 a check failed, 2 usage or input error.
 
 mod check;
+mod fuse;
 mod inspect;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,8 @@ struct Cli {
 enum Command {
     /// What is inside a model.
     Inspect(inspect::Args),
+    /// Fold BatchNormalization and record fusion groups (PyTorch eager fuse_modules).
+    Fuse(fuse::Args),
     /// Run two models (or one model against stored outputs) in tract and compare.
     Check(check::Args),
 }
@@ -43,6 +46,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Check(a) => check::run(a),
+        Command::Fuse(a) => fuse::run(a),
     };
     match result {
         Ok(code) => code,

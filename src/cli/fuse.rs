@@ -1,0 +1,144 @@
+//! `qfold fuse MODEL -o OUT [--only a,b,c]... [--qat] [--check] [--json]`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use qfold::fusion::{fuse, FuseOptions, FuseReport};
+use qfold::verify::{self, tolerance, Criterion};
+use qfold::{Error, Result};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The float model.
+    model: PathBuf,
+    /// Where to write the fused model.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// An explicit chain to fuse: node names or PyTorch module paths, comma-separated
+    /// (repeatable). Without it every pattern is fused.
+    #[arg(long, value_name = "A,B,C")]
+    only: Vec<String>,
+    /// QAT fusion: find and record the groups, fold nothing.
+    #[arg(long)]
+    qat: bool,
+    /// Run original and fused models in tract and refuse to write when they differ.
+    #[arg(long)]
+    check: bool,
+    /// Inputs for --check: a test_data_set_N folder or a folder of them (default: random).
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    /// Random samples for --check.
+    #[arg(long, default_value_t = 2)]
+    random: usize,
+    /// Seed of the random samples.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Shape of an input with symbolic dims: `name:1,3,224,224` (repeatable).
+    #[arg(long = "input-shape", value_name = "NAME:DIMS")]
+    input_shape: Vec<String>,
+    /// Tolerance for --check: exact, float, half, loose (default: half for float16 models,
+    /// float otherwise).
+    #[arg(long)]
+    tolerance: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints a fusion report as text.
+pub fn print_report(r: &FuseReport) {
+    println!(
+        "{} groups; BatchNormalization {} -> {}; nodes {} -> {}",
+        r.groups.len(),
+        r.bn_before,
+        r.bn_after,
+        r.nodes_before,
+        r.nodes_after
+    );
+    for g in &r.groups {
+        let how = match (&g.fuser, g.folded) {
+            (Some(f), _) => format!("custom fuser {f}"),
+            (None, true) => "folded".into(),
+            (None, false) => "grouped".into(),
+        };
+        println!(
+            "  {:<16} {:<8} {}",
+            g.kind.torch_name(),
+            how,
+            g.nodes.join(" + ")
+        );
+    }
+    for s in &r.skipped {
+        println!("  skipped {}: {}", s.nodes.join(" + "), s.reason);
+    }
+}
+
+pub fn run(args: Args) -> Result<i32> {
+    let original = qfold::onnx::load(&args.model)?;
+    let opts = FuseOptions {
+        only: args
+            .only
+            .iter()
+            .map(|l| {
+                l.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .collect(),
+        qat: args.qat,
+        fusers: vec![],
+    };
+    if opts.only.iter().any(Vec::is_empty) {
+        return Err(Error::Usage("--only needs at least one name".into()));
+    }
+    let mut fused = original.clone();
+    let report = fuse(&mut fused, &opts)?;
+    let mut passed = true;
+    let comparison = if args.check {
+        let criterion: Criterion = match &args.tolerance {
+            None => tolerance::for_model(&original),
+            Some(t) => tolerance::by_name(t).ok_or_else(|| {
+                Error::Usage(format!("--tolerance {t}: use exact, float, half or loose"))
+            })?,
+        };
+        let cases = match &args.inputs {
+            Some(dir) => verify::read_cases(&original, dir)?,
+            None => {
+                let shapes: HashMap<String, Vec<usize>> = args
+                    .input_shape
+                    .iter()
+                    .map(|s| verify::parse_input_shape(s))
+                    .collect::<Result<_>>()?;
+                verify::random_cases(&original, args.random, args.seed, &shapes)?
+            }
+        };
+        let c = verify::compare_models(&original, &fused, &cases, criterion)?;
+        passed = c.passed;
+        Some(c)
+    } else {
+        None
+    };
+    if args.json {
+        let v = serde_json::json!({ "fusion": report, "check": comparison, "written": passed.then(|| args.output.display().to_string()) });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("report serializes")
+        );
+    } else {
+        print_report(&report);
+        if let Some(c) = &comparison {
+            println!("check against the original in tract:");
+            super::check::print_comparison(c);
+        }
+    }
+    if !passed {
+        eprintln!("error: the fused model does not match the original; nothing written");
+        return Ok(super::CHECK_FAILED);
+    }
+    qfold::onnx::save(&fused, &args.output, &Default::default())?;
+    if !args.json {
+        println!("wrote {}", args.output.display());
+    }
+    Ok(super::OK)
+}
