@@ -87,7 +87,10 @@ fn fold_rule(g: &Graph, bn: usize, names: &mut Names) -> Result<Option<Outcome>>
     if let Some(o) = rules::gemm_bn(g, bn, names)? {
         return Ok(Some(o));
     }
-    rules::matmul_bn(g, bn, names)
+    if let Some(o) = rules::matmul_bn(g, bn, names)? {
+        return Ok(Some(o));
+    }
+    rules::bn_conv(g, bn, names)
 }
 
 fn kind_of_fold(g: &Graph, nodes: &[String]) -> GroupKind {
@@ -97,6 +100,7 @@ fn kind_of_fold(g: &Graph, nodes: &[String]) -> GroupKind {
     {
         Some("Conv") => GroupKind::ConvBn,
         Some("ConvTranspose") => GroupKind::ConvTransposeBn,
+        Some("BatchNormalization") => GroupKind::BnConv,
         _ => GroupKind::LinearBn,
     }
 }

@@ -8,6 +8,7 @@
 //! | Gemm -> BN, MatMul [-> Add] -> BN | Linear + BatchNorm1d | folded Gemm / MatMul+Add  |
 //! | Gemm / MatMul [-> Add] -> Relu | LinearReLU             | unchanged, grouped        |
 //! | BN -> Relu                    | BNReLU2d/3d             | unchanged, grouped        |
+//! | BN -> Conv (no pads, group 1) | (none)                  | folded forward into Conv  |
 
 use std::sync::Arc;
 
@@ -25,6 +26,8 @@ pub enum GroupKind {
     LinearBn,
     LinearRelu,
     BnRelu,
+    /// BN -> unpadded Conv, folded forward (ONNX-only; PyTorch has no such module).
+    BnConv,
     Custom,
 }
 
@@ -39,6 +42,7 @@ impl GroupKind {
             GroupKind::LinearBn => "LinearBn",
             GroupKind::LinearRelu => "LinearReLU",
             GroupKind::BnRelu => "BNReLU",
+            GroupKind::BnConv => "BnConv",
             GroupKind::Custom => "Custom",
         }
     }
@@ -56,6 +60,7 @@ pub fn classify(ops: &[&str]) -> Option<GroupKind> {
         | ["MatMul", "Add", "BatchNormalization"] => GroupKind::LinearBn,
         ["Gemm", "Relu"] | ["MatMul", "Relu"] | ["MatMul", "Add", "Relu"] => GroupKind::LinearRelu,
         ["BatchNormalization", "Relu"] => GroupKind::BnRelu,
+        ["BatchNormalization", "Conv"] => GroupKind::BnConv,
         _ => return None,
     })
 }

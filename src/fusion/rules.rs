@@ -490,3 +490,89 @@ pub fn unfoldable_bn(g: &Graph, bn: usize) -> Option<(Vec<String>, String)> {
     };
     Some((vec![label(bnn)], reason))
 }
+
+/// BN -> Conv (forward fold), only when the Conv has no padding and one group, so every
+/// input the Conv reads went through the BN: `W'[o, c] = W[o, c] * s[c]`,
+/// `b'[o] = b[o] + sum_{c,k} W[o, c, k] * shift[c]`. The Conv keeps its name and output and
+/// reads the BN's input.
+pub fn bn_conv(g: &Graph, bn: usize, names: &mut Names) -> Result<Option<Outcome>> {
+    let bnn = g.node(bn);
+    let Some(y) = bnn.output.first() else {
+        return Ok(None);
+    };
+    let [c] = g.consumers(y) else { return Ok(None) };
+    let conv = g.node(*c);
+    if !is_op(conv, "Conv") || conv.input.first() != Some(y) {
+        return Ok(None);
+    }
+    let nodes = vec![label(bnn), label(conv)];
+    if let Some(r) = single_use(g, y) {
+        skip_unless!(false, nodes, "{r}");
+    }
+    let bn_aff = match bn_affine(g, bn)? {
+        Ok(a) => a,
+        Err(r) => return Ok(Some(Outcome::Skip(nodes, r))),
+    };
+    let pads = attr::ints(conv, "pads")?.unwrap_or_default();
+    let auto_pad = attr::string(conv, "auto_pad")?.unwrap_or_else(|| "NOTSET".into());
+    skip_unless!(
+        pads.iter().all(|&p| p == 0) && (auto_pad == "NOTSET" || auto_pad == "VALID"),
+        nodes,
+        "the Conv after the BN pads its input (pads {pads:?}, auto_pad {auto_pad}): padded zeros do not go through the BN, so a forward fold is not exact"
+    );
+    let group = attr::int(conv, "group", defaults::GROUP)?;
+    skip_unless!(
+        group == 1,
+        nodes,
+        "the Conv after the BN has group = {group}"
+    );
+    let (w, wty) = match float_const(g, &conv.input[1])? {
+        Ok(v) => v,
+        Err(r) => return Ok(Some(Outcome::Skip(nodes, format!("weight {r}")))),
+    };
+    skip_unless!(
+        w.ndim() >= 3 && w.shape()[1] == bn_aff.channels(),
+        nodes,
+        "Conv weight {:?} does not read {} channels",
+        w.shape(),
+        bn_aff.channels()
+    );
+    let bias_name = conv.input.get(2).filter(|s| !s.is_empty());
+    let bias = match bias_name {
+        None => Array1::zeros(w.shape()[0]),
+        Some(b) => match float_const(g, b)? {
+            Ok((a, _)) if a.len() == w.shape()[0] => as_vec(a),
+            Ok((a, _)) => {
+                return Ok(Some(Outcome::Skip(
+                    nodes,
+                    format!("bias has shape {:?}", a.shape()),
+                )))
+            }
+            Err(r) => return Ok(Some(Outcome::Skip(nodes, format!("bias {r}")))),
+        },
+    };
+    let mut w2 = w.clone();
+    let mut b2 = bias;
+    for (o, mut wo) in w2.axis_iter_mut(ndarray::Axis(0)).enumerate() {
+        for (ci, mut wc) in wo.axis_iter_mut(ndarray::Axis(0)).enumerate() {
+            b2[o] += wc.sum() * bn_aff.shift[ci];
+            wc *= bn_aff.scale[ci];
+        }
+    }
+    let mut patch = Patch::new(format!("fold {}", nodes.join("+")));
+    let wname = write_const(g, &mut patch, names, &conv.input[1], w2, wty)?;
+    let bname = match bias_name {
+        Some(b) => write_const(g, &mut patch, names, b, b2.into_dyn(), wty)?,
+        None => new_const(
+            &mut patch,
+            names,
+            &format!("{}_bias", conv.input[1]),
+            b2.into_dyn(),
+            wty,
+        )?,
+    };
+    let mut fused = conv.clone();
+    fused.input = vec![bnn.input[0].clone(), wname, bname];
+    patch.replace_node(*c, fused).remove_node(bn);
+    Ok(Some(Outcome::Fold(patch, nodes)))
+}
