@@ -12,6 +12,8 @@ use tract_onnx::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::graph::Graph;
+use crate::onnx::io::for_each_tensor;
+use crate::onnx::tensor::check_proto;
 use crate::onnx::{ElemType, Model, TensorData};
 
 /// One set of named model inputs.
@@ -144,6 +146,8 @@ impl Runner {
     pub fn new(model: &Model, sample: &Sample, extra_outputs: &[String]) -> Result<Runner> {
         let graph = Graph::of_model(model);
         graph.check()?;
+        // tract reports bad tensor data without naming the tensor, or not at all.
+        for_each_tensor(&model.proto, &mut |t| check_proto(t))?;
         let real_inputs: Vec<String> = graph.real_inputs().iter().map(|v| v.name.clone()).collect();
         let mut facts = Vec::with_capacity(real_inputs.len());
         for name in &real_inputs {

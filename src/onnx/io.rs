@@ -218,6 +218,68 @@ pub fn for_each_tensor_mut(
     Ok(())
 }
 
+/// Calls `f` on every tensor of the model, in the order of [`for_each_tensor_mut`], without
+/// copying anything.
+pub fn for_each_tensor(
+    proto: &ModelProto,
+    f: &mut dyn FnMut(&TensorProto) -> Result<()>,
+) -> Result<()> {
+    fn nodes(nodes: &[NodeProto], f: &mut dyn FnMut(&TensorProto) -> Result<()>) -> Result<()> {
+        for a in nodes.iter().flat_map(|n| &n.attribute) {
+            for t in a.t.as_ref().into_iter().chain(&a.tensors) {
+                f(t)?;
+            }
+            for s in a
+                .sparse_tensor
+                .as_ref()
+                .into_iter()
+                .chain(&a.sparse_tensors)
+            {
+                sparse(s, f)?;
+            }
+            for g in a.g.as_ref().into_iter().chain(&a.graphs) {
+                graph(g, f)?;
+            }
+        }
+        Ok(())
+    }
+    fn sparse(
+        s: &super::proto::SparseTensorProto,
+        f: &mut dyn FnMut(&TensorProto) -> Result<()>,
+    ) -> Result<()> {
+        for t in s.values.as_ref().into_iter().chain(s.indices.as_ref()) {
+            f(t)?;
+        }
+        Ok(())
+    }
+    fn graph(g: &GraphProto, f: &mut dyn FnMut(&TensorProto) -> Result<()>) -> Result<()> {
+        for t in &g.initializer {
+            f(t)?;
+        }
+        for s in &g.sparse_initializer {
+            sparse(s, f)?;
+        }
+        nodes(&g.node, f)
+    }
+    if let Some(g) = proto.graph.as_ref() {
+        graph(g, f)?;
+    }
+    for ti in &proto.training_info {
+        for g in ti
+            .initialization
+            .as_ref()
+            .into_iter()
+            .chain(ti.algorithm.as_ref())
+        {
+            graph(g, f)?;
+        }
+    }
+    for func in &proto.functions {
+        nodes(&func.node, f)?;
+    }
+    Ok(())
+}
+
 fn is_external(t: &TensorProto) -> bool {
     t.data_location.value() == DataLocation::EXTERNAL as i32
 }

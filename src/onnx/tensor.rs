@@ -294,6 +294,61 @@ fn to_array<T>(name: &str, shape: Vec<usize>, v: Vec<T>) -> Result<ArrayD<T>> {
     ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| Error::tensor(name, e.to_string()))
 }
 
+fn unsupported_type(t: &TensorProto) -> Error {
+    Error::tensor(
+        &t.name,
+        format!(
+            "data type {} ({}) is not supported",
+            t.data_type,
+            onnx_type_name(t.data_type)
+        ),
+    )
+}
+
+/// Checks, without decoding, that a tensor's data fits its type and shape: a data type qfold
+/// handles (or string), non-negative dims, and exactly as many `raw_data` bytes or typed values
+/// as the shape needs. External data must have been resolved (`io::load` does so).
+pub fn check_proto(t: &TensorProto) -> Result<()> {
+    let name = t.name.as_str();
+    if t.data_location.value() == DataLocation::EXTERNAL as i32 {
+        return Err(Error::ExternalData {
+            tensor: name.into(),
+            reason: "data is still external (not loaded from its file)".into(),
+        });
+    }
+    if t.segment.is_some() {
+        return Err(Error::tensor(name, "segmented tensors are not supported"));
+    }
+    let (_, count) = proto_shape(t)?;
+    const STRING: i32 = 8;
+    if t.data_type == STRING {
+        return check_len(name, "string_data", t.string_data.len(), count);
+    }
+    let ty = ElemType::from_onnx(t.data_type).ok_or_else(|| unsupported_type(t))?;
+    if !t.raw_data.is_empty() || count == 0 {
+        if count.checked_mul(ty.size()) != Some(t.raw_data.len()) {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "raw_data holds {} bytes, the shape needs {} elements of {} bytes",
+                    t.raw_data.len(),
+                    count,
+                    ty.size()
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    let (field, len) = match ty {
+        ElemType::F32 => ("float_data", t.float_data.len()),
+        ElemType::F64 => ("double_data", t.double_data.len()),
+        ElemType::I64 => ("int64_data", t.int64_data.len()),
+        ElemType::U32 | ElemType::U64 => ("uint64_data", t.uint64_data.len()),
+        _ => ("int32_data", t.int32_data.len()),
+    };
+    check_len(name, field, len, count)
+}
+
 impl TensorData {
     /// Decodes a TensorProto whose data is in memory (raw_data or typed fields). External data
     /// must have been resolved first (`io::load` does so).
@@ -308,16 +363,7 @@ impl TensorData {
         if t.segment.is_some() {
             return Err(Error::tensor(name, "segmented tensors are not supported"));
         }
-        let ty = ElemType::from_onnx(t.data_type).ok_or_else(|| {
-            Error::tensor(
-                name,
-                format!(
-                    "data type {} ({}) is not supported",
-                    t.data_type,
-                    onnx_type_name(t.data_type)
-                ),
-            )
-        })?;
+        let ty = ElemType::from_onnx(t.data_type).ok_or_else(|| unsupported_type(t))?;
         let (shape, count) = proto_shape(t)?;
         let raw = !t.raw_data.is_empty() || count == 0;
         macro_rules! raw_or {
@@ -562,5 +608,37 @@ mod tests {
         t.data_type = 1;
         t.dims = vec![-1];
         assert!(TensorData::from_proto(&t).is_err());
+    }
+
+    #[test]
+    fn check_proto_agrees_with_from_proto() {
+        let good = TensorData::I8(array![1i8, 2, 3].into_dyn()).to_proto("q");
+        assert!(check_proto(&good).is_ok());
+        let mut t = good.clone();
+        t.raw_data.push(0);
+        let e = check_proto(&t).unwrap_err().to_string();
+        assert!(e.contains("'q'") && e.contains("4 bytes"), "{e}");
+        let mut t = good.clone();
+        t.data_type = 999;
+        let e = check_proto(&t).unwrap_err().to_string();
+        assert!(e.contains("'q'") && e.contains("999"), "{e}");
+        let mut t = good.clone();
+        t.raw_data.clear();
+        t.int32_data = vec![1, 2];
+        let e = check_proto(&t).unwrap_err().to_string();
+        assert!(
+            e.contains("int32_data holds 2 values, the shape needs 3"),
+            "{e}"
+        );
+        let mut t = good;
+        t.data_type = 8;
+        t.raw_data.clear();
+        t.string_data = vec![b"a".to_vec(); 3];
+        assert!(check_proto(&t).is_ok());
+        t.dims = vec![i64::MAX, 4];
+        assert!(check_proto(&t)
+            .unwrap_err()
+            .to_string()
+            .contains("overflows"));
     }
 }
