@@ -13,6 +13,7 @@ use tract_onnx::prelude::*;
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::onnx::io::for_each_tensor;
+use crate::onnx::proto::{tensor_shape_proto::dimension::Value as Dim, type_proto};
 use crate::onnx::tensor::check_proto;
 use crate::onnx::{ElemType, Model, TensorData};
 
@@ -124,6 +125,61 @@ fn from_tract(name: &str, t: &Tensor) -> Result<TensorData> {
     })
 }
 
+/// Refuses a sample that does not fit the model's declared inputs: another element type,
+/// another rank, or another size where the declared dim is a number (symbolic dims take any).
+fn check_declared(graph: &Graph, sample: &Sample) -> Result<()> {
+    for v in graph.real_inputs() {
+        let Some((_, t)) = sample.iter().find(|(n, _)| *n == v.name) else {
+            continue;
+        };
+        let Some(type_proto::Value::TensorType(tt)) =
+            v.type_.as_ref().and_then(|t| t.value.as_ref())
+        else {
+            continue;
+        };
+        if let Some(ty) = ElemType::from_onnx(tt.elem_type) {
+            if ty != t.elem_type() {
+                return Err(Error::input(
+                    &v.name,
+                    format!(
+                        "{} values given, the model declares {}",
+                        t.elem_type().name(),
+                        ty.name()
+                    ),
+                ));
+            }
+        }
+        let Some(shape) = tt.shape.as_ref() else {
+            continue;
+        };
+        let given = t.shape();
+        let fits = shape.dim.len() == given.len()
+            && shape.dim.iter().zip(given).all(|(d, &g)| match d.value {
+                Some(Dim::DimValue(v)) if v >= 0 => v as usize == g,
+                _ => true,
+            });
+        if !fits {
+            let declared: Vec<String> = shape
+                .dim
+                .iter()
+                .map(|d| match &d.value {
+                    Some(Dim::DimValue(v)) => v.to_string(),
+                    Some(Dim::DimParam(p)) if !p.is_empty() => p.clone(),
+                    _ => "?".into(),
+                })
+                .collect();
+            return Err(Error::input(
+                &v.name,
+                format!(
+                    "shape {given:?} does not match the declared [{}]",
+                    declared.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Runs `f`, turning a panic inside tract into an error.
 fn guarded<T>(context: &str, f: impl FnOnce() -> TractResult<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
@@ -166,6 +222,7 @@ impl Runner {
                 return Err(Error::input(n, "the model has no such input"));
             }
         }
+        check_declared(&graph, sample)?;
         for name in extra_outputs {
             if graph.producer(name).is_none() && !graph.is_input(name) {
                 return Err(Error::Usage(format!(
