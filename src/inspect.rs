@@ -42,6 +42,10 @@ pub struct ModelSummary {
     pub subgraphs: usize,
     pub functions: usize,
     pub metadata: BTreeMap<String, String>,
+    /// What automatic fusion would do (groups it would fold or record, candidates it skips).
+    pub fusion: Option<crate::fusion::FuseReport>,
+    /// Why fusion could not be analysed, if it could not.
+    pub fusion_error: Option<String>,
 }
 
 fn value_summary(v: &ValueInfoProto) -> ValueSummary {
@@ -77,8 +81,13 @@ fn tensor_bytes(t: &crate::onnx::proto::TensorProto) -> usize {
     ElemType::from_onnx(t.data_type).map_or(0, |e| e.size()) * count
 }
 
-/// Summarizes a model.
+/// Summarizes a model, including a dry run of automatic fusion on a copy.
 pub fn summarize(model: &Model) -> ModelSummary {
+    let (fusion, fusion_error) =
+        match crate::fusion::fuse(&mut model.clone(), &crate::fusion::FuseOptions::default()) {
+            Ok(r) => (Some(r), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
     let g: &GraphProto = model.graph();
     let index = Graph::of_model(model);
     let mut op_types = BTreeMap::new();
@@ -130,5 +139,7 @@ pub fn summarize(model: &Model) -> ModelSummary {
             .iter()
             .map(|kv| (kv.key.clone(), kv.value.clone()))
             .collect(),
+        fusion,
+        fusion_error,
     }
 }

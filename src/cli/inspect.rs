@@ -64,5 +64,13 @@ pub fn run(args: Args) -> qfold::Result<i32> {
         s.external_bytes,
         s.constant_nodes
     );
+    match (&s.fusion, &s.fusion_error) {
+        (Some(r), _) => {
+            println!("fusion candidates (what qfold fuse would do)");
+            super::fuse::print_report(r);
+        }
+        (None, Some(e)) => println!("fusion: cannot analyse: {e}"),
+        (None, None) => {}
+    }
     Ok(super::OK)
 }
