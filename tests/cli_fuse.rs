@@ -1,0 +1,157 @@
+//! `qfold fuse` end to end: exit codes, nothing written on failure, JSON report.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn qfold(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qfold"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn model(case: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("onnx_models")
+        .join(case)
+        .join("model.onnx")
+        .display()
+        .to_string()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qfold-cli-fuse-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join(name);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+#[test]
+fn fuse_check_writes_a_model_that_passes() {
+    let out = tmp("seq.onnx");
+    let (code, stdout, stderr) = qfold(&[
+        "fuse",
+        &model("fusion_sequential"),
+        "-o",
+        out.to_str().unwrap(),
+        "--check",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("BatchNormalization 3 -> 0"), "{stdout}");
+    assert!(stdout.contains("PASS"));
+    let m = qfold::onnx::load(&out).unwrap();
+    assert!(m
+        .graph()
+        .node
+        .iter()
+        .all(|n| n.op_type != "BatchNormalization"));
+    // and the written model matches PyTorch's fused outputs
+    let data =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx_models/fusion_sequential/test_data_set_0");
+    let (code, stdout, _) = qfold(&[
+        "check",
+        out.to_str().unwrap(),
+        "--inputs",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}");
+}
+
+#[test]
+fn failed_check_exits_1_and_writes_nothing() {
+    let out = tmp("f16.onnx");
+    let (code, stdout, stderr) = qfold(&[
+        "fuse",
+        &model("trap_f16"),
+        "-o",
+        out.to_str().unwrap(),
+        "--check",
+        "--tolerance",
+        "exact",
+    ]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("FAIL"));
+    assert!(stderr.contains("nothing written"));
+    assert!(!out.exists());
+}
+
+#[test]
+fn explicit_list_errors_exit_2_and_write_nothing() {
+    let out = tmp("bad.onnx");
+    let (code, _, stderr) = qfold(&[
+        "fuse",
+        &model("fusion_model_for_fusion"),
+        "-o",
+        out.to_str().unwrap(),
+        "--only",
+        "conv1,relu1",
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("not a chain"), "{stderr}");
+    assert!(!out.exists());
+    let (code, _, stderr) = qfold(&[
+        "fuse",
+        &model("trap_bn_graph_output"),
+        "-o",
+        out.to_str().unwrap(),
+        "--only",
+        "conv,bn",
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("graph output"), "{stderr}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn module_paths_and_json_report() {
+    let out = tmp("mff.onnx");
+    let (code, stdout, stderr) = qfold(&[
+        "fuse",
+        &model("fusion_model_for_fusion"),
+        "-o",
+        out.to_str().unwrap(),
+        "--only",
+        "conv1,bn1,relu1",
+        "--only",
+        "sub1.conv,sub1.bn",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let groups = v["fusion"]["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2);
+    assert_eq!(groups[0]["kind"], "ConvBnRelu");
+    assert_eq!(groups[1]["nodes"][0], "/sub1/conv/Conv");
+    assert_eq!(v["fusion"]["bn_after"], 1);
+}
+
+#[test]
+fn qat_mode_folds_nothing() {
+    let out = tmp("qat.onnx");
+    let (code, stdout, _) = qfold(&[
+        "fuse",
+        &model("fusion_conv_with_bias"),
+        "-o",
+        out.to_str().unwrap(),
+        "--qat",
+        "--check",
+        "--tolerance",
+        "exact",
+    ]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("BatchNormalization 2 -> 2"), "{stdout}");
+}
+
+#[test]
+fn inspect_lists_candidates_and_reasons() {
+    let (code, stdout, _) = qfold(&["inspect", &model("trap_conv_relu_bn")]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("ConvReLU"), "{stdout}");
+    assert!(stdout.contains("no backward fold"), "{stdout}");
+}
