@@ -269,9 +269,13 @@ pub fn parse_input_shape(spec: &str) -> Result<(String, Vec<usize>)> {
     Ok((name.to_string(), dims))
 }
 
+/// The most elements a random input may have (2^28: 1 GiB of f32); larger shapes are refused
+/// instead of exhausting memory.
+pub const MAX_RANDOM_ELEMENTS: usize = 1 << 28;
+
 /// `count` random samples from the declared input shapes. Symbolic dims take their value from
 /// `shapes` (whole shapes by input name) or default to 1. Floats are standard normal, integers
-/// uniform in [0, 10), booleans fair coins.
+/// uniform in [0, 10), booleans fair coins. Inputs over [`MAX_RANDOM_ELEMENTS`] are an error.
 pub fn random_cases(
     model: &Model,
     count: usize,
@@ -308,7 +312,19 @@ pub fn random_cases(
                 }
                 None => dims.iter().map(|d| d.unwrap_or(1)).collect(),
             };
-            let n: usize = shape.iter().product();
+            let n = shape
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
+                .ok_or_else(|| {
+                    Error::input(
+                        name,
+                        format!(
+                            "shape {shape:?} is too large for random inputs \
+                             (more than {MAX_RANDOM_ELEMENTS} elements)"
+                        ),
+                    )
+                })?;
             let normal = |rng: &mut rand::rngs::StdRng| {
                 // Box-Muller.
                 let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
@@ -352,7 +368,10 @@ pub fn random_cases(
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Criterion {
-    /// Every element within `atol + rtol * |reference|` (numpy's allclose).
+    /// Every element within `atol * max(1, peak) + rtol * |reference|`, where `peak` is the
+    /// largest magnitude in that output of the sample: numpy's allclose with the absolute term
+    /// following the output's scale, so float noise on a network whose outputs are in the
+    /// hundreds is judged like the same noise on outputs near one.
     Tolerance { atol: f64, rtol: f64 },
     /// SQNR of every output at least this many dB.
     MinSqnr { db: f64 },
@@ -479,6 +498,11 @@ impl Acc {
         }
         let r = reference.to_f64();
         let a = actual.to_f64();
+        let peak = r.iter().fold(
+            1.0f64,
+            |m, v| if v.is_finite() { m.max(v.abs()) } else { m },
+        );
+        let atol = atol * peak;
         for (&x, &y) in r.iter().zip(a.iter()) {
             let err = (x - y).abs();
             let err = if err.is_nan() {
