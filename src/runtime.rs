@@ -180,9 +180,46 @@ fn check_declared(graph: &Graph, sample: &Sample) -> Result<()> {
     Ok(())
 }
 
+thread_local! {
+    /// Set while this thread runs tract inside [`guarded`]: where its panic happened, if it did.
+    static IN_TRACT: std::cell::RefCell<Option<Option<String>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Installs, once per process, a panic hook that stays silent for panics inside [`guarded`]
+/// (they become errors, so the default hook's "thread panicked" text and backtrace would only
+/// alarm) and defers to the hook it replaced for every other panic.
+fn install_quiet_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let quiet = IN_TRACT.with(|s| match s.borrow_mut().as_mut() {
+                Some(at) => {
+                    *at = info.location().map(|l| {
+                        // From the crate folder on: tract-core-0.23.9/src/...
+                        let file = l.file();
+                        let short = file.rfind("/tract-").map_or(file, |i| &file[i + 1..]);
+                        format!("{short}:{}", l.line())
+                    });
+                    true
+                }
+                None => false,
+            });
+            if !quiet {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// Runs `f`, turning a panic inside tract into an error.
 fn guarded<T>(context: &str, f: impl FnOnce() -> TractResult<T>) -> Result<T> {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    install_quiet_hook();
+    let outer = IN_TRACT.with(|s| s.replace(Some(None)));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    let at = IN_TRACT.with(|s| s.replace(outer)).flatten();
+    match result {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::runtime(context, e)),
         Err(p) => {
@@ -191,7 +228,11 @@ fn guarded<T>(context: &str, f: impl FnOnce() -> TractResult<T>) -> Result<T> {
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(Error::runtime(context, format!("tract panicked: {msg}")))
+            let at = at.map(|a| format!(" (at {a})")).unwrap_or_default();
+            Err(Error::runtime(
+                context,
+                format!("internal error in tract: {msg}{at}"),
+            ))
         }
     }
 }
