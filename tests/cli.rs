@@ -44,6 +44,10 @@ fn inspect_text_reports_counts_and_bytes() {
         lines.contains(&"  ir_version 8, opsets ai.onnx 13"),
         "{out}"
     );
+    assert!(
+        lines.contains(&"  producer qfold tools/make_conformance.py"),
+        "{out}"
+    );
     assert!(lines.contains(&"  x float [1, 2, 5, 5]"), "{out}");
     assert!(lines.contains(&"  y float [1, 4]"), "{out}");
     assert!(

@@ -43,7 +43,12 @@ pub fn run(args: Args) -> qfold::Result<i32> {
             .join(", ")
     );
     if !s.producer.is_empty() {
-        println!("  producer {} {}", s.producer, s.producer_version);
+        let version = if s.producer_version.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", s.producer_version)
+        };
+        println!("  producer {}{version}", s.producer);
     }
     println!("inputs");
     s.inputs.iter().for_each(|v| println!("{}", value_line(v)));
