@@ -193,3 +193,14 @@ fn constant_node_parameters_fold_and_are_swept() {
     );
     assert_eq!(m.graph().node.len(), 1);
 }
+
+#[test]
+fn unnamed_nodes_form_one_conv_bn_relu_group() {
+    let path = models_dir().join("conformance/constant_nodes/model.onnx");
+    let mut m = qfold::onnx::load(path).unwrap();
+    assert!(m.graph().node.iter().all(|n| n.name.is_empty()));
+    let r = fuse(&mut m, &FuseOptions::default()).unwrap();
+    assert_eq!(r.groups.len(), 1, "{r:#?}");
+    assert_eq!(r.groups[0].kind, qfold::fusion::GroupKind::ConvBnRelu);
+    assert_eq!(r.groups[0].nodes.len(), 3);
+}

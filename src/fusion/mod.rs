@@ -46,6 +46,10 @@ pub struct FusedGroup {
     pub folded: bool,
     /// The custom fuser that rewrote it, if any.
     pub fuser: Option<String>,
+    /// The value the group's last node produces (stable across folding, unlike node labels
+    /// of unnamed nodes).
+    #[serde(skip)]
+    pub output: String,
 }
 
 /// A candidate left alone, and why.
@@ -94,15 +98,38 @@ fn fold_rule(g: &Graph, bn: usize, names: &mut Names) -> Result<Option<Outcome>>
 }
 
 fn kind_of_fold(g: &Graph, nodes: &[String]) -> GroupKind {
-    match g
-        .node_by_name(&nodes[0])
-        .map(|i| g.node(i).op_type.as_str())
-    {
+    let first = (0..g.nodes().len()).find(|&i| label(g.node(i)) == nodes[0]);
+    match first.map(|i| g.node(i).op_type.as_str()) {
         Some("Conv") => GroupKind::ConvBn,
         Some("ConvTranspose") => GroupKind::ConvTransposeBn,
         Some("BatchNormalization") => GroupKind::BnConv,
         _ => GroupKind::LinearBn,
     }
+}
+
+/// The value a fold around BN node `bn` ends in: the BN's output, or for a forward fold into
+/// the Conv after it, that Conv's output.
+fn fold_output(g: &Graph, bn: usize) -> String {
+    let y = g.node(bn).output.first().cloned().unwrap_or_default();
+    match g.consumers(&y) {
+        [c] if g.node(*c).op_type == "Conv"
+            && g.producer(&y) == Some(bn)
+            && rules_is_forward(g, bn) =>
+        {
+            g.node(*c).output.first().cloned().unwrap_or_default()
+        }
+        _ => y,
+    }
+}
+
+fn rules_is_forward(g: &Graph, bn: usize) -> bool {
+    let x = g.node(bn).input.first();
+    !x.and_then(|x| g.producer(x)).is_some_and(|p| {
+        matches!(
+            g.node(p).op_type.as_str(),
+            "Conv" | "ConvTranspose" | "Gemm" | "MatMul" | "Add"
+        )
+    })
 }
 
 /// The chain of `ops.len()` nodes starting at `start`, each the single consumer of the
@@ -151,6 +178,12 @@ fn custom_auto(model: &mut Model, fuser: &FuserRef, report: &mut FuseReport) -> 
             nodes: labels,
             folded: true,
             fuser: Some(fuser.name().to_string()),
+            output: g
+                .node(*chain.last().expect("non-empty"))
+                .output
+                .first()
+                .cloned()
+                .unwrap_or_default(),
         });
         drop(g);
         apply(model, patch)?;
@@ -176,6 +209,7 @@ fn fold_all(model: &mut Model, qat: bool, report: &mut FuseReport) -> Result<()>
                         nodes,
                         folded: !qat,
                         fuser: None,
+                        output: fold_output(&g, i),
                     });
                     if !qat {
                         patch = Some(p);
@@ -242,11 +276,9 @@ fn relu_groups(model: &Model, report: &mut FuseReport) {
             continue;
         }
         chain.push(label(relu));
-        // Extend a BN fold group ending in this producer (folded: the Conv keeps its name;
-        // QAT: the group ends with the BN).
+        // Extend a BN fold group whose result this Relu reads.
         let ext = report.groups.iter_mut().find(|gr| {
-            matches!(gr.kind, GroupKind::ConvBn | GroupKind::LinearBn)
-                && (gr.nodes.first() == Some(&chain[0]) || gr.nodes.last() == Some(&chain[0]))
+            matches!(gr.kind, GroupKind::ConvBn | GroupKind::LinearBn) && &gr.output == x
         });
         match ext {
             Some(gr) => {
@@ -260,6 +292,7 @@ fn relu_groups(model: &Model, report: &mut FuseReport) {
                 nodes: chain,
                 folded: false,
                 fuser: None,
+                output: relu.output.first().cloned().unwrap_or_default(),
             }),
         }
     }
@@ -332,6 +365,10 @@ fn fuse_list(
     }
     let ops: Vec<&str> = chain.iter().map(|&i| g.node(i).op_type.as_str()).collect();
     let labels: Vec<String> = chain.iter().map(|&i| label(g.node(i))).collect();
+    let g_last_output = chain
+        .last()
+        .and_then(|&i| g.node(i).output.first().cloned())
+        .unwrap_or_default();
     if let Some(f) = opts.fusers.iter().find(|f| {
         f.pattern()
             .iter()
@@ -347,6 +384,7 @@ fn fuse_list(
             nodes: labels,
             folded: true,
             fuser: Some(f.name().to_string()),
+            output: String::new(),
         });
         return Ok(());
     }
@@ -378,11 +416,13 @@ fn fuse_list(
         }
     }
     drop(g);
+    let output = g_last_output.clone();
     report.groups.push(FusedGroup {
         kind,
         nodes: labels,
         folded: patch.is_some() && !opts.qat,
         fuser: None,
+        output,
     });
     if let (Some(p), false) = (patch, opts.qat) {
         apply(model, p)?;
