@@ -15,6 +15,7 @@ pub mod fusion;
 pub mod graph;
 pub mod inspect;
 pub mod onnx;
+pub mod quant;
 pub mod runtime;
 pub mod verify;
 

@@ -27,6 +27,8 @@ pub struct Case {
     pub source: String,
     pub inputs: Sample,
     pub expected: Vec<(String, TensorData)>,
+    /// Class labels of the batch rows (from a `labels.npy` beside the inputs), for accuracy.
+    pub labels: Option<Vec<i64>>,
 }
 
 /// A model input: name, element type and declared dims (`None` for symbolic ones).
@@ -170,11 +172,207 @@ pub fn read_test_data_set(model: &Model, dir: &Path) -> Result<Case> {
     } else {
         bind(outputs, &out_names, "output", dir)?
     };
+    let labels_path = dir.join("labels.npy");
+    let labels = if labels_path.exists() {
+        Some(read_labels(&labels_path)?)
+    } else {
+        None
+    };
     Ok(Case {
         source: dir.display().to_string(),
         inputs: bind(inputs, &in_names, "input", dir)?,
         expected,
+        labels,
     })
+}
+
+/// Reads integer class labels from a `.npy` file.
+pub fn read_labels(path: &Path) -> Result<Vec<i64>> {
+    read_npy(path)?.to_i64().ok_or_else(|| Error::Decode {
+        what: path.display().to_string(),
+        reason: "labels must be integers".into(),
+    })
+}
+
+/// Reads a data set for calibration or evaluation: a `test_data_set_N` folder or a folder of
+/// them (with optional `labels.npy` in each), or a folder of `.npy` / `.npz` files. A `.npy`
+/// feeds the model's only input; an `.npz` holds arrays named after the inputs. An array whose
+/// rank is the input's declared rank + 1 holds several samples stacked on a new leading axis.
+/// A `labels.npy` beside `.npy` files labels their rows in file order.
+pub fn read_dataset(model: &Model, dir: &Path) -> Result<Vec<Case>> {
+    if dir.join("input_0.pb").exists() || has_test_data_sets(dir) {
+        return read_cases(model, dir);
+    }
+    let decl = declared_inputs(model)?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+            let stem = p.file_stem().and_then(|e| e.to_str()).unwrap_or("");
+            (ext == "npy" || ext == "npz") && stem != "labels" && stem != "indices"
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Usage(format!(
+            "{}: no test_data_set_N folder, input_0.pb, .npy or .npz file",
+            dir.display()
+        )));
+    }
+    let mut cases = Vec::new();
+    for f in &files {
+        let arrays: Vec<(String, TensorData)> = if f.extension().is_some_and(|e| e == "npz") {
+            read_npz(f)?
+        } else {
+            if decl.len() != 1 {
+                return Err(Error::Usage(format!(
+                    "{}: a .npy file feeds a single-input model; this one has {} inputs (use .npz)",
+                    f.display(),
+                    decl.len()
+                )));
+            }
+            vec![(decl[0].0.clone(), read_npy(f)?)]
+        };
+        for (name, _, _) in &decl {
+            if !arrays.iter().any(|(n, _)| n == name) {
+                return Err(Error::input(
+                    name,
+                    format!("{}: no array for this input", f.display()),
+                ));
+            }
+        }
+        let stacked = arrays.iter().all(|(n, t)| {
+            decl.iter()
+                .find(|(d, _, _)| d == n)
+                .is_some_and(|(_, _, dims)| !dims.is_empty() && t.shape().len() == dims.len() + 1)
+        });
+        if stacked {
+            let count = arrays[0].1.shape()[0];
+            for k in 0..count {
+                let sample = arrays
+                    .iter()
+                    .map(|(n, t)| (n.clone(), index_axis0(t, k)))
+                    .collect();
+                cases.push(Case {
+                    source: format!("{}[{k}]", f.display()),
+                    inputs: sample,
+                    expected: vec![],
+                    labels: None,
+                });
+            }
+        } else {
+            cases.push(Case {
+                source: f.display().to_string(),
+                inputs: arrays,
+                expected: vec![],
+                labels: None,
+            });
+        }
+    }
+    let labels_path = dir.join("labels.npy");
+    if labels_path.exists() {
+        let labels = read_labels(&labels_path)?;
+        let mut at = 0;
+        for c in &mut cases {
+            let rows = c
+                .inputs
+                .first()
+                .map_or(0, |(_, t)| t.shape().first().copied().unwrap_or(1));
+            let rows = if c.source.ends_with(']') { 1 } else { rows };
+            if at + rows > labels.len() {
+                return Err(Error::Usage(format!(
+                    "{}: {} labels for more rows than that",
+                    labels_path.display(),
+                    labels.len()
+                )));
+            }
+            c.labels = Some(labels[at..at + rows].to_vec());
+            at += rows;
+        }
+    }
+    Ok(cases)
+}
+
+fn has_test_data_sets(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.filter_map(|e| e.ok()).any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("test_data_set_")
+        })
+    })
+}
+
+fn index_axis0(t: &TensorData, k: usize) -> TensorData {
+    macro_rules! pick {
+        ($v:ident, $a:expr) => {
+            TensorData::$v($a.index_axis(ndarray::Axis(0), k).to_owned())
+        };
+    }
+    match t {
+        TensorData::F32(a) => pick!(F32, a),
+        TensorData::F64(a) => pick!(F64, a),
+        TensorData::F16(a) => pick!(F16, a),
+        TensorData::BF16(a) => pick!(BF16, a),
+        TensorData::I8(a) => pick!(I8, a),
+        TensorData::U8(a) => pick!(U8, a),
+        TensorData::I16(a) => pick!(I16, a),
+        TensorData::U16(a) => pick!(U16, a),
+        TensorData::I32(a) => pick!(I32, a),
+        TensorData::I64(a) => pick!(I64, a),
+        TensorData::U32(a) => pick!(U32, a),
+        TensorData::U64(a) => pick!(U64, a),
+        TensorData::Bool(a) => pick!(Bool, a),
+    }
+}
+
+fn read_npz(path: &Path) -> Result<Vec<(String, TensorData)>> {
+    use ndarray_npy::NpzReader;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let bad = |e: String| Error::Decode {
+        what: path.display().to_string(),
+        reason: e,
+    };
+    let mut npz = NpzReader::new(file).map_err(|e| bad(e.to_string()))?;
+    let names = npz.names().map_err(|e| bad(e.to_string()))?;
+    let mut out = Vec::new();
+    for name in names {
+        macro_rules! try_type {
+            ($($ty:ty => $v:ident),*) => {{
+                let mut found = None;
+                $(
+                    if found.is_none() {
+                        if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<$ty>, IxDyn>(&name) {
+                            found = Some(TensorData::$v(a));
+                        }
+                    }
+                )*
+                found
+            }};
+        }
+        let t = try_type!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, bool => Bool)
+            .ok_or_else(|| bad(format!("array '{name}' is not of a supported numeric type")))?;
+        out.push((name.trim_end_matches(".npy").to_string(), t));
+    }
+    Ok(out)
+}
+
+/// Top-1 accuracy of the first output against the cases' labels: (correct, total).
+pub fn accuracy(outputs: &[TensorData], labels: &[i64]) -> (usize, usize) {
+    let Some(logits) = outputs.first() else {
+        return (0, 0);
+    };
+    let l = logits.to_f64();
+    if l.ndim() != 2 || l.shape()[0] != labels.len() {
+        return (0, 0);
+    }
+    let correct = l
+        .outer_iter()
+        .zip(labels)
+        .filter(|(row, &y)| argmax(row.iter().copied()) as i64 == y)
+        .count();
+    (correct, labels.len())
 }
 
 fn read_npy(path: &Path) -> Result<TensorData> {
@@ -215,6 +413,7 @@ pub fn read_npy_sample(model: &Model, specs: &[String]) -> Result<Case> {
         source: specs.join(","),
         inputs: sample,
         expected: vec![],
+        labels: None,
     })
 }
 
@@ -359,6 +558,7 @@ pub fn random_cases(
             source: format!("random sample {i} (seed {seed})"),
             inputs: sample,
             expected: vec![],
+            labels: None,
         });
     }
     Ok(cases)
