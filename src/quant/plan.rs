@@ -1,0 +1,388 @@
+//! Mark: small per-op handlers say which tensors are activations, weights (with their axis)
+//! and biases; nothing is inserted here. [`super::qdq`] materializes the plan in one step.
+//!
+//! | op | marks |
+//! |----|-------|
+//! | Conv, ConvTranspose | X activation, W weight (axis 0 / 1), B int32 bias, Y activation |
+//! | Gemm | A activation, constant B weight (axis 0 if transB else 1), 1-D C bias when beta = 1 |
+//! | MatMul | inputs activations, or a constant 2-D second input as weight (axis 1) |
+//! | Add, Mul, Concat | inputs and output activations (constant inputs quantized from their values) |
+//! | AveragePool, GlobalAveragePool | input and output activations |
+//! | MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze | input activation; the output shares the input's parameters |
+//! | Relu, Clip | removed where exact (the quantized zero is the grid's minimum, Clip's minimum is 0): the producer's output is calibrated on the activation's output; otherwise input and output activations |
+//!
+//! Nothing is marked on tensors produced by Softmax: tract evaluates
+//! DequantizeLinear -> Softmax -> QuantizeLinear as a lookup table, which is wrong.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::fusion::patterns;
+use crate::fusion::rules::{label, single_use};
+use crate::graph::Graph;
+use crate::onnx::attr::{self, defaults};
+use crate::onnx::Model;
+
+use super::params::QType;
+
+/// Ops whose output shares the input's quantization parameters.
+pub const SHARING_OPS: &[&str] = &[
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+];
+
+/// Ops that get their own output parameters.
+pub const QUANTIZED_OPS: &[&str] = &[
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Mul",
+    "Concat",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Relu",
+    "Clip",
+];
+
+/// Settings the plan depends on.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanOptions {
+    pub activation: QType,
+    pub symmetric_activations: bool,
+    pub per_channel: bool,
+    /// Quantize biases to int32 (false: leave them float, as TensorRT wants).
+    pub int32_bias: bool,
+    /// Node names or module paths left float.
+    pub exclude: Vec<String>,
+    /// Op types left float.
+    pub exclude_op_types: Vec<String>,
+}
+
+/// A weight input to quantize.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WeightUse {
+    pub node: String,
+    pub slot: usize,
+    pub tensor: String,
+    /// Per-channel axis, `None` for per-tensor.
+    pub axis: Option<usize>,
+}
+
+/// A bias input to quantize to int32.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BiasUse {
+    pub node: String,
+    pub slot: usize,
+    pub tensor: String,
+    /// The activation input whose scale multiplies the weight's.
+    pub input: String,
+    pub weight: String,
+}
+
+/// Where an activation's parameters come from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Source {
+    /// Calibrated in the float model, on this value (the activation itself, or the output of
+    /// the Relu/Clip that quantization absorbs).
+    Calibrated(String),
+    /// A constant: parameters from its own values.
+    Constant,
+    /// The same parameters as another activation (data-movement ops).
+    SharedWith(String),
+}
+
+/// A removed Relu or Clip: its producer will write the activation's output directly.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AbsorbedActivation {
+    pub node: String,
+    pub producer: String,
+    /// Clip's upper bound, which caps the calibrated range.
+    pub max: Option<f32>,
+}
+
+/// The plan: which tensors get which treatment.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QuantPlan {
+    /// Activations by value name, in graph order of first marking.
+    pub activations: BTreeMap<String, Source>,
+    pub activation_order: Vec<String>,
+    pub weights: Vec<WeightUse>,
+    pub biases: Vec<BiasUse>,
+    pub absorbed: Vec<AbsorbedActivation>,
+    /// Node names quantized.
+    pub quantized: Vec<String>,
+    /// Nodes left float, with the reason.
+    pub float: Vec<(String, String)>,
+}
+
+impl QuantPlan {
+    fn mark_activation(&mut self, g: &Graph, name: &str, source: Source) {
+        if name.is_empty() || self.activations.contains_key(name) {
+            return;
+        }
+        if let Some(p) = g.producer(name) {
+            if g.node(p).op_type == "Softmax" {
+                return;
+            }
+        }
+        self.activation_order.push(name.to_string());
+        self.activations.insert(name.to_string(), source);
+    }
+
+    fn mark_input(&mut self, g: &Graph, name: &str) {
+        let src = if g.const_source(name).is_some() {
+            Source::Constant
+        } else {
+            Source::Calibrated(name.to_string())
+        };
+        self.mark_activation(g, name, src);
+    }
+
+    /// Values the calibration run must observe.
+    pub fn calibrated_values(&self) -> Vec<String> {
+        let mut seen = HashSet::new();
+        self.activation_order
+            .iter()
+            .filter_map(|a| match &self.activations[a] {
+                Source::Calibrated(v) => Some(v.clone()),
+                _ => None,
+            })
+            .filter(|v| seen.insert(v.clone()))
+            .collect()
+    }
+}
+
+fn excluded(g: &Graph, opts: &PlanOptions) -> Result<BTreeSet<usize>> {
+    let mut out = BTreeSet::new();
+    for name in &opts.exclude {
+        for i in patterns::resolve(g, name).map_err(|_| {
+            Error::Usage(format!(
+                "--exclude '{name}': neither a node name nor a module path of this model"
+            ))
+        })? {
+            out.insert(i);
+        }
+        // a module path excludes every node under its scope, not only compute nodes
+        let prefix = format!("/{}/", patterns::scope_segments(name).join("/"));
+        out.extend((0..g.nodes().len()).filter(|&i| g.node(i).name.starts_with(&prefix)));
+    }
+    Ok(out)
+}
+
+/// Whether a Relu (or Clip with min 0) after a quantized producer can be absorbed exactly.
+fn absorbable(g: &Graph, act: usize, opts: &PlanOptions) -> Result<Option<(usize, Option<f32>)>> {
+    let n = g.node(act);
+    if opts.symmetric_activations {
+        return Ok(None); // zero is mid-grid: the Relu stays
+    }
+    let max = if n.op_type == "Clip" {
+        let lo = clip_bound(g, n, 1, "min")?;
+        let hi = clip_bound(g, n, 2, "max")?;
+        if lo != Some(0.0) {
+            return Ok(None);
+        }
+        hi
+    } else {
+        None
+    };
+    let Some(x) = n.input.first() else {
+        return Ok(None);
+    };
+    let Some(p) = g.producer(x) else {
+        return Ok(None);
+    };
+    if single_use(g, x).is_some()
+        || !matches!(
+            g.node(p).op_type.as_str(),
+            "Conv" | "ConvTranspose" | "Gemm" | "MatMul" | "Add"
+        )
+    {
+        return Ok(None);
+    }
+    Ok(Some((p, max)))
+}
+
+fn clip_bound(
+    g: &Graph,
+    n: &crate::onnx::proto::NodeProto,
+    slot: usize,
+    attr_name: &str,
+) -> Result<Option<f32>> {
+    if let Some(name) = n.input.get(slot).filter(|s| !s.is_empty()) {
+        return Ok(g
+            .constant(name)?
+            .and_then(|t| t.to_f64().iter().next().map(|&v| v as f32)));
+    }
+    let default = if attr_name == "min" {
+        f32::NEG_INFINITY
+    } else {
+        f32::INFINITY
+    };
+    let v = attr::float(n, attr_name, default)?;
+    Ok(v.is_finite().then_some(v))
+}
+
+/// Marks the model's tensors.
+pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
+    let g = Graph::of_model(model);
+    let excl = excluded(&g, opts)?;
+    let mut plan = QuantPlan::default();
+    let quantizable = |i: usize| -> Option<String> {
+        let n = g.node(i);
+        if excl.contains(&i) {
+            return Some("excluded by --exclude".into());
+        }
+        if opts.exclude_op_types.iter().any(|t| t == &n.op_type) {
+            return Some(format!("op type {} excluded", n.op_type));
+        }
+        if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+            return Some(format!("domain {}", n.domain));
+        }
+        if !QUANTIZED_OPS.contains(&n.op_type.as_str())
+            && !SHARING_OPS.contains(&n.op_type.as_str())
+        {
+            return Some(format!("no quantized form for {}", n.op_type));
+        }
+        None
+    };
+    // Absorb activations first, so their producers' outputs are calibrated after the activation.
+    let mut absorbed_by_producer = BTreeMap::new();
+    for i in 0..g.nodes().len() {
+        let n = g.node(i);
+        if !(n.op_type == "Relu" || n.op_type == "Clip") || quantizable(i).is_some() {
+            continue;
+        }
+        if let Some((p, max)) = absorbable(&g, i, opts)? {
+            if quantizable(p).is_none() {
+                absorbed_by_producer.insert(p, (i, max));
+            }
+        }
+    }
+    for i in g.topo_order()? {
+        let n = g.node(i);
+        if n.op_type == "Constant" {
+            continue;
+        }
+        if let Some(reason) = quantizable(i) {
+            plan.float.push((label(n), reason));
+            continue;
+        }
+        if absorbed_by_producer.values().any(|&(a, _)| a == i) {
+            continue; // handled with its producer
+        }
+        plan.quantized.push(label(n));
+        let op = n.op_type.as_str();
+        let out = n.output.first().cloned().unwrap_or_default();
+        // The value downstream sees: the absorbed activation's output, calibrated there.
+        let (out_value, calib_value) = match absorbed_by_producer.get(&i) {
+            Some(&(a, max)) => {
+                let act = g.node(a);
+                plan.absorbed.push(AbsorbedActivation {
+                    node: label(act),
+                    producer: label(n),
+                    max,
+                });
+                (act.output[0].clone(), act.output[0].clone())
+            }
+            None => (out.clone(), out.clone()),
+        };
+        match op {
+            "Conv" | "ConvTranspose" => {
+                plan.mark_input(&g, &n.input[0]);
+                let axis = if op == "Conv" { 0 } else { 1 };
+                mark_weight(&g, &mut plan, n, 1, Some(axis), opts);
+                if let Some(b) = n.input.get(2).filter(|s| !s.is_empty()) {
+                    if opts.int32_bias && g.const_source(b).is_some() {
+                        plan.biases.push(BiasUse {
+                            node: label(n),
+                            slot: 2,
+                            tensor: b.clone(),
+                            input: n.input[0].clone(),
+                            weight: n.input[1].clone(),
+                        });
+                    }
+                }
+            }
+            "Gemm" => {
+                plan.mark_input(&g, &n.input[0]);
+                let trans_b = attr::int(n, "transB", defaults::GEMM_TRANS)? != 0;
+                if g.const_source(&n.input[1]).is_some() {
+                    mark_weight(&g, &mut plan, n, 1, Some(if trans_b { 0 } else { 1 }), opts);
+                } else {
+                    plan.mark_input(&g, &n.input[1]);
+                }
+                let beta = attr::float(n, "beta", defaults::GEMM_BETA)?;
+                if let Some(c) = n.input.get(2).filter(|s| !s.is_empty()) {
+                    let one_d = g.constant(c)?.is_some_and(|t| t.shape().len() == 1);
+                    if opts.int32_bias
+                        && one_d
+                        && beta == 1.0
+                        && g.const_source(&n.input[1]).is_some()
+                    {
+                        plan.biases.push(BiasUse {
+                            node: label(n),
+                            slot: 2,
+                            tensor: c.clone(),
+                            input: n.input[0].clone(),
+                            weight: n.input[1].clone(),
+                        });
+                    }
+                }
+            }
+            "MatMul" => {
+                plan.mark_input(&g, &n.input[0]);
+                let w2d = g
+                    .constant(&n.input[1])?
+                    .is_some_and(|t| t.shape().len() == 2);
+                if w2d {
+                    mark_weight(&g, &mut plan, n, 1, Some(1), opts);
+                } else {
+                    plan.mark_input(&g, &n.input[1]);
+                }
+            }
+            "Add" | "Mul" | "Concat" | "AveragePool" | "GlobalAveragePool" | "Relu" | "Clip" => {
+                let data_inputs = if op == "Clip" { 1 } else { n.input.len() };
+                for x in n.input.iter().take(data_inputs) {
+                    plan.mark_input(&g, x);
+                }
+            }
+            _ => {
+                // data movement: the output shares the input's parameters
+                plan.mark_input(&g, &n.input[0]);
+                plan.mark_activation(&g, &out, Source::SharedWith(n.input[0].clone()));
+                continue;
+            }
+        }
+        plan.mark_activation(&g, &out_value, Source::Calibrated(calib_value));
+    }
+    Ok(plan)
+}
+
+fn mark_weight(
+    g: &Graph,
+    plan: &mut QuantPlan,
+    n: &crate::onnx::proto::NodeProto,
+    slot: usize,
+    axis: Option<usize>,
+    opts: &PlanOptions,
+) {
+    let Some(w) = n.input.get(slot) else { return };
+    if g.const_source(w).is_none() {
+        plan.mark_input(g, w);
+        return;
+    }
+    plan.weights.push(WeightUse {
+        node: label(n),
+        slot,
+        tensor: w.clone(),
+        axis: if opts.per_channel { axis } else { None },
+    });
+}
