@@ -4,8 +4,240 @@
 //! every batch into [`observe`] observers) -> compute parameters ([`params`]) -> emit QDQ
 //! ([`qdq`]) -> check on tract.
 
-// pub mod calibrate; (enabled once observe.rs lands)
+pub mod calibrate;
 pub mod observe;
 pub mod params;
 pub mod plan;
 pub mod qdq;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::fusion::{fuse, FuseOptions, FuseReport};
+use crate::onnx::Model;
+use crate::runtime::Sample;
+use calibrate::Ranges;
+use observe::{Method, Target};
+use params::QType;
+use plan::{PlanOptions, QuantPlan};
+use qdq::{QdqOptions, QdqReport};
+
+/// Named settings: ONNX Runtime's and PyTorch's defaults, and targets' needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// qfold's default: uint8 asymmetric activations (MinMax), int8 symmetric per-channel
+    /// weights, int32 bias.
+    Qfold,
+    /// ONNX Runtime `quantize_static` defaults: as qfold but per-tensor weights.
+    Ort,
+    /// PyTorch x86/fbgemm qconfig: histogram (L2) activations with reduce_range, per-channel
+    /// symmetric int8 weights.
+    Fbgemm,
+    /// PyTorch qnnpack qconfig: histogram (L2) activations, per-tensor symmetric int8 weights.
+    Qnnpack,
+    /// TensorRT: symmetric int8 activations with zero point 0 (entropy), Relu kept, per-channel
+    /// weights, float bias.
+    Tensorrt,
+    /// tract: per-tensor weights (its integer kernels are fastest with them), MinMax.
+    Tract,
+}
+
+impl Preset {
+    /// Parses a preset name (`x86` is fbgemm).
+    pub fn by_name(s: &str) -> Option<Preset> {
+        Some(match s {
+            "qfold" | "default" => Preset::Qfold,
+            "ort" => Preset::Ort,
+            "fbgemm" | "x86" => Preset::Fbgemm,
+            "qnnpack" => Preset::Qnnpack,
+            "tensorrt" => Preset::Tensorrt,
+            "tract" => Preset::Tract,
+            _ => return None,
+        })
+    }
+
+    /// The options this preset stands for.
+    pub fn options(self) -> QuantizeOptions {
+        let mut o = QuantizeOptions {
+            preset: self,
+            activation: QType::U8,
+            weight: QType::I8,
+            symmetric_activations: false,
+            symmetric_weights: true,
+            per_channel: true,
+            reduce_range: false,
+            int32_bias: true,
+            method: Method::MinMax,
+            fuse: true,
+            exclude: vec![],
+            exclude_op_types: vec![],
+            threads: 0,
+        };
+        match self {
+            Preset::Qfold => {}
+            Preset::Ort => o.per_channel = false,
+            Preset::Fbgemm => {
+                o.method = Method::L2;
+                o.reduce_range = true;
+            }
+            Preset::Qnnpack => {
+                o.method = Method::L2;
+                o.per_channel = false;
+            }
+            Preset::Tensorrt => {
+                o.activation = QType::I8;
+                o.symmetric_activations = true;
+                o.int32_bias = false;
+                o.method = Method::Entropy;
+            }
+            Preset::Tract => o.per_channel = false,
+        }
+        o
+    }
+}
+
+/// Everything `quantize` needs to know.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizeOptions {
+    pub preset: Preset,
+    pub activation: QType,
+    pub weight: QType,
+    pub symmetric_activations: bool,
+    pub symmetric_weights: bool,
+    pub per_channel: bool,
+    pub reduce_range: bool,
+    pub int32_bias: bool,
+    pub method: Method,
+    /// Run automatic fusion first.
+    pub fuse: bool,
+    /// Node names or module paths left float.
+    pub exclude: Vec<String>,
+    /// Op types left float.
+    pub exclude_op_types: Vec<String>,
+    /// Calibration threads (0: every core).
+    pub threads: usize,
+}
+
+impl Default for QuantizeOptions {
+    fn default() -> Self {
+        Preset::Qfold.options()
+    }
+}
+
+impl QuantizeOptions {
+    fn plan_options(&self) -> PlanOptions {
+        PlanOptions {
+            activation: self.activation,
+            symmetric_activations: self.symmetric_activations,
+            per_channel: self.per_channel,
+            int32_bias: self.int32_bias,
+            exclude: self.exclude.clone(),
+            exclude_op_types: self.exclude_op_types.clone(),
+        }
+    }
+
+    fn qdq_options(&self) -> QdqOptions {
+        QdqOptions {
+            activation: self.activation,
+            weight: self.weight,
+            symmetric_activations: self.symmetric_activations,
+            symmetric_weights: self.symmetric_weights,
+            reduce_range: self.reduce_range,
+        }
+    }
+
+    /// The activation grid calibration aims at.
+    pub fn target(&self) -> Target {
+        let (qmin, qmax) = self.qdq_options().activation_grid();
+        Target {
+            qmin,
+            qmax,
+            symmetric: self.symmetric_activations,
+        }
+    }
+}
+
+/// What `quantize` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizeReport {
+    pub options: QuantizeOptions,
+    pub fusion: Option<FuseReport>,
+    pub plan: QuantPlan,
+    pub qdq: QdqReport,
+    pub calibration_samples: usize,
+    pub ranges_from_file: bool,
+}
+
+/// Where activation ranges come from.
+pub enum Calibration<'a> {
+    /// Run these samples through the float model.
+    Samples(&'a [Sample]),
+    /// Ranges saved by an earlier run.
+    Ranges(&'a Ranges),
+}
+
+/// Fuses (unless disabled), plans, calibrates and emits a QDQ model. Returns the quantized
+/// model, the ranges used and the report; `model` is not changed.
+pub fn quantize(
+    model: &Model,
+    calibration: Calibration,
+    opts: &QuantizeOptions,
+) -> Result<(Model, Ranges, QuantizeReport)> {
+    let mut float = model.clone();
+    let fusion = if opts.fuse {
+        Some(fuse(&mut float, &FuseOptions::default())?)
+    } else {
+        None
+    };
+    let plan = plan::plan(&float, &opts.plan_options())?;
+    let values = plan.calibrated_values();
+    let (ranges, from_file) = match calibration {
+        Calibration::Samples(samples) => (
+            calibrate::calibrate(
+                &float,
+                &values,
+                samples,
+                opts.method,
+                opts.target(),
+                opts.threads,
+            )?,
+            false,
+        ),
+        Calibration::Ranges(r) => {
+            if let Some(missing) = values.iter().find(|v| !r.ranges.contains_key(*v)) {
+                return Err(Error::Usage(format!(
+                    "the ranges file has no range for '{missing}' (was it saved for this model and these options?)"
+                )));
+            }
+            (r.clone(), true)
+        }
+    };
+    // A model's outputs are what the user reads: clipping them (as percentile, entropy and L2
+    // do to intermediate activations) changes answers, so they keep the observed range.
+    let mut ranges = ranges;
+    if !from_file {
+        for o in &float.graph().output {
+            if let Some(&mm) = ranges.observed.get(&o.name) {
+                let r = if opts.symmetric_activations {
+                    let t = mm.0.abs().max(mm.1.abs());
+                    (-t, t)
+                } else {
+                    mm
+                };
+                ranges.ranges.insert(o.name.clone(), r);
+            }
+        }
+    }
+    let mut quantized = float;
+    let qdq = qdq::materialize(&mut quantized, &plan, &ranges.ranges, &opts.qdq_options())?;
+    let report = QuantizeReport {
+        options: opts.clone(),
+        fusion,
+        plan,
+        qdq,
+        calibration_samples: ranges.samples,
+        ranges_from_file: from_file,
+    };
+    Ok((quantized, ranges, report))
+}

@@ -163,16 +163,18 @@ impl QuantPlan {
 fn excluded(g: &Graph, opts: &PlanOptions) -> Result<BTreeSet<usize>> {
     let mut out = BTreeSet::new();
     for name in &opts.exclude {
-        for i in patterns::resolve(g, name).map_err(|_| {
-            Error::Usage(format!(
-                "--exclude '{name}': neither a node name nor a module path of this model"
-            ))
-        })? {
-            out.insert(i);
+        let before = out.len();
+        if let Ok(nodes) = patterns::resolve(g, name) {
+            out.extend(nodes);
         }
-        // a module path excludes every node under its scope, not only compute nodes
+        // a module path excludes every node under its scope, submodules included
         let prefix = format!("/{}/", patterns::scope_segments(name).join("/"));
         out.extend((0..g.nodes().len()).filter(|&i| g.node(i).name.starts_with(&prefix)));
+        if out.len() == before && g.node_by_name(name).is_none() {
+            return Err(Error::Usage(format!(
+                "--exclude '{name}': neither a node name nor a module path of this model"
+            )));
+        }
     }
     Ok(out)
 }

@@ -1,0 +1,232 @@
+//! Calibration: the float model runs in tract with the values to observe exposed as outputs,
+//! and every sample streams into one observer per value. Observer state is O(tensors x bins),
+//! never O(samples). Samples run in parallel over one shared optimized plan (one tract state
+//! per run); each thread keeps partial observers that are merged at the end. The
+//! moving-average observer depends on sample order, so it runs on one thread, in order.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::observe::{Method, Observer, Target};
+use crate::error::{Error, Result};
+use crate::onnx::{Model, TensorData};
+use crate::runtime::{Runner, Sample};
+
+/// Calibrated ranges by value name, with how they were obtained; saved and loaded as JSON so
+/// calibration runs once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Ranges {
+    pub method: Method,
+    pub samples: usize,
+    /// The observed min and max of each value.
+    pub observed: BTreeMap<String, (f32, f32)>,
+    /// The range chosen by the method, before the zero adjustment.
+    pub ranges: BTreeMap<String, (f32, f32)>,
+}
+
+impl Ranges {
+    /// Writes the ranges as JSON (atomically).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("ranges serialize");
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    /// Reads ranges written by [`Ranges::save`].
+    pub fn load(path: &Path) -> Result<Ranges> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Decode {
+            what: path.display().to_string(),
+            reason: format!("not a qfold ranges file: {e}"),
+        })
+    }
+}
+
+fn as_f32(name: &str, t: &TensorData) -> Result<Vec<f32>> {
+    Ok(match t {
+        TensorData::F32(a) => match a.as_slice() {
+            Some(s) => s.to_vec(),
+            None => a.iter().copied().collect(),
+        },
+        t if t.elem_type().is_float() => t.to_f64().iter().map(|&v| v as f32).collect(),
+        t => {
+            return Err(Error::tensor(
+                name,
+                format!("cannot calibrate a {} value", t.elem_type().name()),
+            ))
+        }
+    })
+}
+
+/// Progress on stderr, shown only once a run has lasted a second.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    start: Instant,
+    shown: bool,
+}
+
+impl Progress {
+    fn new(total: usize) -> Progress {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(total as u64),
+            indicatif::ProgressDrawTarget::hidden(),
+        );
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "calibrating {bar:30} {pos}/{len} samples {elapsed}/{eta}",
+            )
+            .expect("valid template"),
+        );
+        Progress {
+            bar,
+            start: Instant::now(),
+            shown: false,
+        }
+    }
+
+    fn inc(&mut self) {
+        self.bar.inc(1);
+        if !self.shown && self.start.elapsed() > Duration::from_secs(1) {
+            self.bar
+                .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            self.shown = true;
+        }
+    }
+
+    fn finish(self) {
+        if self.shown {
+            self.bar.finish_and_clear();
+        }
+    }
+}
+
+/// Runs the float `model` over `samples` and observes `values`. `threads` = 0 uses every core.
+pub fn observe(
+    model: &Model,
+    values: &[String],
+    samples: &[Sample],
+    method: Method,
+    threads: usize,
+) -> Result<BTreeMap<String, Observer>> {
+    let first = samples
+        .first()
+        .ok_or_else(|| Error::Usage("no calibration samples".into()))?;
+    let outputs: Vec<String> = model
+        .graph()
+        .output
+        .iter()
+        .map(|o| o.name.clone())
+        .collect();
+    let extra: Vec<String> = values
+        .iter()
+        .filter(|v| !outputs.contains(v))
+        .cloned()
+        .collect();
+    let runner = Runner::new(model, first, &extra)?;
+    let positions: Vec<usize> = values
+        .iter()
+        .map(|v| {
+            runner
+                .output_names()
+                .iter()
+                .position(|o| o == v)
+                .expect("requested")
+        })
+        .collect();
+    let threads = if matches!(method, Method::MovingAverage { .. }) {
+        1
+    } else if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    }
+    .min(samples.len())
+    .max(1);
+    let progress = std::sync::Mutex::new(Progress::new(samples.len()));
+    let run_part = |part: usize| -> Result<Vec<Observer>> {
+        let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new(method)).collect();
+        for (k, s) in samples.iter().enumerate() {
+            if k % threads != part {
+                continue;
+            }
+            let out = runner.run(s)?;
+            for ((o, &p), v) in obs.iter_mut().zip(&positions).zip(values) {
+                o.observe(&as_f32(v, &out[p])?);
+            }
+            progress.lock().expect("progress lock").inc();
+        }
+        Ok(obs)
+    };
+    let parts: Vec<Result<Vec<Observer>>> = if threads == 1 {
+        vec![run_part(0)]
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|t| s.spawn(move || run_part(t))).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::runtime("calibration", "a worker thread panicked"))
+                    })
+                })
+                .collect()
+        })
+    };
+    progress.into_inner().expect("progress lock").finish();
+    let mut merged: Option<Vec<Observer>> = None;
+    for p in parts {
+        let p = p?;
+        merged = Some(match merged {
+            None => p,
+            Some(mut m) => {
+                for (a, b) in m.iter_mut().zip(p) {
+                    a.merge(b);
+                }
+                m
+            }
+        });
+    }
+    Ok(values
+        .iter()
+        .cloned()
+        .zip(merged.unwrap_or_default())
+        .collect())
+}
+
+/// Calibrates and chooses ranges for `values` for the activation grid `target`.
+pub fn calibrate(
+    model: &Model,
+    values: &[String],
+    samples: &[Sample],
+    method: Method,
+    target: Target,
+    threads: usize,
+) -> Result<Ranges> {
+    let observers = observe(model, values, samples, method, threads)?;
+    let mut observed = BTreeMap::new();
+    let mut ranges = BTreeMap::new();
+    for (v, o) in &observers {
+        match (o.min_max(), o.range(target)) {
+            (Some(mm), Some(r)) => {
+                observed.insert(v.clone(), mm);
+                ranges.insert(v.clone(), r);
+            }
+            _ => {
+                return Err(Error::tensor(
+                    v,
+                    "no finite value observed during calibration",
+                ))
+            }
+        }
+    }
+    Ok(Ranges {
+        method,
+        samples: samples.len(),
+        observed,
+        ranges,
+    })
+}
