@@ -3,6 +3,7 @@
 mod check;
 mod fuse;
 mod inspect;
+mod quantize;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Fold BatchNormalization and record fusion groups (PyTorch eager fuse_modules).
     Fuse(fuse::Args),
+    /// Calibrate on tract and write a QDQ-quantized model.
+    Quantize(Box<quantize::Args>),
     /// Run two models (or one model against stored outputs) in tract and compare.
     Check(check::Args),
 }
@@ -47,6 +50,7 @@ pub fn main() -> i32 {
         Command::Inspect(a) => inspect::run(a),
         Command::Check(a) => check::run(a),
         Command::Fuse(a) => fuse::run(a),
+        Command::Quantize(a) => quantize::run(*a),
     };
     match result {
         Ok(code) => code,

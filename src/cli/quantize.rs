@@ -1,0 +1,404 @@
+//! `qfold quantize MODEL -o OUT [...]`: fuse, calibrate on tract, emit QDQ, evaluate.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use qfold::onnx::Model;
+use qfold::quant::calibrate::Ranges;
+use qfold::quant::observe::Method;
+use qfold::quant::params::QType;
+use qfold::quant::{quantize, Calibration, Preset, QuantizeOptions, QuantizeReport};
+use qfold::runtime::Runner;
+use qfold::verify::{self, Case, Comparer, Comparison, Criterion};
+use qfold::{Error, Result};
+use serde::Serialize;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The float model.
+    model: PathBuf,
+    /// Where to write the quantized model.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Output format: qdq (QuantizeLinear/DequantizeLinear pairs).
+    #[arg(long, default_value = "qdq")]
+    format: String,
+    /// Calibration data: test_data_set_N folders, or .npy/.npz files.
+    #[arg(long, conflicts_with_all = ["calib_random", "ranges"])]
+    calib: Option<PathBuf>,
+    /// N random calibration samples from the declared input shapes.
+    #[arg(long, value_name = "N")]
+    calib_random: Option<usize>,
+    /// Seed of random samples.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Shape of an input with symbolic dims: `name:1,3,224,224` (repeatable).
+    #[arg(long = "input-shape", value_name = "NAME:DIMS")]
+    input_shape: Vec<String>,
+    /// Settings: qfold (default), ort, fbgemm (x86), qnnpack, tensorrt, tract.
+    #[arg(long, default_value = "qfold")]
+    preset: String,
+    /// Range method: minmax, moving-average, percentile, entropy, l2 (default: the preset's).
+    #[arg(long)]
+    method: Option<String>,
+    /// Percentile for --method percentile.
+    #[arg(long, default_value_t = 99.999)]
+    percentile: f64,
+    /// Activation type: u8 or i8.
+    #[arg(long)]
+    activation: Option<String>,
+    /// Weight type: i8 or u8.
+    #[arg(long)]
+    weight: Option<String>,
+    /// Symmetric activations (zero point at the grid's middle; Relu is then kept).
+    #[arg(long)]
+    symmetric_activations: bool,
+    /// Per-channel weight scales.
+    #[arg(long, conflicts_with = "per_tensor")]
+    per_channel: bool,
+    /// One scale per weight tensor.
+    #[arg(long)]
+    per_tensor: bool,
+    /// 7-bit activations (PyTorch fbgemm's reduce_range).
+    #[arg(long)]
+    reduce_range: bool,
+    /// Leave this node or PyTorch module path float (repeatable).
+    #[arg(long, value_name = "NAME")]
+    exclude: Vec<String>,
+    /// Leave these op types float: `--op-types Gemm,Add`.
+    #[arg(long, value_name = "A,B")]
+    op_types: Option<String>,
+    /// Do not fuse before quantizing.
+    #[arg(long)]
+    no_fuse: bool,
+    /// Save the calibrated ranges to this JSON file.
+    #[arg(long, value_name = "FILE")]
+    save_ranges: Option<PathBuf>,
+    /// Use ranges saved by --save-ranges instead of calibrating.
+    #[arg(long, value_name = "FILE")]
+    ranges: Option<PathBuf>,
+    /// Evaluation data (same forms as --calib; labels.npy gives accuracy). Without it, the last
+    /// fifth of the calibration samples is held out.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Fail (exit 1, write nothing) when the SQNR of an output against the float model is
+    /// below --min-sqnr.
+    #[arg(long)]
+    check: bool,
+    /// SQNR threshold for --check, in dB.
+    #[arg(long, default_value_t = 20.0)]
+    min_sqnr: f64,
+    /// Calibration threads (0: every core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn qtype(s: &str, what: &str) -> Result<QType> {
+    match s {
+        "u8" | "uint8" => Ok(QType::U8),
+        "i8" | "int8" => Ok(QType::I8),
+        _ => Err(Error::Usage(format!("--{what} {s}: use u8 or i8"))),
+    }
+}
+
+fn method(s: &str, percentile: f64) -> Result<Method> {
+    Ok(match s {
+        "minmax" => Method::MinMax,
+        "moving-average" | "moving_average" => Method::MovingAverage { constant: 0.01 },
+        "percentile" => {
+            if !(percentile > 50.0 && percentile <= 100.0) {
+                return Err(Error::Usage(format!(
+                    "--percentile {percentile}: use a value in (50, 100]"
+                )));
+            }
+            Method::Percentile { percentile }
+        }
+        "entropy" => Method::Entropy,
+        "l2" => Method::L2,
+        _ => {
+            return Err(Error::Usage(format!(
+                "--method {s}: use minmax, moving-average, percentile, entropy or l2"
+            )))
+        }
+    })
+}
+
+fn options(a: &Args) -> Result<QuantizeOptions> {
+    let preset = Preset::by_name(&a.preset).ok_or_else(|| {
+        Error::Usage(format!(
+            "--preset {}: use qfold, ort, fbgemm, x86, qnnpack, tensorrt or tract",
+            a.preset
+        ))
+    })?;
+    let mut o = preset.options();
+    if let Some(m) = &a.method {
+        o.method = method(m, a.percentile)?;
+    }
+    if let Some(t) = &a.activation {
+        o.activation = qtype(t, "activation")?;
+    }
+    if let Some(t) = &a.weight {
+        o.weight = qtype(t, "weight")?;
+        o.symmetric_weights = o.weight == QType::I8;
+    }
+    if a.symmetric_activations {
+        o.symmetric_activations = true;
+    }
+    if a.per_channel {
+        o.per_channel = true;
+    }
+    if a.per_tensor {
+        o.per_channel = false;
+    }
+    if a.reduce_range {
+        o.reduce_range = true;
+    }
+    o.exclude = a.exclude.clone();
+    o.exclude_op_types = a
+        .op_types
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    o.fuse = !a.no_fuse;
+    o.threads = a.threads;
+    Ok(o)
+}
+
+/// Float vs quantized on the evaluation set.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub source: String,
+    pub comparison: Comparison,
+    pub float_accuracy: Option<f64>,
+    pub quantized_accuracy: Option<f64>,
+    pub labelled: usize,
+}
+
+fn evaluate(
+    float: &Model,
+    quantized: &Model,
+    cases: &[Case],
+    min_sqnr: f64,
+    source: String,
+) -> Result<Evaluation> {
+    let names: Vec<String> = float
+        .graph()
+        .output
+        .iter()
+        .map(|o| o.name.clone())
+        .collect();
+    let mut cmp = Comparer::new(&names, Criterion::MinSqnr { db: min_sqnr });
+    let (mut fc, mut qc, mut total) = (0, 0, 0);
+    let mut runners: Option<(Runner, Runner)> = None;
+    let mut shapes: Vec<Vec<usize>> = vec![];
+    for c in cases {
+        let s: Vec<Vec<usize>> = c.inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
+        if runners.is_none() || s != shapes {
+            runners = Some((
+                Runner::new(float, &c.inputs, &[])?,
+                Runner::new(quantized, &c.inputs, &[])?,
+            ));
+            shapes = s;
+        }
+        let (rf, rq) = runners.as_ref().expect("set above");
+        let of = rf.run(&c.inputs)?;
+        let oq = rq.run(&c.inputs)?;
+        if let Some(l) = &c.labels {
+            let (a, n) = verify::accuracy(&of, l);
+            let (b, _) = verify::accuracy(&oq, l);
+            fc += a;
+            qc += b;
+            total += n;
+        }
+        cmp.add(&of, &oq);
+    }
+    Ok(Evaluation {
+        source,
+        comparison: cmp.finish(),
+        float_accuracy: (total > 0).then(|| fc as f64 / total as f64),
+        quantized_accuracy: (total > 0).then(|| qc as f64 / total as f64),
+        labelled: total,
+    })
+}
+
+#[derive(Serialize)]
+struct Output<'a> {
+    quantization: &'a QuantizeReport,
+    evaluation: &'a Evaluation,
+    size_before: u64,
+    size_after: u64,
+    written: Option<String>,
+}
+
+fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
+    if let Some(f) = &r.fusion {
+        println!(
+            "fused {} groups ({} BatchNormalization folded)",
+            f.groups.len(),
+            f.bn_before - f.bn_after
+        );
+    }
+    let o = &r.options;
+    println!(
+        "preset {:?}: activations {:?}{}{}, weights {:?} {}, method {:?}, bias {}",
+        o.preset,
+        o.activation,
+        if o.symmetric_activations {
+            " symmetric"
+        } else {
+            " asymmetric"
+        },
+        if o.reduce_range { " reduce_range" } else { "" },
+        o.weight,
+        if o.per_channel {
+            "per-channel"
+        } else {
+            "per-tensor"
+        },
+        o.method,
+        if o.int32_bias { "int32" } else { "float" }
+    );
+    println!(
+        "calibration: {} samples{}",
+        r.calibration_samples,
+        if r.ranges_from_file {
+            " (ranges from file)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "quantized {} nodes: {} activations, {} weights, {} biases; {} Relu/Clip absorbed",
+        r.plan.quantized.len(),
+        r.qdq.activations,
+        r.qdq.weights,
+        r.qdq.biases,
+        r.qdq.absorbed.len()
+    );
+    for (n, why) in &r.plan.float {
+        println!("  float: {n} ({why})");
+    }
+    for b in &r.qdq.bias_adjustments {
+        println!("  bias: {b}");
+    }
+    if let Some((a, b)) = r.qdq.opset {
+        println!("  opset raised from {a} to {b}");
+    }
+    println!(
+        "evaluation on {} ({} samples):",
+        e.source, e.comparison.samples
+    );
+    super::check::print_comparison(&e.comparison);
+    if let (Some(f), Some(q)) = (e.float_accuracy, e.quantized_accuracy) {
+        println!(
+            "accuracy on {} labelled rows: float {:.2}%, int8 {:.2}% ({:+.2} points)",
+            e.labelled,
+            100.0 * f,
+            100.0 * q,
+            100.0 * (q - f)
+        );
+    }
+    println!(
+        "size {} -> {} bytes ({:.1}x smaller)",
+        before,
+        after,
+        before as f64 / after.max(1) as f64
+    );
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    if a.format != "qdq" {
+        return Err(Error::Usage(format!(
+            "--format {}: only qdq is implemented; QOperator output (QLinearConv/QLinearMatMul) is not written yet",
+            a.format
+        )));
+    }
+    let opts = options(&a)?;
+    let model = qfold::onnx::load(&a.model)?;
+    let shapes: HashMap<String, Vec<usize>> = a
+        .input_shape
+        .iter()
+        .map(|s| verify::parse_input_shape(s))
+        .collect::<Result<_>>()?;
+    let mut calib = match (&a.calib, a.calib_random) {
+        (Some(dir), _) => verify::read_dataset(&model, dir)?,
+        (None, Some(n)) => verify::random_cases(&model, n, a.seed, &shapes)?,
+        (None, None) if a.ranges.is_some() => vec![],
+        (None, None) => {
+            return Err(Error::Usage(
+                "give calibration data: --calib DIR, --calib-random N, or --ranges FILE".into(),
+            ))
+        }
+    };
+    let (eval_cases, eval_source) = if let Some(dir) = &a.eval {
+        (
+            verify::read_dataset(&model, dir)?,
+            dir.display().to_string(),
+        )
+    } else if a.calib_random.is_some() || a.calib.is_none() {
+        let n = (calib.len() / 5).max(2);
+        let cases = verify::random_cases(&model, n, a.seed.wrapping_add(1), &shapes)?;
+        (cases, format!("{n} fresh random samples"))
+    } else if calib.len() >= 2 {
+        let held = (calib.len() / 5).max(1);
+        let cases = calib.split_off(calib.len() - held);
+        (
+            cases,
+            format!("the last {held} calibration samples, held out"),
+        )
+    } else {
+        (
+            calib.clone(),
+            "the calibration sample (too few to hold any out)".into(),
+        )
+    };
+    let samples: Vec<_> = calib.iter().map(|c| c.inputs.clone()).collect();
+    let loaded;
+    let calibration = match &a.ranges {
+        Some(p) => {
+            loaded = Ranges::load(p)?;
+            Calibration::Ranges(&loaded)
+        }
+        None => Calibration::Samples(&samples),
+    };
+    let (quantized, ranges, report) = quantize(&model, calibration, &opts)?;
+    if let Some(p) = &a.save_ranges {
+        ranges.save(p)?;
+    }
+    let evaluation = evaluate(&model, &quantized, &eval_cases, a.min_sqnr, eval_source)?;
+    let before = model.to_bytes()?.len() as u64;
+    let after = quantized.to_bytes()?.len() as u64;
+    let passed = !a.check || evaluation.comparison.passed;
+    if a.json {
+        let out = Output {
+            quantization: &report,
+            evaluation: &evaluation,
+            size_before: before,
+            size_after: after,
+            written: passed.then(|| a.output.display().to_string()),
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).expect("report serializes")
+        );
+    } else {
+        print(&report, &evaluation, before, after);
+    }
+    if !passed {
+        eprintln!(
+            "error: SQNR below {} dB against the float model; nothing written",
+            a.min_sqnr
+        );
+        return Ok(super::CHECK_FAILED);
+    }
+    qfold::onnx::save(&quantized, &a.output, &Default::default())?;
+    if !a.json {
+        println!("wrote {}", a.output.display());
+    }
+    Ok(super::OK)
+}
