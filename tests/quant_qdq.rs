@@ -1,0 +1,341 @@
+//! Static quantization to QDQ: handlers (structure), numbers (SQNR, accuracy), presets,
+//! exclusions, ranges files, bias overflow, calibration state size.
+
+mod fusion_support;
+
+use fusion_support::*;
+use qfold::onnx::{ElemType, Model, TensorData};
+use qfold::quant::calibrate::{self, Ranges};
+use qfold::quant::observe::Method;
+use qfold::quant::{quantize, Calibration, Preset, QuantizeOptions};
+use qfold::verify::{self, Case};
+
+fn digits() -> (Model, Vec<Case>, Vec<Case>) {
+    let dir = models_dir().join("digits_cnn");
+    let m = qfold::onnx::load(dir.join("model.onnx")).unwrap();
+    let calib = verify::read_dataset(&m, &dir.join("calib")).unwrap();
+    let eval = verify::read_dataset(&m, &dir.join("eval")).unwrap();
+    (m, calib, eval)
+}
+
+fn samples(cases: &[Case]) -> Vec<qfold::runtime::Sample> {
+    cases.iter().map(|c| c.inputs.clone()).collect()
+}
+
+/// (SQNR dB over the eval set, float accuracy, quantized accuracy)
+fn evaluate(float: &Model, q: &Model, eval: &[Case]) -> (f64, f64, f64) {
+    let mut cmp = verify::Comparer::new(
+        &["logits".to_string()],
+        verify::Criterion::MinSqnr { db: 0.0 },
+    );
+    let (mut fa, mut qa, mut n) = (0, 0, 0);
+    for c in eval {
+        let of = run(float, c);
+        let oq = run(q, c);
+        let l = c.labels.as_ref().expect("labelled eval set");
+        fa += verify::accuracy(&of, l).0;
+        let (k, t) = verify::accuracy(&oq, l);
+        qa += k;
+        n += t;
+        cmp.add(&of, &oq);
+    }
+    let sqnr = cmp.finish().outputs[0].sqnr_db.unwrap();
+    (sqnr, fa as f64 / n as f64, qa as f64 / n as f64)
+}
+
+#[test]
+fn digits_qdq_structure_and_accuracy() {
+    let (m, calib, eval) = digits();
+    let (q, _, report) = quantize(
+        &m,
+        Calibration::Samples(&samples(&calib)),
+        &QuantizeOptions::default(),
+    )
+    .unwrap();
+    // 3 BN folded; every Relu absorbed (asymmetric uint8: zero is qmin)
+    assert_eq!(count(&q, "BatchNormalization"), 0);
+    assert_eq!(count(&q, "Relu"), 0);
+    assert_eq!(report.qdq.absorbed.len(), 4);
+    // activations: input, conv1..3, pool (shared), gap, flatten (shared), fc1, fc2
+    assert_eq!(report.qdq.activations, 9);
+    assert_eq!(count(&q, "QuantizeLinear"), 9);
+    // 5 weights + 5 int32 biases behind DequantizeLinear
+    assert_eq!(report.qdq.weights, 5);
+    assert_eq!(report.qdq.biases, 5);
+    assert_eq!(count(&q, "DequantizeLinear"), 19);
+    for n in q.graph().node.iter().filter(|n| n.op_type == "Conv") {
+        let w = q
+            .graph()
+            .node
+            .iter()
+            .find(|d| d.output[0] == n.input[1])
+            .unwrap();
+        assert_eq!(w.op_type, "DequantizeLinear");
+        let init = q
+            .graph()
+            .initializer
+            .iter()
+            .find(|t| t.name == w.input[0])
+            .unwrap();
+        assert_eq!(init.data_type, ElemType::I8.onnx_code());
+        assert!(
+            w.attribute.iter().any(|a| a.name == "axis" && a.i == 0),
+            "per-channel on axis 0"
+        );
+        let b = q
+            .graph()
+            .node
+            .iter()
+            .find(|d| d.output[0] == n.input[2])
+            .unwrap();
+        let bi = q
+            .graph()
+            .initializer
+            .iter()
+            .find(|t| t.name == b.input[0])
+            .unwrap();
+        assert_eq!(bi.data_type, ElemType::I32.onnx_code());
+    }
+    // the shared MaxPool/Flatten outputs use their input's parameters
+    let p = &report.qdq.activation_params;
+    let pool_in = q
+        .graph()
+        .node
+        .iter()
+        .find(|n| n.op_type == "MaxPool")
+        .unwrap()
+        .input[0]
+        .clone();
+    let pool_out = q
+        .graph()
+        .node
+        .iter()
+        .find(|n| n.op_type == "MaxPool")
+        .unwrap()
+        .output[0]
+        .clone();
+    let out_name = pool_out.trim_end_matches("_prequant");
+    assert_eq!(p[&pool_in], p[out_name]);
+    // numbers: SQNR and accuracy on the 512 held-out digits
+    let (sqnr, fa, qa) = evaluate(&m, &q, &eval);
+    assert!(
+        sqnr >= 39.0,
+        "SQNR {sqnr:.2} dB (ORT quantize_static, same settings: 39.42)"
+    );
+    assert!(fa - qa <= 0.01, "accuracy {fa} -> {qa}");
+    assert!(qfold::graph::Graph::of_model(&q).check().is_ok());
+}
+
+#[test]
+fn symmetric_activations_keep_relu_and_float_bias() {
+    let (m, calib, eval) = digits();
+    let opts = Preset::Tensorrt.options();
+    let (q, _, report) = quantize(&m, Calibration::Samples(&samples(&calib)), &opts).unwrap();
+    assert_eq!(count(&q, "Relu"), 4, "zero is mid-grid: Relu stays");
+    assert!(report.qdq.absorbed.is_empty());
+    assert_eq!(report.qdq.biases, 0, "TensorRT preset keeps float bias");
+    for (a, (_, zp)) in &report.qdq.activation_params {
+        assert_eq!(*zp, 0, "{a}: symmetric int8 zero point");
+    }
+    let (sqnr, _, _) = evaluate(&m, &q, &eval);
+    assert!(sqnr >= 30.0, "{sqnr}");
+}
+
+#[test]
+fn every_method_and_preset_runs_with_a_floor() {
+    let (m, calib, eval) = digits();
+    let s = samples(&calib);
+    for (preset, floor) in [
+        (Preset::Qfold, 39.0),
+        (Preset::Ort, 35.0),
+        (Preset::Fbgemm, 30.0),
+        (Preset::Qnnpack, 30.0),
+        (Preset::Tract, 35.0),
+    ] {
+        let (q, _, _) = quantize(&m, Calibration::Samples(&s), &preset.options()).unwrap();
+        let (sqnr, fa, qa) = evaluate(&m, &q, &eval);
+        assert!(sqnr >= floor, "{preset:?}: {sqnr:.2} dB");
+        assert!(fa - qa <= 0.01, "{preset:?}: {fa} -> {qa}");
+    }
+    for method in [
+        Method::MovingAverage { constant: 0.01 },
+        Method::Percentile { percentile: 99.999 },
+        Method::Entropy,
+        Method::L2,
+    ] {
+        let opts = QuantizeOptions {
+            method,
+            ..QuantizeOptions::default()
+        };
+        let (q, _, _) = quantize(&m, Calibration::Samples(&s), &opts).unwrap();
+        let (sqnr, fa, qa) = evaluate(&m, &q, &eval);
+        assert!(sqnr >= 30.0, "{method:?}: {sqnr:.2} dB");
+        assert!(fa - qa <= 0.01, "{method:?}: {fa} -> {qa}");
+    }
+}
+
+#[test]
+fn ranges_file_reproduces_the_model() {
+    let (m, calib, _) = digits();
+    let (q1, ranges, _) = quantize(
+        &m,
+        Calibration::Samples(&samples(&calib)),
+        &QuantizeOptions::default(),
+    )
+    .unwrap();
+    let path = std::env::temp_dir().join(format!("qfold-ranges-{}.json", std::process::id()));
+    ranges.save(&path).unwrap();
+    let loaded = Ranges::load(&path).unwrap();
+    assert_eq!(loaded, ranges);
+    let (q2, _, report) = quantize(
+        &m,
+        Calibration::Ranges(&loaded),
+        &QuantizeOptions::default(),
+    )
+    .unwrap();
+    assert!(report.ranges_from_file);
+    assert_eq!(q1.proto, q2.proto);
+    std::fs::remove_file(&path).ok();
+}
+
+#[test]
+fn calibration_state_does_not_grow_with_samples() {
+    let (m, calib, _) = digits();
+    let mut fused = m.clone();
+    qfold::fusion::fuse(&mut fused, &Default::default()).unwrap();
+    let values: Vec<String> = fused
+        .graph()
+        .node
+        .iter()
+        .map(|n| n.output[0].clone())
+        .collect();
+    // 4 samples of 25 images vs 100 single-image samples
+    let few = samples(&calib);
+    let x = match &few[0][0].1 {
+        TensorData::F32(a) => a.clone(),
+        _ => unreachable!(),
+    };
+    let many: Vec<qfold::runtime::Sample> = (0..100)
+        .map(|i| {
+            let row = x
+                .index_axis(ndarray::Axis(0), i % 25)
+                .to_owned()
+                .insert_axis(ndarray::Axis(0));
+            vec![("input".to_string(), TensorData::F32(row))]
+        })
+        .collect();
+    for method in [Method::MinMax, Method::Entropy] {
+        let a = calibrate::observe(&fused, &values, &few, method, 1).unwrap();
+        let b = calibrate::observe(&fused, &values, &many, method, 2).unwrap();
+        let size = |o: &std::collections::BTreeMap<String, qfold::quant::observe::Observer>| {
+            o.values().map(|x| x.state_size()).sum::<usize>()
+        };
+        assert!(
+            size(&b) <= size(&a) * 2,
+            "{method:?}: {} vs {}",
+            size(&a),
+            size(&b)
+        );
+        assert!(
+            size(&b) < 100 * values.len() * 4096,
+            "bounded by bins, not samples"
+        );
+    }
+}
+
+#[test]
+fn exclusions_leave_nodes_float_and_unfolded_bn_is_handled() {
+    let rc = load_case("fusion_model_for_fusion");
+    let s = vec![rc.case.inputs.clone()];
+    let opts = QuantizeOptions {
+        exclude: vec!["sub2".into(), "fc".into()],
+        ..QuantizeOptions::default()
+    };
+    let (q, _, report) = quantize(&rc.model, Calibration::Samples(&s), &opts).unwrap();
+    let float: Vec<&str> = report.plan.float.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        float.contains(&"/sub2/conv/Conv") && float.contains(&"/fc/Gemm"),
+        "{float:?}"
+    );
+    assert!(report.plan.quantized.iter().any(|n| n == "/conv1/Conv"));
+    // sub2's Conv reads a dequantized input but its own weight stays float
+    let sub2 = node(&q, "/sub2/conv/Conv");
+    assert!(q
+        .graph()
+        .initializer
+        .iter()
+        .any(|t| t.name == sub2.input[1] && t.data_type == 1));
+    let out = run(&q, &rc.case);
+    let cmp = compare(
+        &run(&rc.model, &rc.case),
+        &out,
+        verify::Criterion::MinSqnr { db: 20.0 },
+    );
+    assert!(cmp.passed, "{:?}", cmp.outputs);
+
+    // Conv -> Relu -> BN: the BN cannot fold and stays float between DQ and Q.
+    let rc = load_case("trap_conv_relu_bn");
+    let (q, _, report) = quantize(
+        &rc.model,
+        Calibration::Samples(std::slice::from_ref(&rc.case.inputs)),
+        &QuantizeOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(count(&q, "BatchNormalization"), 1);
+    assert!(report
+        .plan
+        .float
+        .iter()
+        .any(|(_, why)| why.contains("BatchNormalization")));
+    let cmp = compare(
+        &run(&rc.model, &rc.case),
+        &run(&q, &rc.case),
+        verify::Criterion::MinSqnr { db: 25.0 },
+    );
+    assert!(cmp.passed, "{:?}", cmp.outputs);
+}
+
+#[test]
+fn bias_overflow_widens_the_weight_scale() {
+    // A Conv with tiny weights and a huge bias: int32 at x_scale * w_scale cannot hold it.
+    let w = TensorData::F32(ndarray::ArrayD::from_elem(
+        ndarray::IxDyn(&[2, 1, 1, 1]),
+        1e-6,
+    ));
+    let b = TensorData::F32(ndarray::Array1::from(vec![5e4f32, 0.01]).into_dyn());
+    let m = model_of(
+        vec![node_of("Conv", "conv", &["x", "w", "b"], &["y"], vec![])],
+        vec![("w".into(), w), ("b".into(), b)],
+        value_info("x", ElemType::F32, &[1, 1, 2, 2]),
+        "y",
+    );
+    let x = TensorData::F32(
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 1, 2, 2]), vec![0.1, -0.2, 0.3, 0.05])
+            .unwrap(),
+    );
+    let case = Case {
+        source: "x".into(),
+        inputs: vec![("x".into(), x)],
+        expected: vec![],
+        labels: None,
+    };
+    let (q, _, report) = quantize(
+        &m,
+        Calibration::Samples(std::slice::from_ref(&case.inputs)),
+        &QuantizeOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        report.qdq.bias_adjustments.len(),
+        1,
+        "{:?}",
+        report.qdq.bias_adjustments
+    );
+    assert!(report.qdq.bias_adjustments[0].contains("channel 0"));
+    let cmp = compare(
+        &run(&m, &case),
+        &run(&q, &case),
+        verify::Criterion::MinSqnr { db: 40.0 },
+    );
+    assert!(cmp.passed, "{:?}", cmp.outputs);
+}
