@@ -1,0 +1,190 @@
+//! `qfold quantize` end to end through the binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn qfold(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qfold"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn digits(sub: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("onnx_models/digits_cnn")
+        .join(sub)
+        .display()
+        .to_string()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qfold-cli-quant-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join(name);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+#[test]
+fn readme_main_job_reports_accuracy_and_writes_the_model() {
+    let out = tmp("digits_int8.onnx");
+    let (code, stdout, stderr) = qfold(&[
+        "quantize",
+        &digits("model.onnx"),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        &digits("calib"),
+        "--eval",
+        &digits("eval"),
+        "--check",
+        "--min-sqnr",
+        "35",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("accuracy on 512 labelled rows: float 99.41%, int8 99.41%"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("4 Relu/Clip absorbed"), "{stdout}");
+    let m = qfold::onnx::load(&out).unwrap();
+    assert!(m.graph().node.iter().any(|n| n.op_type == "QuantizeLinear"));
+    // the written model checks against the float one in tract
+    let (code, stdout, _) = qfold(&[
+        "check",
+        &digits("model.onnx"),
+        out.to_str().unwrap(),
+        "--inputs",
+        &digits("eval"),
+        "--min-sqnr",
+        "35",
+    ]);
+    assert_eq!(code, 0, "{stdout}");
+}
+
+#[test]
+fn missed_sqnr_exits_1_and_writes_nothing() {
+    let out = tmp("never.onnx");
+    let (code, stdout, stderr) = qfold(&[
+        "quantize",
+        &digits("model.onnx"),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        &digits("calib"),
+        "--check",
+        "--min-sqnr",
+        "80",
+    ]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stderr.contains("nothing written"));
+    assert!(!out.exists());
+}
+
+#[test]
+fn json_report_and_saved_ranges() {
+    let out = tmp("j.onnx");
+    let ranges = tmp("ranges.json");
+    let (code, stdout, stderr) = qfold(&[
+        "quantize",
+        &digits("model.onnx"),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        &digits("calib"),
+        "--eval",
+        &digits("eval"),
+        "--preset",
+        "fbgemm",
+        "--save-ranges",
+        ranges.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["quantization"]["options"]["preset"], "fbgemm");
+    assert_eq!(v["quantization"]["options"]["reduce_range"], true);
+    assert!(
+        v["evaluation"]["comparison"]["outputs"][0]["sqnr_db"]
+            .as_f64()
+            .unwrap()
+            > 30.0
+    );
+    assert!(v["size_after"].as_u64().unwrap() < v["size_before"].as_u64().unwrap());
+    // the saved ranges replace calibration
+    let out2 = tmp("j2.onnx");
+    let (code, _, stderr) = qfold(&[
+        "quantize",
+        &digits("model.onnx"),
+        "-o",
+        out2.to_str().unwrap(),
+        "--ranges",
+        ranges.to_str().unwrap(),
+        "--eval",
+        &digits("eval"),
+        "--preset",
+        "fbgemm",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap());
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = tmp("u.onnx");
+    let o = out.to_str().unwrap();
+    let m = digits("model.onnx");
+    let c = digits("calib");
+    for (args, want) in [
+        (
+            vec![
+                "quantize",
+                &m,
+                "-o",
+                o,
+                "--calib",
+                &c,
+                "--format",
+                "qoperator",
+            ],
+            "only qdq",
+        ),
+        (
+            vec!["quantize", &m, "-o", o, "--calib", &c, "--preset", "nope"],
+            "--preset nope",
+        ),
+        (
+            vec!["quantize", &m, "-o", o, "--calib", &c, "--method", "median"],
+            "--method median",
+        ),
+        (vec!["quantize", &m, "-o", o], "give calibration data"),
+        (
+            vec![
+                "quantize",
+                &m,
+                "-o",
+                o,
+                "--calib",
+                &c,
+                "--exclude",
+                "nothere",
+            ],
+            "--exclude 'nothere'",
+        ),
+        (
+            vec!["quantize", &m, "-o", o, "--calib", "/no/such/dir"],
+            "/no/such/dir",
+        ),
+    ] {
+        let (code, _, stderr) = qfold(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!out.exists());
+    }
+}
