@@ -339,3 +339,98 @@ fn bias_overflow_widens_the_weight_scale() {
     );
     assert!(cmp.passed, "{:?}", cmp.outputs);
 }
+
+fn conv_clip_model(lo: f32, hi: f32, opset: i64) -> (Model, Case) {
+    let w = TensorData::F32(
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 1, 1, 1]), vec![3.0, -2.0]).unwrap(),
+    );
+    let mn = TensorData::F32(ndarray::arr0(lo).into_dyn());
+    let mx = TensorData::F32(ndarray::arr0(hi).into_dyn());
+    let mut m = model_of(
+        vec![
+            node_of("Conv", "conv", &["x", "w"], &["c"], vec![]),
+            node_of("Clip", "clip", &["c", "lo", "hi"], &["y"], vec![]),
+        ],
+        vec![("w".into(), w), ("lo".into(), mn), ("hi".into(), mx)],
+        value_info("x", ElemType::F32, &[1, 1, 4, 4]),
+        "y",
+    );
+    m.proto.opset_import[0].version = opset;
+    let x: Vec<f32> = (0..16).map(|i| (i as f32 - 6.0) * 0.7).collect();
+    let x =
+        TensorData::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 1, 4, 4]), x).unwrap());
+    let case = Case {
+        source: "x".into(),
+        inputs: vec![("x".into(), x)],
+        expected: vec![],
+        labels: None,
+    };
+    (m, case)
+}
+
+#[test]
+fn relu6_clip_is_absorbed_with_its_upper_bound_and_other_clips_stay() {
+    // Clip(0, 6): zero is qmin and the range is capped at 6, so dropping the Clip is exact.
+    let (m, case) = conv_clip_model(0.0, 6.0, 13);
+    let (q, _, report) = quantize(
+        &m,
+        Calibration::Samples(std::slice::from_ref(&case.inputs)),
+        &QuantizeOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(report.qdq.absorbed, ["clip"]);
+    assert_eq!(count(&q, "Clip"), 0);
+    let (scale, zp) = report.qdq.activation_params["y"];
+    assert_eq!(zp, 0);
+    assert!(
+        (scale * 255.0 - 6.0).abs() < 1e-5,
+        "range capped at 6: scale {scale}"
+    );
+    let cmp = compare(
+        &run(&m, &case),
+        &run(&q, &case),
+        verify::Criterion::MinSqnr { db: 35.0 },
+    );
+    assert!(cmp.passed, "{:?}", cmp.outputs);
+    // Clip(-1, 1) is not a Relu: it stays.
+    let (m, case) = conv_clip_model(-1.0, 1.0, 13);
+    let (q, _, report) = quantize(
+        &m,
+        Calibration::Samples(std::slice::from_ref(&case.inputs)),
+        &QuantizeOptions::default(),
+    )
+    .unwrap();
+    assert!(report.qdq.absorbed.is_empty());
+    assert_eq!(count(&q, "Clip"), 1);
+}
+
+#[test]
+fn per_axis_raises_opset_11_to_13_when_nothing_changes_meaning() {
+    // Clip changed at opset 11 only, so an opset-11 Conv + Clip model can move to 13.
+    let (m, case) = conv_clip_model(0.0, 6.0, 11);
+    let (q, _, report) = quantize(
+        &m,
+        Calibration::Samples(std::slice::from_ref(&case.inputs)),
+        &QuantizeOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(report.qdq.opset, Some((11, 13)));
+    assert_eq!(q.opset(), Some(13));
+    let _ = run(&q, &case);
+}
+
+#[test]
+fn an_opset_that_cannot_be_raised_is_an_error_naming_the_op() {
+    let (m, case) = conv_clip_model(0.0, 6.0, 10);
+    let err = quantize(
+        &m,
+        Calibration::Samples(std::slice::from_ref(&case.inputs)),
+        &QuantizeOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("opset 10") && err.contains("Clip") && err.contains("--per-tensor"),
+        "{err}"
+    );
+}

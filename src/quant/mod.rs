@@ -191,6 +191,7 @@ pub fn quantize(
         None
     };
     let plan = plan::plan(&float, &opts.plan_options())?;
+    qdq::opset_upgrade(&float, &plan)?; // fail before calibrating, not after
     let values = plan.calibrated_values();
     let (ranges, from_file) = match calibration {
         Calibration::Samples(samples) => (

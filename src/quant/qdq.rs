@@ -160,19 +160,49 @@ struct QuantizedBias {
     scales: Vec<f32>,
 }
 
-/// Ops whose opset-13 signature differs from earlier versions in ways that matter here.
-const CHANGED_BY_13: &[&str] = &[
-    "Squeeze",
-    "Unsqueeze",
-    "Split",
-    "ReduceSum",
-    "Clip",
-    "Pad",
-    "Upsample",
-    "Resize",
-    "BatchNormalization",
-    "Dropout",
+/// Ops whose inputs or attributes changed meaning at an opset version up to 13: raising a
+/// model's opset past that version would change what they compute.
+const CHANGED_UP_TO_13: &[(&str, i64)] = &[
+    ("BatchNormalization", 9),
+    ("Upsample", 10),
+    ("Clip", 11),
+    ("Pad", 11),
+    ("Resize", 11),
+    ("Dropout", 12),
+    ("Squeeze", 13),
+    ("Unsqueeze", 13),
+    ("Split", 13),
+    ("ReduceSum", 13),
 ];
+
+/// The opset the QDQ form of `plan` needs when the model's is lower (10 for QuantizeLinear, 13
+/// for per-axis parameters), or an error when raising it would change what some node computes.
+pub fn opset_upgrade(model: &Model, plan: &QuantPlan) -> Result<Option<(i64, i64)>> {
+    let per_axis = plan.weights.iter().any(|w| w.axis.is_some());
+    let opset = model.opset().unwrap_or(0);
+    let needed = if per_axis { 13 } else { 10 };
+    if opset >= needed {
+        return Ok(None);
+    }
+    let blocker = model
+        .graph()
+        .node
+        .iter()
+        .map(|n| n.op_type.as_str())
+        .find(|o| {
+            CHANGED_UP_TO_13
+                .iter()
+                .any(|(op, v)| op == o && opset < *v && *v <= needed)
+        });
+    match blocker {
+        Some(op) => Err(Error::Usage(format!(
+            "the model imports opset {opset}; {} needs opset {needed}, and raising it would change the meaning of its {op} nodes: re-export at opset 13{}",
+            if per_axis { "per-axis QuantizeLinear" } else { "QuantizeLinear" },
+            if per_axis { " or use --per-tensor" } else { "" }
+        ))),
+        None => Ok(Some((opset, needed))),
+    }
+}
 
 /// Inserts Q/DQ nodes for `plan` using calibrated `ranges` (by value name).
 pub fn materialize(
@@ -182,31 +212,13 @@ pub fn materialize(
     opts: &QdqOptions,
 ) -> Result<QdqReport> {
     let mut report = QdqReport::default();
-    let per_axis = plan.weights.iter().any(|w| w.axis.is_some());
-    let opset = model.opset().unwrap_or(0);
-    let needed = if per_axis { 13 } else { 10 };
-    if opset < needed {
-        let blockers: Vec<&str> = model
-            .graph()
-            .node
-            .iter()
-            .map(|n| n.op_type.as_str())
-            .filter(|o| CHANGED_BY_13.contains(o))
-            .collect();
-        if !blockers.is_empty() {
-            return Err(Error::Usage(format!(
-                "the model imports opset {opset}; {} needs opset {needed}, and raising it would change the meaning of its {} nodes: re-export at opset 13{}",
-                if per_axis { "per-axis QuantizeLinear" } else { "QuantizeLinear" },
-                blockers[0],
-                if per_axis { " or use --per-tensor" } else { "" }
-            )));
-        }
+    if let Some((from, to)) = opset_upgrade(model, plan)? {
         for o in &mut model.proto.opset_import {
             if o.domain.is_empty() || o.domain == "ai.onnx" {
-                o.version = needed;
+                o.version = to;
             }
         }
-        report.opset = Some((opset, needed));
+        report.opset = Some((from, to));
     }
 
     let g = Graph::of_model(model);
