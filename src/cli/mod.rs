@@ -1,6 +1,7 @@
 //! clap definitions and dispatch. Exit codes: 0 ok, 1 a check failed, 2 usage or input error.
 
 mod check;
+mod convert;
 mod fuse;
 mod inspect;
 mod quantize;
@@ -33,6 +34,8 @@ enum Command {
     Fuse(fuse::Args),
     /// Calibrate on tract and write a QDQ-quantized model.
     Quantize(Box<quantize::Args>),
+    /// Rewrite a QDQ model into QOperator form (QLinearConv, QLinearMatMul, 8-bit data movement).
+    Convert(convert::Args),
     /// Run two models (or one model against stored outputs) in tract and compare.
     Check(check::Args),
 }
@@ -51,6 +54,7 @@ pub fn main() -> i32 {
         Command::Check(a) => check::run(a),
         Command::Fuse(a) => fuse::run(a),
         Command::Quantize(a) => quantize::run(*a),
+        Command::Convert(a) => convert::run(a),
     };
     match result {
         Ok(code) => code,

@@ -20,7 +20,8 @@ pub struct Args {
     /// Where to write the quantized model.
     #[arg(short, long)]
     output: PathBuf,
-    /// Output format: qdq (QuantizeLinear/DequantizeLinear pairs).
+    /// Output format: qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv,
+    /// QLinearMatMul and 8-bit data movement, the form tract runs on integer kernels).
     #[arg(long, default_value = "qdq")]
     format: String,
     /// Calibration data: test_data_set_N folders, or .npy/.npz files.
@@ -232,6 +233,7 @@ struct Output<'a> {
     evaluation: &'a Evaluation,
     size_before: u64,
     size_after: u64,
+    conversion: Option<&'a qfold::quant::qoperator::ConvertReport>,
     written: Option<String>,
 }
 
@@ -312,12 +314,15 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    if a.format != "qdq" {
-        return Err(Error::Usage(format!(
-            "--format {}: only qdq is implemented; QOperator output (QLinearConv/QLinearMatMul) is not written yet",
-            a.format
-        )));
-    }
+    let qoperator = match a.format.as_str() {
+        "qdq" => false,
+        "qoperator" => true,
+        other => {
+            return Err(Error::Usage(format!(
+                "--format {other}: use qdq or qoperator"
+            )))
+        }
+    };
     let opts = options(&a)?;
     let model = qfold::onnx::load(&a.model)?;
     let shapes: HashMap<String, Vec<usize>> = a
@@ -366,7 +371,12 @@ pub fn run(a: Args) -> Result<i32> {
         }
         None => Calibration::Samples(&samples),
     };
-    let (quantized, ranges, report) = quantize(&model, calibration, &opts)?;
+    let (mut quantized, ranges, report) = quantize(&model, calibration, &opts)?;
+    let conversion = if qoperator {
+        Some(qfold::quant::qoperator::convert(&mut quantized)?)
+    } else {
+        None
+    };
     if let Some(p) = &a.save_ranges {
         ranges.save(p)?;
     }
@@ -380,6 +390,7 @@ pub fn run(a: Args) -> Result<i32> {
             evaluation: &evaluation,
             size_before: before,
             size_after: after,
+            conversion: conversion.as_ref(),
             written: passed.then(|| a.output.display().to_string()),
         };
         println!(
@@ -388,6 +399,9 @@ pub fn run(a: Args) -> Result<i32> {
         );
     } else {
         print(&report, &evaluation, before, after);
+        if let Some(c) = &conversion {
+            super::convert::print_report(c);
+        }
     }
     if !passed {
         eprintln!(

@@ -9,6 +9,7 @@ pub mod observe;
 pub mod params;
 pub mod plan;
 pub mod qdq;
+pub mod qoperator;
 
 use serde::Serialize;
 

@@ -1,0 +1,116 @@
+//! `qfold convert QDQ_MODEL -o OUT [--check ...] [--json]`: QDQ -> QOperator.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use qfold::quant::qoperator::{convert, ConvertReport};
+use qfold::verify::{self, Criterion};
+use qfold::{Error, Result};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A QDQ model (from qfold, ONNX Runtime's quantizer, a PyTorch QAT export...).
+    model: PathBuf,
+    /// Where to write the QOperator model.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Run both models in tract and refuse to write when the converted one's SQNR against the
+    /// QDQ model is below --min-sqnr.
+    #[arg(long)]
+    check: bool,
+    /// Threshold for --check, in dB.
+    #[arg(long, default_value_t = 30.0)]
+    min_sqnr: f64,
+    /// Inputs for --check: a test_data_set folder, a folder of them, or .npy/.npz files.
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    /// Random samples for --check.
+    #[arg(long, default_value_t = 2)]
+    random: usize,
+    /// Shape of an input with symbolic dims: `name:1,3,224,224` (repeatable).
+    #[arg(long = "input-shape", value_name = "NAME:DIMS")]
+    input_shape: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints a conversion report.
+pub fn print_report(r: &ConvertReport) {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for (rule, _) in &r.converted {
+        *counts.entry(rule.as_str()).or_insert(0) += 1;
+    }
+    let mut counts: Vec<_> = counts.into_iter().collect();
+    counts.sort();
+    println!(
+        "converted {} patterns ({}); {} QuantizeLinear and {} DequantizeLinear left",
+        r.converted.len(),
+        counts
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.quantize_linear_left,
+        r.dequantize_linear_left
+    );
+    for (node, op) in &r.float_islands {
+        println!("  float island: {node} ({op})");
+    }
+    for (node, why) in &r.skipped {
+        println!("  not converted: {node}: {why}");
+    }
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    let qdq = qfold::onnx::load(&a.model)?;
+    let mut q = qdq.clone();
+    let report = convert(&mut q)?;
+    let mut passed = true;
+    let comparison = if a.check {
+        let cases = match &a.inputs {
+            Some(d) => verify::read_dataset(&qdq, d)?,
+            None => {
+                let shapes: HashMap<String, Vec<usize>> = a
+                    .input_shape
+                    .iter()
+                    .map(|s| verify::parse_input_shape(s))
+                    .collect::<Result<_>>()?;
+                verify::random_cases(&qdq, a.random, 0, &shapes)?
+            }
+        };
+        let c = verify::compare_models(&qdq, &q, &cases, Criterion::MinSqnr { db: a.min_sqnr })?;
+        passed = c.passed;
+        Some(c)
+    } else {
+        None
+    };
+    if a.json {
+        let v = serde_json::json!({ "convert": report, "check": comparison, "written": passed.then(|| a.output.display().to_string()) });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("report serializes")
+        );
+    } else {
+        print_report(&report);
+        if let Some(c) = &comparison {
+            println!("check against the QDQ model in tract:");
+            super::check::print_comparison(c);
+        }
+    }
+    if !passed {
+        eprintln!("error: the converted model does not match the QDQ model; nothing written");
+        return Ok(super::CHECK_FAILED);
+    }
+    if report.converted.is_empty() && !a.json {
+        return Err(Error::Usage(format!(
+            "{}: no QDQ pattern to convert (is it a QDQ model?)",
+            a.model.display()
+        )));
+    }
+    qfold::onnx::save(&q, &a.output, &Default::default())?;
+    if !a.json {
+        println!("wrote {}", a.output.display());
+    }
+    Ok(super::OK)
+}
