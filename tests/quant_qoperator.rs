@@ -196,7 +196,7 @@ fn qdq_conv(bn: bool, relu: bool, zp: u8) -> (Model, Case) {
     ));
     let f = |v: Vec<f32>| TensorData::F32(ndarray::Array1::from(v).into_dyn());
     let w: Vec<i8> = (0..3 * 2 * 3 * 3)
-        .map(|i| (((i * 37) % 200) as i32 - 100) as i8)
+        .map(|i| ((i * 37) % 200 - 100) as i8)
         .collect();
     let mut inits = vec![
         (
@@ -405,9 +405,7 @@ fn matmul_becomes_qlinearmatmul() {
             vec![],
         ),
     ];
-    let b: Vec<i8> = (0..12)
-        .map(|i| ((i * 23 % 100) as i32 - 50) as i8)
-        .collect();
+    let b: Vec<i8> = (0..12).map(|i| (i * 23 % 100 - 50) as i8).collect();
     let inits = vec![
         (
             "as".to_string(),
