@@ -144,16 +144,9 @@ fn usage_errors_exit_2() {
     for (args, want) in [
         (
             vec![
-                "quantize",
-                &m,
-                "-o",
-                o,
-                "--calib",
-                &c,
-                "--format",
-                "qoperator",
+                "quantize", &m, "-o", o, "--calib", &c, "--format", "qlinear",
             ],
-            "only qdq",
+            "use qdq or qoperator",
         ),
         (
             vec!["quantize", &m, "-o", o, "--calib", &c, "--preset", "nope"],
@@ -186,5 +179,47 @@ fn usage_errors_exit_2() {
         assert_eq!(code, 2, "{args:?}: {stderr}");
         assert!(stderr.contains(want), "{args:?}: {stderr}");
         assert!(!out.exists());
+    }
+}
+
+#[test]
+fn tract_preset_writes_qoperator_with_per_tensor_weights() {
+    let out = tmp("tract.onnx");
+    let (code, stdout, stderr) = qfold(&[
+        "quantize",
+        &digits("model.onnx"),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        &digits("calib"),
+        "--eval",
+        &digits("eval"),
+        "--preset",
+        "tract",
+        "--check",
+        "--min-sqnr",
+        "35",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("float island: /gap/GlobalAveragePool"),
+        "{stdout}"
+    );
+    let m = qfold::onnx::load(&out).unwrap();
+    let qlc: Vec<_> = m
+        .graph()
+        .node
+        .iter()
+        .filter(|n| n.op_type == "QLinearConv")
+        .collect();
+    assert_eq!(qlc.len(), 5);
+    for n in qlc {
+        let s = m
+            .graph()
+            .initializer
+            .iter()
+            .find(|t| t.name == n.input[4])
+            .unwrap();
+        assert!(s.dims.is_empty(), "per-tensor weight scale");
     }
 }

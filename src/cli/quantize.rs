@@ -22,8 +22,9 @@ pub struct Args {
     output: PathBuf,
     /// Output format: qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv,
     /// QLinearMatMul and 8-bit data movement, the form tract runs on integer kernels).
-    #[arg(long, default_value = "qdq")]
-    format: String,
+    /// Default: qoperator for the tract preset, qdq otherwise.
+    #[arg(long)]
+    format: Option<String>,
     /// Calibration data: test_data_set_N folders, or .npy/.npz files.
     #[arg(long, conflicts_with_all = ["calib_random", "ranges"])]
     calib: Option<PathBuf>,
@@ -314,7 +315,12 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    let qoperator = match a.format.as_str() {
+    let default_format = if a.preset == "tract" {
+        "qoperator"
+    } else {
+        "qdq"
+    };
+    let qoperator = match a.format.as_deref().unwrap_or(default_format) {
         "qdq" => false,
         "qoperator" => true,
         other => {
