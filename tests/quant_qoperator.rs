@@ -447,3 +447,49 @@ fn matmul_becomes_qlinearmatmul() {
     assert_eq!(count(&q, "MatMul"), 0);
     assert!(steps(&run(&m, &case), &run(&q, &case), 0.02) <= 1.0 + 1e-4);
 }
+
+#[test]
+fn contrib_ops_only_when_allowed() {
+    use qfold::quant::qoperator::{convert_with, ConvertOptions};
+    let (m, calib) = digits_cases("calib");
+    let s: Vec<_> = calib.iter().map(|c| c.inputs.clone()).collect();
+    let (qdq, _, _) = quantize(&m, Calibration::Samples(&s), &QuantizeOptions::default()).unwrap();
+    let mut standard = qdq.clone();
+    convert(&mut standard).unwrap();
+    assert!(standard.graph().node.iter().all(|n| n.domain.is_empty()));
+    assert!(standard
+        .proto
+        .opset_import
+        .iter()
+        .all(|o| o.domain.is_empty()));
+    let mut contrib = qdq.clone();
+    let r = convert_with(
+        &mut contrib,
+        ConvertOptions {
+            allow_contrib_ops: true,
+        },
+    )
+    .unwrap();
+    assert!(r.float_islands.is_empty(), "{:?}", r.float_islands);
+    let gap = contrib
+        .graph()
+        .node
+        .iter()
+        .find(|n| n.op_type == "QLinearGlobalAveragePool")
+        .expect("QLinearGlobalAveragePool");
+    assert_eq!(gap.domain, "com.microsoft");
+    assert_eq!(gap.input.len(), 5);
+    assert!(contrib
+        .proto
+        .opset_import
+        .iter()
+        .any(|o| o.domain == "com.microsoft" && o.version == 1));
+    // tract has no com.microsoft ops: running it is an error naming the op, not a panic
+    let err = qfold::runtime::Runner::new(&contrib, &calib[0].inputs, &[])
+        .err()
+        .expect("tract refuses");
+    assert!(
+        err.to_string().contains("QLinearGlobalAveragePool"),
+        "{err}"
+    );
+}

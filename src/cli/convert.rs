@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use qfold::quant::qoperator::{convert, ConvertReport};
+use qfold::quant::qoperator::{convert_with, ConvertOptions, ConvertReport};
 use qfold::verify::{self, Criterion};
 use qfold::{Error, Result};
 
@@ -30,6 +30,11 @@ pub struct Args {
     /// Shape of an input with symbolic dims: `name:1,3,224,224` (repeatable).
     #[arg(long = "input-shape", value_name = "NAME:DIMS")]
     input_shape: Vec<String>,
+    /// Also emit ONNX Runtime's com.microsoft QLinearAdd, QLinearMul, QLinearConcat and
+    /// QLinearGlobalAveragePool (for ONNX Runtime targets; tract cannot run them, so --check
+    /// is refused with it).
+    #[arg(long, conflicts_with = "check")]
+    allow_contrib_ops: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -65,7 +70,12 @@ pub fn print_report(r: &ConvertReport) {
 pub fn run(a: Args) -> Result<i32> {
     let qdq = qfold::onnx::load(&a.model)?;
     let mut q = qdq.clone();
-    let report = convert(&mut q)?;
+    let report = convert_with(
+        &mut q,
+        ConvertOptions {
+            allow_contrib_ops: a.allow_contrib_ops,
+        },
+    )?;
     let mut passed = true;
     let comparison = if a.check {
         let cases = match &a.inputs {

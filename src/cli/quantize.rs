@@ -90,6 +90,11 @@ pub struct Args {
     /// SQNR threshold for --check, in dB.
     #[arg(long, default_value_t = 20.0)]
     min_sqnr: f64,
+    /// With --format qoperator: also emit ONNX Runtime's com.microsoft QLinearAdd, QLinearMul,
+    /// QLinearConcat and QLinearGlobalAveragePool. tract cannot run them: the evaluation then
+    /// runs on the standard-domain model and the written model is for ONNX Runtime.
+    #[arg(long)]
+    allow_contrib_ops: bool,
     /// Calibration threads (0: every core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -378,7 +383,7 @@ pub fn run(a: Args) -> Result<i32> {
         None => Calibration::Samples(&samples),
     };
     let (mut quantized, ranges, report) = quantize(&model, calibration, &opts)?;
-    let conversion = if qoperator {
+    let mut conversion = if qoperator {
         Some(qfold::quant::qoperator::convert(&mut quantized)?)
     } else {
         None
@@ -387,6 +392,26 @@ pub fn run(a: Args) -> Result<i32> {
         ranges.save(p)?;
     }
     let evaluation = evaluate(&model, &quantized, &eval_cases, a.min_sqnr, eval_source)?;
+    if a.allow_contrib_ops {
+        if !qoperator {
+            return Err(Error::Usage(
+                "--allow-contrib-ops needs --format qoperator".into(),
+            ));
+        }
+        // evaluated above on the standard-domain model tract can run; now the contrib islands
+        let extra = qfold::quant::qoperator::convert_with(
+            &mut quantized,
+            qfold::quant::qoperator::ConvertOptions {
+                allow_contrib_ops: true,
+            },
+        )?;
+        if let Some(c) = conversion.as_mut() {
+            c.converted.extend(extra.converted);
+            c.float_islands = extra.float_islands;
+            c.quantize_linear_left = extra.quantize_linear_left;
+            c.dequantize_linear_left = extra.dequantize_linear_left;
+        }
+    }
     let before = model.to_bytes()?.len() as u64;
     let after = quantized.to_bytes()?.len() as u64;
     let passed = !a.check || evaluation.comparison.passed;

@@ -941,6 +941,91 @@ fn bn_to_depthwise(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Rule
     Ok(Some(Rule::Apply(patch, vec![label(n)])))
 }
 
+/// Options of [`convert`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConvertOptions {
+    /// Also use ONNX Runtime's `com.microsoft` QLinearAdd, QLinearMul, QLinearConcat and
+    /// QLinearGlobalAveragePool (tract cannot run them).
+    pub allow_contrib_ops: bool,
+}
+
+const CONTRIB: &str = "com.microsoft";
+
+/// DQ inputs -> Add / Mul / GlobalAveragePool / Concat -> Q  =>  the com.microsoft QLinear op.
+fn contrib(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Rule>> {
+    let n = g.node(i);
+    let op = n.op_type.as_str();
+    if !(n.domain.is_empty() || n.domain == "ai.onnx")
+        || !matches!(op, "Add" | "Mul" | "GlobalAveragePool" | "Concat")
+    {
+        return Ok(None);
+    }
+    let dqs: Vec<Dq> = n.input.iter().filter_map(|x| dq_of(g, x)).collect();
+    if dqs.len() != n.input.len() || dqs.is_empty() {
+        return Ok(None);
+    }
+    for d in &dqs {
+        if f32s(g, &d.scale)?.is_none_or(|s| s.len() != 1) {
+            return Ok(None);
+        }
+    }
+    let Some(q) = q_after(g, &n.output[0]) else {
+        return Ok(None);
+    };
+    let mut patch = Patch::new(format!("{CONTRIB} QLinear{op} {}", label(n)));
+    let mut zp = |patch: &mut Patch, d: &Dq| zero_point_input(g, patch, names, d.zp.as_ref(), &d.q);
+    let zps_in: Vec<String> = dqs.iter().map(|d| zp(&mut patch, d)).collect();
+    let y_zp = zero_point_input(g, &mut patch, names, q.zp.as_ref(), &q.output);
+    let (new_op, inputs) = match op {
+        "Add" | "Mul" => {
+            if dqs.len() != 2 {
+                return Ok(None);
+            }
+            (
+                format!("QLinear{op}"),
+                vec![
+                    dqs[0].q.clone(),
+                    dqs[0].scale.clone(),
+                    zps_in[0].clone(),
+                    dqs[1].q.clone(),
+                    dqs[1].scale.clone(),
+                    zps_in[1].clone(),
+                    q.scale.clone(),
+                    y_zp,
+                ],
+            )
+        }
+        "GlobalAveragePool" => (
+            "QLinearGlobalAveragePool".to_string(),
+            vec![
+                dqs[0].q.clone(),
+                dqs[0].scale.clone(),
+                zps_in[0].clone(),
+                q.scale.clone(),
+                y_zp,
+            ],
+        ),
+        _ => {
+            let mut v = vec![q.scale.clone(), y_zp];
+            for (d, z) in dqs.iter().zip(&zps_in) {
+                v.extend([d.q.clone(), d.scale.clone(), z.clone()]);
+            }
+            ("QLinearConcat".to_string(), v)
+        }
+    };
+    let mut m = new_node(&new_op, n.name.clone(), inputs, q.output.clone());
+    m.domain = CONTRIB.into();
+    m.attribute = n.attribute.clone();
+    if op == "GlobalAveragePool" {
+        attr::set(&mut m, attr::make_int("channels_last", 0));
+    }
+    patch.replace_node(i, m).remove_node(q.node);
+    for d in &dqs {
+        drop_private_dq(g, &mut patch, d, i);
+    }
+    Ok(Some(Rule::Apply(patch, vec![label(n)])))
+}
+
 /// Float compute nodes reading dequantized values: the float islands.
 fn float_islands(g: &Graph) -> Vec<(String, String)> {
     g.nodes()
@@ -955,8 +1040,13 @@ fn float_islands(g: &Graph) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Rewrites a QDQ model into QOperator form in place.
+/// Rewrites a QDQ model into QOperator form in place (standard domain only).
 pub fn convert(model: &mut Model) -> Result<ConvertReport> {
+    convert_with(model, ConvertOptions::default())
+}
+
+/// Rewrites a QDQ model into QOperator form in place.
+pub fn convert_with(model: &mut Model, opts: ConvertOptions) -> Result<ConvertReport> {
     let opset = model.opset().unwrap_or(0);
     if opset < 10 {
         return Err(Error::Usage(format!(
@@ -974,7 +1064,12 @@ pub fn convert(model: &mut Model) -> Result<ConvertReport> {
                 continue;
             }
             type RuleFn<'f> = Box<dyn Fn(&Graph, usize, &mut Names) -> Result<Option<Rule>> + 'f>;
-            let rules: [(&str, RuleFn); 7] = [
+            let contrib_rule: RuleFn = if opts.allow_contrib_ops {
+                Box::new(contrib)
+            } else {
+                Box::new(|_: &Graph, _, _: &mut Names| Ok(None))
+            };
+            let rules: [(&str, RuleFn); 8] = [
                 ("bn_params_to_float", Box::new(bn_params_to_float)),
                 ("fold_qat_bn", Box::new(fold_qat_bn)),
                 ("bn_to_depthwise", Box::new(bn_to_depthwise)),
@@ -988,6 +1083,7 @@ pub fn convert(model: &mut Model) -> Result<ConvertReport> {
                     "data_movement",
                     Box::new(|g: &Graph, i, _: &mut Names| data_movement(g, i)),
                 ),
+                ("contrib", contrib_rule),
             ];
             for (name, rule) in &rules {
                 match rule(&g, i, &mut names)? {
@@ -1005,6 +1101,29 @@ pub fn convert(model: &mut Model) -> Result<ConvertReport> {
             }
         }
         let Some((rule, patch, nodes)) = found else {
+            if opts.allow_contrib_ops
+                && g.nodes().iter().any(|n| n.domain == CONTRIB)
+                && !model.proto.opset_import.iter().any(|o| o.domain == CONTRIB)
+            {
+                let mut o = crate::onnx::proto::OperatorSetIdProto::new();
+                o.domain = CONTRIB.into();
+                o.version = 1;
+                drop(g);
+                model.proto.opset_import.push(o);
+                let g = Graph::of_model(model);
+                report.float_islands = float_islands(&g);
+                report.quantize_linear_left = g
+                    .nodes()
+                    .iter()
+                    .filter(|n| is_op(n, "QuantizeLinear"))
+                    .count();
+                report.dequantize_linear_left = g
+                    .nodes()
+                    .iter()
+                    .filter(|n| is_op(n, "DequantizeLinear"))
+                    .count();
+                return Ok(report);
+            }
             report.float_islands = float_islands(&g);
             report.quantize_linear_left = g
                 .nodes()
