@@ -1,19 +1,10 @@
 //! `qfold fuse` end to end: exit codes, nothing written on failure, JSON report.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn qfold(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qfold"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use std::path::Path;
+
+use common::{run_qfold, TempDir};
 
 fn model(case: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -24,18 +15,11 @@ fn model(case: &str) -> String {
         .to_string()
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qfold-cli-fuse-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    let p = d.join(name);
-    let _ = std::fs::remove_file(&p);
-    p
-}
-
 #[test]
 fn fuse_check_writes_a_model_that_passes() {
-    let out = tmp("seq.onnx");
-    let (code, stdout, stderr) = qfold(&[
+    let scratch = TempDir::new("fuse");
+    let out = scratch.join("seq.onnx");
+    let (code, stdout, stderr) = run_qfold(&[
         "fuse",
         &model("fusion_sequential"),
         "-o",
@@ -54,7 +38,7 @@ fn fuse_check_writes_a_model_that_passes() {
     // and the written model matches PyTorch's fused outputs
     let data =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx_models/fusion_sequential/test_data_set_0");
-    let (code, stdout, _) = qfold(&[
+    let (code, stdout, _) = run_qfold(&[
         "check",
         out.to_str().unwrap(),
         "--inputs",
@@ -65,8 +49,9 @@ fn fuse_check_writes_a_model_that_passes() {
 
 #[test]
 fn failed_check_exits_1_and_writes_nothing() {
-    let out = tmp("f16.onnx");
-    let (code, stdout, stderr) = qfold(&[
+    let scratch = TempDir::new("fuse");
+    let out = scratch.join("f16.onnx");
+    let (code, stdout, stderr) = run_qfold(&[
         "fuse",
         &model("trap_f16"),
         "-o",
@@ -83,8 +68,9 @@ fn failed_check_exits_1_and_writes_nothing() {
 
 #[test]
 fn explicit_list_errors_exit_2_and_write_nothing() {
-    let out = tmp("bad.onnx");
-    let (code, _, stderr) = qfold(&[
+    let scratch = TempDir::new("fuse");
+    let out = scratch.join("bad.onnx");
+    let (code, _, stderr) = run_qfold(&[
         "fuse",
         &model("fusion_model_for_fusion"),
         "-o",
@@ -95,7 +81,7 @@ fn explicit_list_errors_exit_2_and_write_nothing() {
     assert_eq!(code, 2);
     assert!(stderr.contains("not a chain"), "{stderr}");
     assert!(!out.exists());
-    let (code, _, stderr) = qfold(&[
+    let (code, _, stderr) = run_qfold(&[
         "fuse",
         &model("trap_bn_graph_output"),
         "-o",
@@ -110,8 +96,9 @@ fn explicit_list_errors_exit_2_and_write_nothing() {
 
 #[test]
 fn module_paths_and_json_report() {
-    let out = tmp("mff.onnx");
-    let (code, stdout, stderr) = qfold(&[
+    let scratch = TempDir::new("fuse");
+    let out = scratch.join("mff.onnx");
+    let (code, stdout, stderr) = run_qfold(&[
         "fuse",
         &model("fusion_model_for_fusion"),
         "-o",
@@ -133,8 +120,9 @@ fn module_paths_and_json_report() {
 
 #[test]
 fn qat_mode_folds_nothing() {
-    let out = tmp("qat.onnx");
-    let (code, stdout, _) = qfold(&[
+    let scratch = TempDir::new("fuse");
+    let out = scratch.join("qat.onnx");
+    let (code, stdout, _) = run_qfold(&[
         "fuse",
         &model("fusion_conv_with_bias"),
         "-o",
@@ -150,7 +138,7 @@ fn qat_mode_folds_nothing() {
 
 #[test]
 fn inspect_lists_candidates_and_reasons() {
-    let (code, stdout, _) = qfold(&["inspect", &model("trap_conv_relu_bn")]);
+    let (code, stdout, _) = run_qfold(&["inspect", &model("trap_conv_relu_bn")]);
     assert_eq!(code, 0);
     assert!(stdout.contains("ConvReLU"), "{stdout}");
     assert!(stdout.contains("no backward fold"), "{stdout}");

@@ -1,19 +1,10 @@
 //! `qfold quantize` end to end through the binary.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn qfold(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qfold"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use std::path::Path;
+
+use common::{run_qfold, TempDir};
 
 fn digits(sub: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -23,18 +14,11 @@ fn digits(sub: &str) -> String {
         .to_string()
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qfold-cli-quant-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    let p = d.join(name);
-    let _ = std::fs::remove_file(&p);
-    p
-}
-
 #[test]
 fn readme_main_job_reports_accuracy_and_writes_the_model() {
-    let out = tmp("digits_int8.onnx");
-    let (code, stdout, stderr) = qfold(&[
+    let scratch = TempDir::new("quant");
+    let out = scratch.join("digits_int8.onnx");
+    let (code, stdout, stderr) = run_qfold(&[
         "quantize",
         &digits("model.onnx"),
         "-o",
@@ -56,7 +40,7 @@ fn readme_main_job_reports_accuracy_and_writes_the_model() {
     let m = qfold::onnx::load(&out).unwrap();
     assert!(m.graph().node.iter().any(|n| n.op_type == "QuantizeLinear"));
     // the written model checks against the float one in tract
-    let (code, stdout, _) = qfold(&[
+    let (code, stdout, _) = run_qfold(&[
         "check",
         &digits("model.onnx"),
         out.to_str().unwrap(),
@@ -70,8 +54,9 @@ fn readme_main_job_reports_accuracy_and_writes_the_model() {
 
 #[test]
 fn missed_sqnr_exits_1_and_writes_nothing() {
-    let out = tmp("never.onnx");
-    let (code, stdout, stderr) = qfold(&[
+    let scratch = TempDir::new("quant");
+    let out = scratch.join("never.onnx");
+    let (code, stdout, stderr) = run_qfold(&[
         "quantize",
         &digits("model.onnx"),
         "-o",
@@ -89,9 +74,10 @@ fn missed_sqnr_exits_1_and_writes_nothing() {
 
 #[test]
 fn json_report_and_saved_ranges() {
-    let out = tmp("j.onnx");
-    let ranges = tmp("ranges.json");
-    let (code, stdout, stderr) = qfold(&[
+    let scratch = TempDir::new("quant");
+    let out = scratch.join("j.onnx");
+    let ranges = scratch.join("ranges.json");
+    let (code, stdout, stderr) = run_qfold(&[
         "quantize",
         &digits("model.onnx"),
         "-o",
@@ -118,8 +104,8 @@ fn json_report_and_saved_ranges() {
     );
     assert!(v["size_after"].as_u64().unwrap() < v["size_before"].as_u64().unwrap());
     // the saved ranges replace calibration
-    let out2 = tmp("j2.onnx");
-    let (code, _, stderr) = qfold(&[
+    let out2 = scratch.join("j2.onnx");
+    let (code, _, stderr) = run_qfold(&[
         "quantize",
         &digits("model.onnx"),
         "-o",
@@ -137,7 +123,8 @@ fn json_report_and_saved_ranges() {
 
 #[test]
 fn usage_errors_exit_2() {
-    let out = tmp("u.onnx");
+    let scratch = TempDir::new("quant");
+    let out = scratch.join("u.onnx");
     let o = out.to_str().unwrap();
     let m = digits("model.onnx");
     let c = digits("calib");
@@ -175,7 +162,7 @@ fn usage_errors_exit_2() {
             "/no/such/dir",
         ),
     ] {
-        let (code, _, stderr) = qfold(&args);
+        let (code, _, stderr) = run_qfold(&args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
         assert!(stderr.contains(want), "{args:?}: {stderr}");
         assert!(!out.exists());
@@ -184,8 +171,9 @@ fn usage_errors_exit_2() {
 
 #[test]
 fn tract_preset_writes_qoperator_with_per_tensor_weights() {
-    let out = tmp("tract.onnx");
-    let (code, stdout, stderr) = qfold(&[
+    let scratch = TempDir::new("quant");
+    let out = scratch.join("tract.onnx");
+    let (code, stdout, stderr) = run_qfold(&[
         "quantize",
         &digits("model.onnx"),
         "-o",

@@ -2,11 +2,11 @@
 //! groups, strides, pads, dilations, bias or not, f32 or f64) fold into a graph without BN whose
 //! outputs in tract match the original's.
 
-mod fusion_support;
+mod common;
 
 use std::collections::HashMap;
 
-use fusion_support::*;
+use common::*;
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use qfold::fusion::{fuse, FuseOptions};

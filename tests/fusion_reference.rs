@@ -3,9 +3,9 @@
 //! fused model in tract against PyTorch's own fuse_modules output, and against tract's run of
 //! the original.
 
-mod fusion_support;
+mod common;
 
-use fusion_support::*;
+use common::*;
 use qfold::fusion::{fuse, FuseOptions, Fuser, GroupKind};
 use qfold::graph::{Graph, Names, Patch};
 use qfold::verify::tolerance;

@@ -1,8 +1,8 @@
 //! The hand-built trap cases: each folds exactly, or is skipped with its stated reason.
 
-mod fusion_support;
+mod common;
 
-use fusion_support::*;
+use common::*;
 use qfold::fusion::{fuse, FuseOptions};
 use qfold::onnx::ElemType;
 use qfold::verify::tolerance;

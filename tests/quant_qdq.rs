@@ -1,9 +1,9 @@
 //! Static quantization to QDQ: handlers (structure), numbers (SQNR, accuracy), presets,
 //! exclusions, ranges files, bias overflow, calibration state size.
 
-mod fusion_support;
+mod common;
 
-use fusion_support::*;
+use common::*;
 use qfold::onnx::{ElemType, Model, TensorData};
 use qfold::quant::calibrate::{self, Ranges};
 use qfold::quant::observe::Method;

@@ -2,9 +2,9 @@
 //! output; QOperator against QDQ (within one quantization step) and against float (SQNR within
 //! 0.5 dB of the QDQ model's).
 
-mod fusion_support;
+mod common;
 
-use fusion_support::*;
+use common::*;
 use qfold::onnx::{ElemType, Model, TensorData};
 use qfold::quant::qoperator::convert;
 use qfold::quant::{quantize, Calibration, QuantizeOptions};

@@ -140,6 +140,30 @@ fn new_const(
     Ok(name)
 }
 
+/// Writes a Conv's folded weight and bias (a new bias initializer when it had none); returns
+/// their names.
+fn write_weight_and_bias(
+    g: &Graph,
+    patch: &mut Patch,
+    names: &mut Names,
+    conv: &NodeProto,
+    (w, b): (ArrayD<f64>, Array1<f64>),
+    ty: ElemType,
+) -> Result<(String, String)> {
+    let wname = write_const(g, patch, names, &conv.input[1], w, ty)?;
+    let bname = match conv.input.get(2).filter(|s| !s.is_empty()) {
+        Some(bias) => write_const(g, patch, names, bias, b.into_dyn(), ty)?,
+        None => new_const(
+            patch,
+            names,
+            &format!("{}_bias", conv.input[1]),
+            b.into_dyn(),
+            ty,
+        )?,
+    };
+    Ok((wname, bname))
+}
+
 fn as_vec(a: ArrayD<f64>) -> Array1<f64> {
     let n = a.len();
     a.into_shape_with_order(n)
@@ -226,17 +250,7 @@ pub fn conv_bn(g: &Graph, bn: usize, names: &mut Names) -> Result<Option<Outcome
         fold::fold_conv(&w, bias.as_ref(), &bn_aff)
     };
     let mut patch = Patch::new(format!("fold {}", nodes.join("+")));
-    let wname = write_const(g, &mut patch, names, &conv.input[1], w2, wty)?;
-    let bname = match bias_name {
-        Some(b) => write_const(g, &mut patch, names, b, b2.into_dyn(), wty)?,
-        None => new_const(
-            &mut patch,
-            names,
-            &format!("{}_bias", conv.input[1]),
-            b2.into_dyn(),
-            wty,
-        )?,
-    };
+    let (wname, bname) = write_weight_and_bias(g, &mut patch, names, conv, (w2, b2), wty)?;
     let mut fused = conv.clone();
     fused.input = vec![conv.input[0].clone(), wname, bname];
     fused.output = vec![bnn.output[0].clone()];
@@ -560,17 +574,7 @@ pub fn bn_conv(g: &Graph, bn: usize, names: &mut Names) -> Result<Option<Outcome
         }
     }
     let mut patch = Patch::new(format!("fold {}", nodes.join("+")));
-    let wname = write_const(g, &mut patch, names, &conv.input[1], w2, wty)?;
-    let bname = match bias_name {
-        Some(b) => write_const(g, &mut patch, names, b, b2.into_dyn(), wty)?,
-        None => new_const(
-            &mut patch,
-            names,
-            &format!("{}_bias", conv.input[1]),
-            b2.into_dyn(),
-            wty,
-        )?,
-    };
+    let (wname, bname) = write_weight_and_bias(g, &mut patch, names, conv, (w2, b2), wty)?;
     let mut fused = conv.clone();
     fused.input = vec![bnn.input[0].clone(), wname, bname];
     patch.replace_node(*c, fused).remove_node(bn);

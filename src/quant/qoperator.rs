@@ -1101,40 +1101,19 @@ pub fn convert_with(model: &mut Model, opts: ConvertOptions) -> Result<ConvertRe
             }
         }
         let Some((rule, patch, nodes)) = found else {
-            if opts.allow_contrib_ops
-                && g.nodes().iter().any(|n| n.domain == CONTRIB)
-                && !model.proto.opset_import.iter().any(|o| o.domain == CONTRIB)
-            {
+            let contrib_used = g.nodes().iter().any(|n| n.domain == CONTRIB);
+            drop(g);
+            if contrib_used && !model.proto.opset_import.iter().any(|o| o.domain == CONTRIB) {
                 let mut o = crate::onnx::proto::OperatorSetIdProto::new();
                 o.domain = CONTRIB.into();
                 o.version = 1;
-                drop(g);
                 model.proto.opset_import.push(o);
-                let g = Graph::of_model(model);
-                report.float_islands = float_islands(&g);
-                report.quantize_linear_left = g
-                    .nodes()
-                    .iter()
-                    .filter(|n| is_op(n, "QuantizeLinear"))
-                    .count();
-                report.dequantize_linear_left = g
-                    .nodes()
-                    .iter()
-                    .filter(|n| is_op(n, "DequantizeLinear"))
-                    .count();
-                return Ok(report);
             }
+            let g = Graph::of_model(model);
+            let count = |op: &str| g.nodes().iter().filter(|n| is_op(n, op)).count();
             report.float_islands = float_islands(&g);
-            report.quantize_linear_left = g
-                .nodes()
-                .iter()
-                .filter(|n| is_op(n, "QuantizeLinear"))
-                .count();
-            report.dequantize_linear_left = g
-                .nodes()
-                .iter()
-                .filter(|n| is_op(n, "DequantizeLinear"))
-                .count();
+            report.quantize_linear_left = count("QuantizeLinear");
+            report.dequantize_linear_left = count("DequantizeLinear");
             return Ok(report);
         };
         drop(g);

@@ -1,12 +1,19 @@
 //! Helpers shared by the integration tests: where the committed models are, scratch folders,
-//! and the CLI binary.
+//! the CLI binary, reference cases run in tract, and small models built in code.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use qfold::onnx::proto::{Message, ModelProto};
+use qfold::onnx::proto::Message;
+use qfold::onnx::proto::{
+    attribute_proto::AttributeType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
+    ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use qfold::onnx::{ElemType, Model, TensorData};
+use qfold::verify::{self, Case, Comparer, Comparison, Criterion};
+use std::collections::BTreeMap;
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -131,4 +138,195 @@ pub fn texts(o: &Output) -> (String, String) {
         String::from_utf8_lossy(&o.stdout).to_string(),
         String::from_utf8_lossy(&o.stderr).to_string(),
     )
+}
+
+/// The qfold binary with `args`: exit code, stdout, stderr.
+pub fn run_qfold(args: &[&str]) -> (i32, String, String) {
+    let o = qfold(args);
+    let (out, err) = texts(&o);
+    (o.status.code().unwrap_or(-1), out, err)
+}
+
+/// A committed case: its model, its test_data_set_0 and its provenance.json.
+pub struct RefCase {
+    pub dir: PathBuf,
+    pub model: Model,
+    pub case: Case,
+    pub provenance: serde_json::Value,
+}
+
+pub fn load_case(name: &str) -> RefCase {
+    let dir = models_dir().join(name);
+    let model = qfold::onnx::load(dir.join("model.onnx")).expect("model loads");
+    let case = verify::read_test_data_set(&model, &dir.join("test_data_set_0")).expect("data set");
+    let provenance: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("provenance.json")).expect("provenance"))
+            .expect("provenance parses");
+    RefCase {
+        dir,
+        model,
+        case,
+        provenance,
+    }
+}
+
+/// The reference test's module lists recorded by the export script.
+pub fn fuse_lists(p: &serde_json::Value) -> Vec<Vec<String>> {
+    p["fuse_lists"]
+        .as_array()
+        .expect("fuse_lists")
+        .iter()
+        .map(|l| {
+            l.as_array()
+                .expect("list")
+                .iter()
+                .map(|s| s.as_str().expect("name").to_string())
+                .collect()
+        })
+        .collect()
+}
+
+pub fn run(model: &Model, case: &Case) -> Vec<TensorData> {
+    let r = qfold::runtime::Runner::new(model, &case.inputs, &[]).expect("tract loads the model");
+    r.run(&case.inputs).expect("tract runs the model")
+}
+
+pub fn compare(reference: &[TensorData], actual: &[TensorData], c: Criterion) -> Comparison {
+    let names: Vec<String> = (0..reference.len())
+        .map(|i| format!("output_{i}"))
+        .collect();
+    let mut cmp = Comparer::new(&names, c);
+    cmp.add(reference, actual);
+    cmp.finish()
+}
+
+/// The fusion test tolerance: 1e-5 absolute, 1e-4 relative.
+pub const FUSION_TOL: Criterion = Criterion::Tolerance {
+    atol: 1e-5,
+    rtol: 1e-4,
+};
+
+pub fn assert_close(reference: &[TensorData], actual: &[TensorData], c: Criterion, what: &str) {
+    let cmp = compare(reference, actual, c);
+    assert!(cmp.passed, "{what}: {:#?}", cmp.outputs);
+}
+
+pub fn expected(case: &Case) -> Vec<TensorData> {
+    case.expected.iter().map(|(_, t)| t.clone()).collect()
+}
+
+pub fn read_pb(path: &Path) -> TensorData {
+    verify::read_tensor_pb(path).expect("tensor file").1
+}
+
+pub fn op_counts(model: &Model) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for n in &model.graph().node {
+        *m.entry(n.op_type.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+pub fn count(model: &Model, op: &str) -> usize {
+    op_counts(model).get(op).copied().unwrap_or(0)
+}
+
+pub fn node<'a>(model: &'a Model, name: &str) -> &'a NodeProto {
+    model
+        .graph()
+        .node
+        .iter()
+        .find(|n| n.name == name)
+        .unwrap_or_else(|| panic!("no node {name}"))
+}
+
+pub fn group_of(n: &NodeProto) -> Option<String> {
+    n.metadata_props
+        .iter()
+        .find(|kv| kv.key == qfold::fusion::GROUP_KEY)
+        .map(|kv| kv.value.clone())
+}
+
+// ---- building models in code ----
+
+pub fn value_info(name: &str, ty: ElemType, shape: &[usize]) -> ValueInfoProto {
+    let mut v = ValueInfoProto::new();
+    v.name = name.into();
+    let mut t = type_proto::Tensor::new();
+    t.elem_type = ty.onnx_code();
+    let mut s = TensorShapeProto::new();
+    for &d in shape {
+        let mut dim = tensor_shape_proto::Dimension::new();
+        dim.value = Some(tensor_shape_proto::dimension::Value::DimValue(d as i64));
+        s.dim.push(dim);
+    }
+    t.shape = Some(s).into();
+    let mut tp = TypeProto::new();
+    tp.value = Some(type_proto::Value::TensorType(t));
+    v.type_ = Some(tp).into();
+    v
+}
+
+pub fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::INTS.into();
+    a.ints = v.to_vec();
+    a
+}
+
+pub fn int(name: &str, v: i64) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::INT.into();
+    a.i = v;
+    a
+}
+
+pub fn float(name: &str, v: f32) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::FLOAT.into();
+    a.f = v;
+    a
+}
+
+pub fn node_of(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attrs: Vec<AttributeProto>,
+) -> NodeProto {
+    let mut n = NodeProto::new();
+    n.op_type = op.into();
+    n.name = name.into();
+    n.input = inputs.iter().map(|s| s.to_string()).collect();
+    n.output = outputs.iter().map(|s| s.to_string()).collect();
+    n.attribute = attrs;
+    n
+}
+
+/// A model of `nodes` with one input and one output, opset 13.
+pub fn model_of(
+    nodes: Vec<NodeProto>,
+    initializers: Vec<(String, TensorData)>,
+    input: ValueInfoProto,
+    output: &str,
+) -> Model {
+    let mut g = GraphProto::new();
+    g.name = "g".into();
+    g.node = nodes;
+    g.initializer = initializers.iter().map(|(n, t)| t.to_proto(n)).collect();
+    g.input.push(input);
+    let mut o = ValueInfoProto::new();
+    o.name = output.into();
+    g.output.push(o);
+    let mut m = ModelProto::new();
+    m.ir_version = 8;
+    let mut op = OperatorSetIdProto::new();
+    op.version = 13;
+    m.opset_import.push(op);
+    m.graph = Some(g).into();
+    Model::new(m)
 }
