@@ -279,7 +279,6 @@ pub fn read_dataset(model: &Model, dir: &Path) -> Result<Vec<Case>> {
                 .inputs
                 .first()
                 .map_or(0, |(_, t)| t.shape().first().copied().unwrap_or(1));
-            let rows = if c.source.ends_with(']') { 1 } else { rows };
             if at + rows > labels.len() {
                 return Err(Error::Usage(format!(
                     "{}: {} labels for more rows than that",

@@ -434,3 +434,53 @@ fn an_opset_that_cannot_be_raised_is_an_error_naming_the_op() {
         "{err}"
     );
 }
+
+#[test]
+fn histogram_calibration_does_not_depend_on_the_thread_count() {
+    let rc = load_case("fusion_model_for_fusion");
+    let calib = verify::random_cases(&rc.model, 24, 3, &Default::default()).unwrap();
+    let s: Vec<_> = calib.iter().map(|c| c.inputs.clone()).collect();
+    let run_with = |threads| {
+        let opts = QuantizeOptions {
+            method: Method::Percentile { percentile: 99.9 },
+            threads,
+            ..QuantizeOptions::default()
+        };
+        quantize(&rc.model, Calibration::Samples(&s), &opts)
+            .unwrap()
+            .1
+    };
+    let one = run_with(1);
+    assert_eq!(one, run_with(2));
+    assert_eq!(one, run_with(3));
+}
+
+#[test]
+fn stacked_npy_samples_keep_their_labels() {
+    // eval/input.npy [512, 1, 8, 8] restacked as 8 samples of 64 rows: each sample gets its
+    // 64 labels in order, and accuracy matches the test_data_set form.
+    let dir = models_dir().join("digits_cnn/eval");
+    let x: ndarray::ArrayD<f32> = ndarray_npy::read_npy(dir.join("input.npy")).unwrap();
+    let labels: ndarray::ArrayD<i64> = ndarray_npy::read_npy(dir.join("labels.npy")).unwrap();
+    let scratch = TempDir::new("stacked");
+    let stacked = x
+        .into_shape_with_order(ndarray::IxDyn(&[8, 64, 1, 8, 8]))
+        .unwrap();
+    ndarray_npy::write_npy(scratch.join("input.npy"), &stacked).unwrap();
+    ndarray_npy::write_npy(scratch.join("labels.npy"), &labels).unwrap();
+    let m = qfold::onnx::load(models_dir().join("digits_cnn/model.onnx")).unwrap();
+    let cases = verify::read_dataset(&m, scratch.path()).unwrap();
+    assert_eq!(cases.len(), 8);
+    let flat: Vec<i64> = labels.iter().copied().collect();
+    for (k, c) in cases.iter().enumerate() {
+        assert_eq!(c.labels.as_deref(), Some(&flat[k * 64..(k + 1) * 64]));
+        assert_eq!(c.inputs[0].1.shape(), &[64, 1, 8, 8]);
+    }
+    let (mut right, mut total) = (0, 0);
+    for c in &cases {
+        let (a, n) = verify::accuracy(&run(&m, c), c.labels.as_ref().unwrap());
+        right += a;
+        total += n;
+    }
+    assert_eq!((right, total), (509, 512));
+}

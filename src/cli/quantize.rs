@@ -272,7 +272,7 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
         if o.int32_bias { "int32" } else { "float" }
     );
     println!(
-        "calibration: {} samples{}",
+        "calibration: {} samples (runs of the model){}",
         r.calibration_samples,
         if r.ranges_from_file {
             " (ranges from file)"
@@ -298,7 +298,7 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
         println!("  opset raised from {a} to {b}");
     }
     println!(
-        "evaluation on {} ({} samples):",
+        "evaluation on {} ({} runs of the model):",
         e.source, e.comparison.samples
     );
     super::check::print_comparison(&e.comparison);
@@ -311,11 +311,17 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
             100.0 * (q - f)
         );
     }
+    let ratio = before as f64 / after.max(1) as f64;
     println!(
-        "size {} -> {} bytes ({:.1}x smaller)",
-        before,
-        after,
-        before as f64 / after.max(1) as f64
+        "size {before} -> {after} bytes ({})",
+        if ratio >= 1.0 {
+            format!("{ratio:.1}x smaller")
+        } else {
+            format!(
+                "{:.1}x larger: the quantization parameters outweigh the int8 savings",
+                1.0 / ratio
+            )
+        }
     );
 }
 

@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -104,6 +106,9 @@ impl Progress {
     }
 }
 
+/// Samples per calibration block: the unit of parallel work and of ordered merging.
+const BLOCK: usize = 4;
+
 /// Runs the float `model` over `samples` and observes `values`. `threads` = 0 uses every core.
 pub fn observe(
     model: &Model,
@@ -144,15 +149,18 @@ pub fn observe(
     } else {
         threads
     }
-    .min(samples.len())
+    .min(samples.len().div_ceil(BLOCK))
     .max(1);
-    let progress = std::sync::Mutex::new(Progress::new(samples.len()));
-    let run_part = |part: usize| -> Result<Vec<Observer>> {
+    let progress = Mutex::new(Progress::new(samples.len()));
+    // Samples go in fixed blocks whatever the thread count; workers take blocks in turn and
+    // the partial observers are merged in block order, so the ranges (histogram merges are
+    // not associative bit for bit) do not depend on how many cores ran them. At most a few
+    // blocks wait for their turn: memory stays O(threads x tensors x bins).
+    let blocks = samples.len().div_ceil(BLOCK);
+    let next = AtomicUsize::new(0);
+    let observe_block = |b: usize| -> Result<Vec<Observer>> {
         let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new(method)).collect();
-        for (k, s) in samples.iter().enumerate() {
-            if k % threads != part {
-                continue;
-            }
+        for s in &samples[b * BLOCK..((b + 1) * BLOCK).min(samples.len())] {
             let out = runner.run(s)?;
             for ((o, &p), v) in obs.iter_mut().zip(&positions).zip(values) {
                 o.observe(&as_f32(v, &out[p])?);
@@ -161,11 +169,37 @@ pub fn observe(
         }
         Ok(obs)
     };
-    let parts: Vec<Result<Vec<Observer>>> = if threads == 1 {
-        vec![run_part(0)]
+    let merged: Mutex<(Option<Vec<Observer>>, BTreeMap<usize, Vec<Observer>>, usize)> =
+        Mutex::new((None, BTreeMap::new(), 0));
+    let worker = || -> Result<()> {
+        loop {
+            let b = next.fetch_add(1, Ordering::SeqCst);
+            if b >= blocks {
+                return Ok(());
+            }
+            let obs = observe_block(b)?;
+            let mut guard = merged.lock().expect("merge lock");
+            let (acc, waiting, turn) = &mut *guard;
+            waiting.insert(b, obs);
+            while let Some(ready) = waiting.remove(turn) {
+                *acc = Some(match acc.take() {
+                    None => ready,
+                    Some(mut m) => {
+                        for (a, o) in m.iter_mut().zip(ready) {
+                            a.merge(o);
+                        }
+                        m
+                    }
+                });
+                *turn += 1;
+            }
+        }
+    };
+    let results: Vec<Result<()>> = if threads == 1 {
+        vec![worker()]
     } else {
         std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads).map(|t| s.spawn(move || run_part(t))).collect();
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
             handles
                 .into_iter()
                 .map(|h| {
@@ -177,23 +211,14 @@ pub fn observe(
         })
     };
     progress.into_inner().expect("progress lock").finish();
-    let mut merged: Option<Vec<Observer>> = None;
-    for p in parts {
-        let p = p?;
-        merged = Some(match merged {
-            None => p,
-            Some(mut m) => {
-                for (a, b) in m.iter_mut().zip(p) {
-                    a.merge(b);
-                }
-                m
-            }
-        });
+    for r in results {
+        r?;
     }
+    let (acc, _, _) = merged.into_inner().expect("merge lock");
     Ok(values
         .iter()
         .cloned()
-        .zip(merged.unwrap_or_default())
+        .zip(acc.unwrap_or_default())
         .collect())
 }
 
