@@ -106,6 +106,32 @@ impl Progress {
     }
 }
 
+/// Partial observers merged in block order, whatever order the blocks finish in.
+#[derive(Default)]
+struct OrderedMerge {
+    acc: Option<Vec<Observer>>,
+    waiting: BTreeMap<usize, Vec<Observer>>,
+    turn: usize,
+}
+
+impl OrderedMerge {
+    fn add(&mut self, block: usize, obs: Vec<Observer>) {
+        self.waiting.insert(block, obs);
+        while let Some(ready) = self.waiting.remove(&self.turn) {
+            self.acc = Some(match self.acc.take() {
+                None => ready,
+                Some(mut m) => {
+                    for (a, o) in m.iter_mut().zip(ready) {
+                        a.merge(o);
+                    }
+                    m
+                }
+            });
+            self.turn += 1;
+        }
+    }
+}
+
 /// Samples per calibration block: the unit of parallel work and of ordered merging.
 const BLOCK: usize = 4;
 
@@ -169,8 +195,7 @@ pub fn observe(
         }
         Ok(obs)
     };
-    let merged: Mutex<(Option<Vec<Observer>>, BTreeMap<usize, Vec<Observer>>, usize)> =
-        Mutex::new((None, BTreeMap::new(), 0));
+    let merged = Mutex::new(OrderedMerge::default());
     let worker = || -> Result<()> {
         loop {
             let b = next.fetch_add(1, Ordering::SeqCst);
@@ -178,21 +203,7 @@ pub fn observe(
                 return Ok(());
             }
             let obs = observe_block(b)?;
-            let mut guard = merged.lock().expect("merge lock");
-            let (acc, waiting, turn) = &mut *guard;
-            waiting.insert(b, obs);
-            while let Some(ready) = waiting.remove(turn) {
-                *acc = Some(match acc.take() {
-                    None => ready,
-                    Some(mut m) => {
-                        for (a, o) in m.iter_mut().zip(ready) {
-                            a.merge(o);
-                        }
-                        m
-                    }
-                });
-                *turn += 1;
-            }
+            merged.lock().expect("merge lock").add(b, obs);
         }
     };
     let results: Vec<Result<()>> = if threads == 1 {
@@ -214,7 +225,7 @@ pub fn observe(
     for r in results {
         r?;
     }
-    let (acc, _, _) = merged.into_inner().expect("merge lock");
+    let acc = merged.into_inner().expect("merge lock").acc;
     Ok(values
         .iter()
         .cloned()
