@@ -143,3 +143,31 @@ fn inspect_lists_candidates_and_reasons() {
     assert!(stdout.contains("ConvReLU"), "{stdout}");
     assert!(stdout.contains("no backward fold"), "{stdout}");
 }
+
+#[test]
+fn external_data_threshold_writes_a_data_file_that_reloads() {
+    let scratch = TempDir::new("fuse");
+    let out = scratch.join("ext.onnx");
+    let (code, _, stderr) = run_qfold(&[
+        "fuse",
+        &model("fusion_sequential"),
+        "-o",
+        out.to_str().unwrap(),
+        "--external-data-threshold",
+        "256",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let data = scratch.join("ext.onnx.data");
+    assert!(std::fs::metadata(&data).unwrap().len() > 1000);
+    let m = qfold::onnx::load(&out).unwrap();
+    assert!(!m.external.is_empty());
+    let inputs =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx_models/fusion_sequential/test_data_set_0");
+    let (code, stdout, _) = run_qfold(&[
+        "check",
+        out.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}");
+}

@@ -204,3 +204,46 @@ fn unnamed_nodes_form_one_conv_bn_relu_group() {
     assert_eq!(r.groups[0].kind, qfold::fusion::GroupKind::ConvBnRelu);
     assert_eq!(r.groups[0].nodes.len(), 3);
 }
+
+#[test]
+fn module_paths_resolve_through_name_scopes_metadata() {
+    // A dynamo-style export: node names carry no scope, the module path is in metadata.
+    let rc = load_case("trap_conv1d_bn");
+    let mut m = rc.model.clone();
+    for (node, scopes) in [
+        ("conv", "['', 'block', 'block.conv']"),
+        ("bn", "['', 'block', 'block.bn']"),
+    ] {
+        let n = m
+            .graph_mut()
+            .node
+            .iter_mut()
+            .find(|n| n.name == node)
+            .unwrap();
+        let mut kv = qfold::onnx::proto::StringStringEntryProto::new();
+        kv.key = "pkg.torch.onnx.name_scopes".into();
+        kv.value = scopes.into();
+        n.metadata_props.push(kv);
+        n.name = format!("node_{node}_7");
+    }
+    let mut fused = m.clone();
+    let r = fuse(
+        &mut fused,
+        &FuseOptions {
+            only: vec![vec!["block.conv".into(), "block.bn".into()]],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.groups[0].nodes, ["node_conv_7", "node_bn_7"]);
+    assert_eq!(count(&fused, "BatchNormalization"), 0);
+    let err = fuse(
+        &mut m.clone(),
+        &FuseOptions {
+            only: vec![vec!["block.relu".into()]],
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("block.relu"), "{err}");
+}

@@ -484,3 +484,21 @@ fn stacked_npy_samples_keep_their_labels() {
     }
     assert_eq!((right, total), (509, 512));
 }
+
+#[test]
+fn op_type_exclusion_leaves_every_node_of_that_type_float() {
+    let (m, calib, _) = digits();
+    let opts = QuantizeOptions {
+        exclude_op_types: vec!["Gemm".into()],
+        ..QuantizeOptions::default()
+    };
+    let (q, _, report) = quantize(&m, Calibration::Samples(&samples(&calib)), &opts).unwrap();
+    let float: Vec<&str> = report.plan.float.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        float.contains(&"/fc1/Gemm") && float.contains(&"/fc2/Gemm"),
+        "{float:?}"
+    );
+    assert_eq!(report.qdq.weights, 3, "only the three Conv weights");
+    // fc1's Relu is not absorbed into a float Gemm
+    assert_eq!(count(&q, "Relu"), 1);
+}

@@ -14,6 +14,8 @@ pub struct Args {
     /// Where to write the QOperator model.
     #[arg(short, long)]
     output: PathBuf,
+    #[command(flatten)]
+    out: super::OutputArgs,
     /// Run both models in tract and refuse to write when the converted one's SQNR against the
     /// QDQ model is below --min-sqnr.
     #[arg(long)]
@@ -118,7 +120,7 @@ pub fn run(a: Args) -> Result<i32> {
             a.model.display()
         )));
     }
-    qfold::onnx::save(&q, &a.output, &Default::default())?;
+    qfold::onnx::save(&q, &a.output, &a.out.save_options())?;
     if !a.json {
         println!("wrote {}", a.output.display());
     }

@@ -14,6 +14,8 @@ pub struct Args {
     /// Where to write the fused model.
     #[arg(short, long)]
     output: PathBuf,
+    #[command(flatten)]
+    out: super::OutputArgs,
     /// An explicit chain to fuse: node names or PyTorch module paths, comma-separated
     /// (repeatable). Without it every pattern is fused.
     #[arg(long, value_name = "A,B,C")]
@@ -136,7 +138,7 @@ pub fn run(args: Args) -> Result<i32> {
         eprintln!("error: the fused model does not match the original; nothing written");
         return Ok(super::CHECK_FAILED);
     }
-    qfold::onnx::save(&fused, &args.output, &Default::default())?;
+    qfold::onnx::save(&fused, &args.output, &args.out.save_options())?;
     if !args.json {
         println!("wrote {}", args.output.display());
     }

@@ -40,6 +40,29 @@ enum Command {
     Check(check::Args),
 }
 
+/// Where a written model keeps its tensors.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OutputArgs {
+    /// Write every tensor of at least this many bytes to `<output>.data` (external data).
+    /// Default: tensors external in the input stay external, and the largest move out only
+    /// when the model would pass protobuf's 2 GiB limit.
+    #[arg(long, value_name = "BYTES")]
+    external_data_threshold: Option<usize>,
+}
+
+impl OutputArgs {
+    /// The save options these arguments stand for.
+    pub fn save_options(&self) -> qfold::onnx::SaveOptions {
+        qfold::onnx::SaveOptions {
+            external: match self.external_data_threshold {
+                Some(n) => qfold::onnx::ExternalData::Threshold(n),
+                None => qfold::onnx::ExternalData::Keep,
+            },
+            ..Default::default()
+        }
+    }
+}
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {

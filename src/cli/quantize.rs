@@ -20,6 +20,8 @@ pub struct Args {
     /// Where to write the quantized model.
     #[arg(short, long)]
     output: PathBuf,
+    #[command(flatten)]
+    out: super::OutputArgs,
     /// Output format: qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv,
     /// QLinearMatMul and 8-bit data movement, the form tract runs on integer kernels).
     /// Default: qoperator for the tract preset, qdq otherwise.
@@ -447,7 +449,7 @@ pub fn run(a: Args) -> Result<i32> {
         );
         return Ok(super::CHECK_FAILED);
     }
-    qfold::onnx::save(&quantized, &a.output, &Default::default())?;
+    qfold::onnx::save(&quantized, &a.output, &a.out.save_options())?;
     if !a.json {
         println!("wrote {}", a.output.display());
     }
