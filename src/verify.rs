@@ -471,6 +471,25 @@ pub fn parse_input_shape(spec: &str) -> Result<(String, Vec<usize>)> {
 /// instead of exhausting memory.
 pub const MAX_RANDOM_ELEMENTS: usize = 1 << 28;
 
+/// Parses every `--input-shape name:d1,d2,...`.
+pub fn parse_input_shapes(specs: &[String]) -> Result<HashMap<String, Vec<usize>>> {
+    specs.iter().map(|s| parse_input_shape(s)).collect()
+}
+
+/// The cases in `dir` ([`read_dataset`]), or `count` random ones from the declared shapes.
+pub fn dataset_or_random(
+    model: &Model,
+    dir: Option<&Path>,
+    count: usize,
+    seed: u64,
+    shapes: &[String],
+) -> Result<Vec<Case>> {
+    match dir {
+        Some(d) => read_dataset(model, d),
+        None => random_cases(model, count, seed, &parse_input_shapes(shapes)?),
+    }
+}
+
 /// `count` random samples from the declared input shapes. Symbolic dims take their value from
 /// `shapes` (whole shapes by input name) or default to 1. Floats are standard normal, integers
 /// uniform in [0, 10), booleans fair coins. Inputs over [`MAX_RANDOM_ELEMENTS`] are an error.

@@ -211,3 +211,38 @@ fn tract_preset_writes_qoperator_with_per_tensor_weights() {
         assert!(s.dims.is_empty(), "per-tensor weight scale");
     }
 }
+
+#[test]
+fn convert_an_onnx_runtime_qdq_model_and_refuse_a_float_one() {
+    let scratch = TempDir::new("quant");
+    let out = scratch.join("qop.onnx");
+    let ort = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx_models/ort_qdq_digits_raw");
+    let (code, stdout, stderr) = run_qfold(&[
+        "convert",
+        ort.join("model.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--check",
+        "--min-sqnr",
+        "35",
+        "--inputs",
+        ort.join("test_data_set_0").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("bn_to_depthwise 3"), "{stdout}");
+    assert!(
+        stdout.contains("float island: /gap/GlobalAveragePool"),
+        "{stdout}"
+    );
+    assert!(out.exists());
+    let out2 = scratch.join("none.onnx");
+    let (code, _, stderr) = run_qfold(&[
+        "convert",
+        &digits("model.onnx"),
+        "-o",
+        out2.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("no QDQ pattern"), "{stderr}");
+    assert!(!out2.exists());
+}

@@ -1,7 +1,6 @@
 //! `qfold check A B [--inputs DIR | --random N] [--atol X --rtol Y | --tolerance L | --min-sqnr DB]`
 //! and `qfold check MODEL --inputs DIR` (against the stored `output_K.pb`).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use qfold::verify::{self, tolerance, Case, Comparison, Criterion};
@@ -74,17 +73,18 @@ fn criterion(args: &Args) -> Result<Criterion> {
 
 fn cases(args: &Args, model: &qfold::onnx::Model) -> Result<Vec<Case>> {
     if let Some(dir) = &args.inputs {
-        return verify::read_cases(model, dir);
+        return verify::read_dataset(model, dir);
     }
     if !args.npy.is_empty() {
         return Ok(vec![verify::read_npy_sample(model, &args.npy)?]);
     }
-    let shapes: HashMap<String, Vec<usize>> = args
-        .input_shape
-        .iter()
-        .map(|s| verify::parse_input_shape(s))
-        .collect::<Result<_>>()?;
-    verify::random_cases(model, args.random.unwrap_or(1), args.seed, &shapes)
+    verify::dataset_or_random(
+        model,
+        None,
+        args.random.unwrap_or(1),
+        args.seed,
+        &args.input_shape,
+    )
 }
 
 /// Prints a comparison as text.

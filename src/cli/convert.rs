@@ -78,19 +78,16 @@ pub fn run(a: Args) -> Result<i32> {
             allow_contrib_ops: a.allow_contrib_ops,
         },
     )?;
+    if report.converted.is_empty() {
+        return Err(Error::Usage(format!(
+            "{}: no QDQ pattern to convert (is it a QDQ model?)",
+            a.model.display()
+        )));
+    }
     let mut passed = true;
     let comparison = if a.check {
-        let cases = match &a.inputs {
-            Some(d) => verify::read_dataset(&qdq, d)?,
-            None => {
-                let shapes: HashMap<String, Vec<usize>> = a
-                    .input_shape
-                    .iter()
-                    .map(|s| verify::parse_input_shape(s))
-                    .collect::<Result<_>>()?;
-                verify::random_cases(&qdq, a.random, 0, &shapes)?
-            }
-        };
+        let cases =
+            verify::dataset_or_random(&qdq, a.inputs.as_deref(), a.random, 0, &a.input_shape)?;
         let c = verify::compare_models(&qdq, &q, &cases, Criterion::MinSqnr { db: a.min_sqnr })?;
         passed = c.passed;
         Some(c)
@@ -113,12 +110,6 @@ pub fn run(a: Args) -> Result<i32> {
     if !passed {
         eprintln!("error: the converted model does not match the QDQ model; nothing written");
         return Ok(super::CHECK_FAILED);
-    }
-    if report.converted.is_empty() && !a.json {
-        return Err(Error::Usage(format!(
-            "{}: no QDQ pattern to convert (is it a QDQ model?)",
-            a.model.display()
-        )));
     }
     qfold::onnx::save(&q, &a.output, &a.out.save_options())?;
     if !a.json {

@@ -1,6 +1,5 @@
 //! `qfold fuse MODEL -o OUT [--only a,b,c]... [--qat] [--check] [--json]`.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use qfold::fusion::{fuse, FuseOptions, FuseReport};
@@ -104,17 +103,13 @@ pub fn run(args: Args) -> Result<i32> {
                 Error::Usage(format!("--tolerance {t}: use exact, float, half or loose"))
             })?,
         };
-        let cases = match &args.inputs {
-            Some(dir) => verify::read_cases(&original, dir)?,
-            None => {
-                let shapes: HashMap<String, Vec<usize>> = args
-                    .input_shape
-                    .iter()
-                    .map(|s| verify::parse_input_shape(s))
-                    .collect::<Result<_>>()?;
-                verify::random_cases(&original, args.random, args.seed, &shapes)?
-            }
-        };
+        let cases = verify::dataset_or_random(
+            &original,
+            args.inputs.as_deref(),
+            args.random,
+            args.seed,
+            &args.input_shape,
+        )?;
         let c = verify::compare_models(&original, &fused, &cases, criterion)?;
         passed = c.passed;
         Some(c)

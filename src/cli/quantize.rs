@@ -1,6 +1,5 @@
 //! `qfold quantize MODEL -o OUT [...]`: fuse, calibrate on tract, emit QDQ, evaluate.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use qfold::onnx::Model;
@@ -344,11 +343,7 @@ pub fn run(a: Args) -> Result<i32> {
     };
     let opts = options(&a)?;
     let model = qfold::onnx::load(&a.model)?;
-    let shapes: HashMap<String, Vec<usize>> = a
-        .input_shape
-        .iter()
-        .map(|s| verify::parse_input_shape(s))
-        .collect::<Result<_>>()?;
+    let shapes = verify::parse_input_shapes(&a.input_shape)?;
     let mut calib = match (&a.calib, a.calib_random) {
         (Some(dir), _) => verify::read_dataset(&model, dir)?,
         (None, Some(n)) => verify::random_cases(&model, n, a.seed, &shapes)?,
