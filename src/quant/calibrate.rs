@@ -4,6 +4,7 @@
 //! per run); each thread keeps partial observers that are merged at the end. The
 //! moving-average observer depends on sample order, so it runs on one thread, in order.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,13 +49,15 @@ impl Ranges {
     }
 }
 
-fn as_f32(name: &str, t: &TensorData) -> Result<Vec<f32>> {
+/// The values of an output as f32, borrowed when tract produced a contiguous f32 tensor (the
+/// usual case: no copy on the calibration loop).
+fn as_f32<'t>(name: &str, t: &'t TensorData) -> Result<Cow<'t, [f32]>> {
     Ok(match t {
         TensorData::F32(a) => match a.as_slice() {
-            Some(s) => s.to_vec(),
-            None => a.iter().copied().collect(),
+            Some(s) => Cow::Borrowed(s),
+            None => Cow::Owned(a.iter().copied().collect()),
         },
-        t if t.elem_type().is_float() => t.to_f64().iter().map(|&v| v as f32).collect(),
+        t if t.elem_type().is_float() => Cow::Owned(t.to_f64().iter().map(|&v| v as f32).collect()),
         t => {
             return Err(Error::tensor(
                 name,
