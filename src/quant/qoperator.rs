@@ -2,10 +2,20 @@
 //! model made elsewhere (ONNX Runtime's quantizer, a PyTorch QAT export) share one path.
 //!
 //! Rules, run to a fixed point:
-//! - `fold_qat_bn`: DQ(w) -> Conv -> BatchNormalization. The BN folds into the per-channel
-//!   weight scales: `w_scale'[o] = w_scale[o] * |s[o]|`, the int8 weights of a channel with
-//!   `s[o] < 0` are negated (symmetric weights: zero point 0), and the bias becomes
-//!   `(b - mean) * s + beta` (float; `conv` below quantizes it).
+//! - `constant`: QuantizeLinear of a constant (a PyTorch QAT export quantizes its float weights
+//!   in the graph) becomes the integer initializer it computes (f32 `x / scale`, half to even,
+//!   saturated, as ONNX Runtime), and Identity of a constant (the PyTorch exporter's
+//!   deduplicated initializers, zero points among them) becomes that constant.
+//! - `fold_qat_bn`: DQ(w) -> Conv [-> per-channel Mul / Div / Add / Sub by constants] ->
+//!   BatchNormalization (the chain is how PyTorch exports a fused QAT ConvBn:
+//!   `Conv -> Div(bn scale) -> Add(conv bias) -> BN`). With the chain `m * y + a` and the BN
+//!   `s * (y - mean) + beta`, the factor `f = s * m` folds into the per-channel weight scales:
+//!   `w_scale'[o] = w_scale[o] * |f[o]|`, the int8 weights of a channel with `f[o] < 0` are
+//!   negated (symmetric weights: zero point 0), and the bias becomes
+//!   `(m * b + a - mean) * s + beta` (float; `conv` below quantizes it). Negating -128 (which
+//!   PyTorch's symmetric qint8 range [-128, 127] produces) saturates to 127, one weight step off
+//!   on those entries: +128 has no int8 code, per-channel weight zero points that would keep it
+//!   exact are refused by ONNX Runtime's QLinearConv, and a negative scale breaks both runtimes.
 //! - `bn_to_depthwise`: DQ(x) -> BatchNormalization [-> Relu] -> Q becomes a depthwise 1x1 Conv
 //!   with per-channel weights `s[c]` (stored exactly as +-127 * |s[c]| / 127) and bias
 //!   `beta - mean * s`, which `conv` then turns into a QLinearConv.
@@ -697,7 +707,156 @@ fn data_movement(g: &Graph, i: usize) -> Result<Option<Rule>> {
     Ok(Some(Rule::Apply(patch, vec![label(n)])))
 }
 
-/// DQ(w) -> Conv -> BN (a QAT export with BN left in): fold into the per-channel weight scales.
+/// The value QuantizeLinear computes from constant inputs: `saturate(round_half_even(x / scale)
+/// + zero_point)` in f32, per tensor or per axis, as ONNX Runtime does.
+fn quantize_constant(g: &Graph, n: &NodeProto) -> Result<Option<TensorData>> {
+    if n.input.len() < 2 || attr::int(n, "block_size", 0)? != 0 {
+        return Ok(None);
+    }
+    let Some(TensorData::F32(x)) = g.constant(&n.input[0])? else {
+        return Ok(None);
+    };
+    let Some(s) = f32s(g, &n.input[1])? else {
+        return Ok(None);
+    };
+    let Some((z, ty)) = zps(g, n.input.get(2).filter(|s| !s.is_empty()))? else {
+        return Ok(None);
+    };
+    let (lo, hi) = match ty {
+        ElemType::I8 => (-128.0, 127.0),
+        ElemType::U8 => (0.0, 255.0),
+        _ => return Ok(None),
+    };
+    let axis = attr::int(n, "axis", defaults::QDQ_AXIS)?;
+    let axis = if axis < 0 {
+        axis + x.ndim() as i64
+    } else {
+        axis
+    };
+    let axis_ok = axis >= 0 && (axis as usize) < x.ndim() && x.shape()[axis as usize] == s.len();
+    if (s.len() > 1 && !axis_ok)
+        || (z.len() != 1 && z.len() != s.len())
+        || s.iter().any(|v| !(v.is_finite() && *v > 0.0))
+    {
+        return Ok(None);
+    }
+    let q = x.indexed_iter().map(|(idx, &v)| {
+        let k = if s.len() == 1 { 0 } else { idx[axis as usize] };
+        let zk = if z.len() == 1 { z[0] } else { z[k] };
+        ((v / s[k]).round_ties_even() + zk as f32).clamp(lo, hi)
+    });
+    let shape = IxDyn(x.shape());
+    Ok(Some(match ty {
+        ElemType::I8 => TensorData::I8(
+            ArrayD::from_shape_vec(shape, q.map(|v| v as i8).collect()).expect("shape"),
+        ),
+        _ => TensorData::U8(
+            ArrayD::from_shape_vec(shape, q.map(|v| v as u8).collect()).expect("shape"),
+        ),
+    }))
+}
+
+/// QuantizeLinear of a constant (a PyTorch QAT export quantizes its float weights in the graph)
+/// and Identity of a constant (the PyTorch exporter shares deduplicated initializers, zero points
+/// among them, through Identity nodes) become the constant they compute, so the other rules see
+/// integer weights and constant zero points.
+fn constant_node(g: &Graph, i: usize) -> Result<Option<Rule>> {
+    let n = g.node(i);
+    if n.output.len() != 1 || g.is_output(&n.output[0]) || n.input.is_empty() {
+        return Ok(None);
+    }
+    let value = if is_op(n, "Identity") {
+        g.constant(&n.input[0])?
+    } else if is_op(n, "QuantizeLinear") {
+        quantize_constant(g, n)?
+    } else {
+        None
+    };
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let mut patch = Patch::new(format!("constant {}", label(n)));
+    patch
+        .remove_node(i)
+        .add_initializer(value.to_proto(&n.output[0]));
+    Ok(Some(Rule::Apply(patch, vec![label(n)])))
+}
+
+/// A constant that broadcasts per output channel against a rank-`rank` Conv output
+/// (`[C]`-valued on axis 1, or one value), as `C` values.
+fn per_channel_const(g: &Graph, name: &str, c: usize, rank: usize) -> Result<Option<Vec<f64>>> {
+    let Some(t) = g.constant(name)? else {
+        return Ok(None);
+    };
+    if !t.elem_type().is_float() || t.shape().len() > rank {
+        return Ok(None);
+    }
+    let r = t.shape().len();
+    for (j, &d) in t.shape().iter().enumerate() {
+        let on_channels = j + rank - r == 1;
+        if d != 1 && !(on_channels && d == c) {
+            return Ok(None);
+        }
+    }
+    let v: Vec<f64> = t.to_f64().iter().copied().collect();
+    Ok(Some(if v.len() == 1 { vec![v[0]; c] } else { v }))
+}
+
+/// What lies between a Conv and its BatchNormalization: per-channel Mul / Div / Add / Sub by
+/// constants (PyTorch's fused QAT ConvBn exports `Conv -> Div(BN scale) -> Add(conv bias) ->
+/// BN`), each the only reader of its input. Returns the BN, the chain's nodes and `(m, a)` with
+/// `chain(y) = m * y + a`.
+type AffineChain = (usize, Vec<usize>, Vec<f64>, Vec<f64>);
+
+fn chain_to_bn(g: &Graph, out: &str, c: usize, rank: usize) -> Result<Option<AffineChain>> {
+    let (mut m, mut a) = (vec![1.0f64; c], vec![0.0f64; c]);
+    let mut chain = Vec::new();
+    let mut v = out.to_string();
+    loop {
+        if g.is_output(&v) {
+            return Ok(None);
+        }
+        let [next] = g.consumers(&v) else {
+            return Ok(None);
+        };
+        let n = g.node(*next);
+        if is_op(n, "BatchNormalization") {
+            return Ok((n.input[0] == v).then_some((*next, chain, m, a)));
+        }
+        let op = n.op_type.as_str();
+        if chain.len() >= 8
+            || !(n.domain.is_empty() || n.domain == "ai.onnx")
+            || !matches!(op, "Mul" | "Div" | "Add" | "Sub")
+            || n.input.len() != 2
+            || n.input[0] == n.input[1]
+        {
+            return Ok(None);
+        }
+        let first = n.input[0] == v;
+        if !first && matches!(op, "Div" | "Sub") {
+            return Ok(None);
+        }
+        let Some(k) = per_channel_const(g, &n.input[usize::from(first)], c, rank)? else {
+            return Ok(None);
+        };
+        for o in 0..c {
+            match op {
+                "Mul" => (m[o], a[o]) = (m[o] * k[o], a[o] * k[o]),
+                "Div" => (m[o], a[o]) = (m[o] / k[o], a[o] / k[o]),
+                "Add" => a[o] += k[o],
+                _ => a[o] -= k[o],
+            }
+        }
+        if m.iter().chain(&a).any(|x| !x.is_finite()) {
+            return Ok(None);
+        }
+        chain.push(*next);
+        v = n.output[0].clone();
+    }
+}
+
+/// DQ(w) -> Conv [-> per-channel Mul/Div/Add/Sub...] -> BN (a QAT export with BN left in, or
+/// PyTorch's fused ConvBn written out): fold into the per-channel weight scales.
 fn fold_qat_bn(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Rule>> {
     let c = g.node(i);
     if !is_op(c, "Conv") || c.input.len() < 2 {
@@ -706,22 +865,16 @@ fn fold_qat_bn(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Rule>> {
     let Some(w) = dq_of(g, &c.input[1]) else {
         return Ok(None);
     };
-    let out = &c.output[0];
-    if g.is_output(out) {
-        return Ok(None);
-    }
-    let [bn] = g.consumers(out) else {
-        return Ok(None);
-    };
-    if !is_op(g.node(*bn), "BatchNormalization") || g.node(*bn).input[0] != *out {
-        return Ok(None);
-    }
-    let aff = match bn_affine(g, *bn)? {
-        Ok(a) => a,
-        Err(r) => return Ok(Some(Rule::Skip(label(g.node(*bn)), r))),
-    };
     let Some(wq) = g.constant(&w.q)? else {
         return Ok(None);
+    };
+    let Some((bn, chain, cm, ca)) = chain_to_bn(g, &c.output[0], wq.shape()[0], wq.shape().len())?
+    else {
+        return Ok(None);
+    };
+    let aff = match bn_affine(g, bn)? {
+        Ok(a) => a,
+        Err(r) => return Ok(Some(Rule::Skip(label(g.node(bn)), r))),
     };
     let Some(ws) = conv_weight(g, &w)? else {
         return Ok(None);
@@ -754,10 +907,11 @@ fn fold_qat_bn(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Rule>> {
     };
     let mut scales = Vec::with_capacity(m);
     for (o, mut ch) in values.axis_iter_mut(Axis(0)).enumerate() {
-        let s = aff.scale[o];
+        let s = aff.scale[o] * cm[o];
         let base = if ws.len() == 1 { ws[0] } else { ws[o] };
         scales.push((base as f64 * s.abs()) as f32);
         if s < 0.0 {
+            // -128 -> 127: the one inexact case (see the module doc)
             ch.mapv_inplace(|v| v.saturating_neg());
         }
     }
@@ -769,8 +923,14 @@ fn fold_qat_bn(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Rule>> {
             None => g.constant(bn)?.map(|t| t.to_f64()),
         },
     };
-    let b = b.map(|a| a.iter().copied().collect::<ndarray::Array1<f64>>());
-    let folded = aff.fold_bias(b.as_ref());
+    if b.as_ref().is_some_and(|b| b.len() != m) {
+        return Ok(None);
+    }
+    // through the chain: m * (y + b) + a, i.e. bias m * b + a before the BN
+    let b: ndarray::Array1<f64> = (0..m)
+        .map(|o| cm[o] * b.as_ref().map_or(0.0, |b| b[o]) + ca[o])
+        .collect();
+    let folded = aff.fold_bias(Some(&b));
     let mut patch = Patch::new(format!("fold QAT BN into {}", label(c)));
     let qname = names.fresh(&format!("{}_bn", w.q));
     patch.add_initializer(TensorData::I8(values).to_proto(&qname));
@@ -792,16 +952,22 @@ fn fold_qat_bn(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Rule>> {
     patch.add_initializer(TensorData::F32(folded.mapv(|v| v as f32).into_dyn()).to_proto(&bname));
     let mut nc = c.clone();
     nc.input = vec![c.input[0].clone(), dq_out, bname];
-    nc.output = vec![g.node(*bn).output[0].clone()];
+    nc.output = vec![g.node(bn).output[0].clone()];
     patch
         .add_node(dq)
         .replace_node(i, nc)
-        .remove_node(*bn)
+        .remove_node(bn)
         .remove_node(w.node);
+    let mut nodes = vec![label(c)];
+    for &k in &chain {
+        patch.remove_node(k);
+        nodes.push(label(g.node(k)));
+    }
+    nodes.push(label(g.node(bn)));
     if let Some(bdq) = c.input.get(2).and_then(|b| dq_of(g, b)) {
         drop_private_dq(g, &mut patch, &bdq, i);
     }
-    Ok(Some(Rule::Apply(patch, vec![label(c), label(g.node(*bn))])))
+    Ok(Some(Rule::Apply(patch, nodes)))
 }
 
 /// BatchNormalization parameters behind DequantizeLinear of constants (ONNX Runtime quantizes
@@ -1069,7 +1235,11 @@ pub fn convert_with(model: &mut Model, opts: ConvertOptions) -> Result<ConvertRe
             } else {
                 Box::new(|_: &Graph, _, _: &mut Names| Ok(None))
             };
-            let rules: [(&str, RuleFn); 8] = [
+            let rules: [(&str, RuleFn); 9] = [
+                (
+                    "constant",
+                    Box::new(|g: &Graph, i, _: &mut Names| constant_node(g, i)),
+                ),
                 ("bn_params_to_float", Box::new(bn_params_to_float)),
                 ("fold_qat_bn", Box::new(fold_qat_bn)),
                 ("bn_to_depthwise", Box::new(bn_to_depthwise)),
