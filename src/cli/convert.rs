@@ -67,6 +67,9 @@ pub fn print_report(r: &ConvertReport) {
     for (node, why) in &r.skipped {
         println!("  not converted: {node}: {why}");
     }
+    for note in &r.inexact {
+        println!("  inexact: {note}");
+    }
 }
 
 pub fn run(a: Args) -> Result<i32> {

@@ -57,6 +57,8 @@ pub struct ConvertReport {
     pub float_islands: Vec<(String, String)>,
     /// Candidates a rule matched but could not convert, with the reason.
     pub skipped: Vec<(String, String)>,
+    /// Conversions that are not exact, and by how much.
+    pub inexact: Vec<String>,
     pub quantize_linear_left: usize,
     pub dequantize_linear_left: usize,
 }
@@ -341,6 +343,8 @@ fn new_node(op: &str, name: String, inputs: Vec<String>, output: String) -> Node
 /// Outcome of a rule.
 enum Rule {
     Apply(Patch, Vec<String>),
+    /// Applied, with a note on what is not exact.
+    ApplyInexact(Patch, Vec<String>, String),
     Skip(String, String),
 }
 
@@ -906,12 +910,17 @@ fn fold_qat_bn(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Rule>> {
         _ => unreachable!("checked above"),
     };
     let mut scales = Vec::with_capacity(m);
+    let mut saturated = Vec::new();
     for (o, mut ch) in values.axis_iter_mut(Axis(0)).enumerate() {
         let s = aff.scale[o] * cm[o];
         let base = if ws.len() == 1 { ws[0] } else { ws[o] };
         scales.push((base as f64 * s.abs()) as f32);
         if s < 0.0 {
             // -128 -> 127: the one inexact case (see the module doc)
+            let n = ch.iter().filter(|&&v| v == i8::MIN).count();
+            if n > 0 {
+                saturated.push(format!("channel {o}: {n}"));
+            }
             ch.mapv_inplace(|v| v.saturating_neg());
         }
     }
@@ -967,7 +976,15 @@ fn fold_qat_bn(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Rule>> {
     if let Some(bdq) = c.input.get(2).and_then(|b| dq_of(g, b)) {
         drop_private_dq(g, &mut patch, &bdq, i);
     }
-    Ok(Some(Rule::Apply(patch, nodes)))
+    if saturated.is_empty() {
+        return Ok(Some(Rule::Apply(patch, nodes)));
+    }
+    let note = format!(
+        "{}: a negative BN factor negates int8 weights, and -128 saturates to 127 (one step off) in {}",
+        label(c),
+        saturated.join(", ")
+    );
+    Ok(Some(Rule::ApplyInexact(patch, nodes, note)))
 }
 
 /// BatchNormalization parameters behind DequantizeLinear of constants (ONNX Runtime quantizes
@@ -1258,6 +1275,11 @@ pub fn convert_with(model: &mut Model, opts: ConvertOptions) -> Result<ConvertRe
             for (name, rule) in &rules {
                 match rule(&g, i, &mut names)? {
                     Some(Rule::Apply(p, nodes)) => {
+                        found = Some((name.to_string(), p, nodes));
+                        break 'nodes;
+                    }
+                    Some(Rule::ApplyInexact(p, nodes, note)) => {
+                        report.inexact.push(note);
                         found = Some((name.to_string(), p, nodes));
                         break 'nodes;
                     }
