@@ -502,3 +502,21 @@ fn op_type_exclusion_leaves_every_node_of_that_type_float() {
     // fc1's Relu is not absorbed into a float Gemm
     assert_eq!(count(&q, "Relu"), 1);
 }
+
+#[test]
+fn already_quantized_and_non_float32_models_are_refused_up_front() {
+    for (case, want) in [
+        ("qat_bn_left_in", "already quantized"),
+        ("ort_qdq_digits_prep", "qfold convert"),
+        ("trap_f16", "float16"),
+        ("conformance/dtypes_double", "double"),
+    ] {
+        let m = qfold::onnx::load(models_dir().join(case).join("model.onnx")).unwrap();
+        let s = verify::random_cases(&m, 1, 0, &Default::default()).unwrap();
+        let s: Vec<_> = s.iter().map(|c| c.inputs.clone()).collect();
+        let err = quantize(&m, Calibration::Samples(&s), &QuantizeOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{case}: {err}");
+    }
+}

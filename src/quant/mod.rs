@@ -178,6 +178,47 @@ pub enum Calibration<'a> {
     Ranges(&'a Ranges),
 }
 
+/// Refuses models `quantize` cannot handle, before any work: already quantized ones (their
+/// QDQ form goes through `qoperator::convert`), and inputs of floating-point types other than
+/// float32 (QuantizeLinear takes float32 below opset 19).
+fn check_quantizable(model: &Model) -> Result<()> {
+    let g = model.graph();
+    if let Some(n) = g.node.iter().find(|n| {
+        matches!(
+            n.op_type.as_str(),
+            "QuantizeLinear"
+                | "DequantizeLinear"
+                | "QLinearConv"
+                | "QLinearMatMul"
+                | "ConvInteger"
+                | "MatMulInteger"
+        )
+    }) {
+        return Err(Error::Usage(format!(
+            "the model is already quantized (node '{}' is a {}): convert a QDQ model with `qfold convert`",
+            n.name, n.op_type
+        )));
+    }
+    let graph = crate::graph::Graph::of_model(model);
+    let other_float = graph
+        .real_inputs()
+        .into_iter()
+        .filter_map(|v| match v.type_.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(crate::onnx::proto::type_proto::Value::TensorType(t)) => {
+                crate::onnx::ElemType::from_onnx(t.elem_type).map(|e| (v.name.clone(), e))
+            }
+            _ => None,
+        })
+        .find(|(_, e)| e.is_float() && *e != crate::onnx::ElemType::F32);
+    if let Some((name, e)) = other_float {
+        return Err(Error::Usage(format!(
+            "'{name}' is {}: qfold quantizes float32 models (QuantizeLinear takes float32 before opset 19); cast the model to float32 first",
+            e.name()
+        )));
+    }
+    Ok(())
+}
+
 /// Fuses (unless disabled), plans, calibrates and emits a QDQ model. Returns the quantized
 /// model, the ranges used and the report; `model` is not changed.
 pub fn quantize(
@@ -185,6 +226,7 @@ pub fn quantize(
     calibration: Calibration,
     opts: &QuantizeOptions,
 ) -> Result<(Model, Ranges, QuantizeReport)> {
+    check_quantizable(model)?;
     let mut float = model.clone();
     let fusion = if opts.fuse {
         Some(fuse(&mut float, &FuseOptions::default())?)
