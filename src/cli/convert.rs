@@ -87,36 +87,24 @@ pub fn run(a: Args) -> Result<i32> {
             a.model.display()
         )));
     }
-    let mut passed = true;
     let comparison = if a.check {
         let cases =
             verify::dataset_or_random(&qdq, a.inputs.as_deref(), a.random, 0, &a.input_shape)?;
-        let c = verify::compare_models(&qdq, &q, &cases, Criterion::MinSqnr { db: a.min_sqnr })?;
-        passed = c.passed;
-        Some(c)
+        Some(verify::compare_models(
+            &qdq,
+            &q,
+            &cases,
+            Criterion::MinSqnr { db: a.min_sqnr },
+        )?)
     } else {
         None
     };
-    if a.json {
-        let v = serde_json::json!({ "convert": report, "check": comparison, "written": passed.then(|| a.output.display().to_string()) });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("report serializes")
-        );
-    } else {
-        print_report(&report);
-        if let Some(c) = &comparison {
-            println!("check against the QDQ model in tract:");
-            super::check::print_comparison(c);
-        }
+    super::Outcome {
+        key: "convert",
+        report: &report,
+        print: &print_report,
+        check: comparison.as_ref(),
+        against: "the QDQ model",
     }
-    if !passed {
-        eprintln!("error: the converted model does not match the QDQ model; nothing written");
-        return Ok(super::CHECK_FAILED);
-    }
-    qfold::onnx::save(&q, &a.output, &a.out.save_options())?;
-    if !a.json {
-        println!("wrote {}", a.output.display());
-    }
-    Ok(super::OK)
+    .finish(&q, &a.output, &a.out, a.json)
 }

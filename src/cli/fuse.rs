@@ -95,7 +95,6 @@ pub fn run(args: Args) -> Result<i32> {
     }
     let mut fused = original.clone();
     let report = fuse(&mut fused, &opts)?;
-    let mut passed = true;
     let comparison = if args.check {
         let criterion: Criterion = match &args.tolerance {
             None => tolerance::for_model(&original),
@@ -110,32 +109,18 @@ pub fn run(args: Args) -> Result<i32> {
             args.seed,
             &args.input_shape,
         )?;
-        let c = verify::compare_models(&original, &fused, &cases, criterion)?;
-        passed = c.passed;
-        Some(c)
+        Some(verify::compare_models(
+            &original, &fused, &cases, criterion,
+        )?)
     } else {
         None
     };
-    if args.json {
-        let v = serde_json::json!({ "fusion": report, "check": comparison, "written": passed.then(|| args.output.display().to_string()) });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&v).expect("report serializes")
-        );
-    } else {
-        print_report(&report);
-        if let Some(c) = &comparison {
-            println!("check against the original in tract:");
-            super::check::print_comparison(c);
-        }
+    super::Outcome {
+        key: "fusion",
+        report: &report,
+        print: &print_report,
+        check: comparison.as_ref(),
+        against: "the original",
     }
-    if !passed {
-        eprintln!("error: the fused model does not match the original; nothing written");
-        return Ok(super::CHECK_FAILED);
-    }
-    qfold::onnx::save(&fused, &args.output, &args.out.save_options())?;
-    if !args.json {
-        println!("wrote {}", args.output.display());
-    }
-    Ok(super::OK)
+    .finish(&fused, &args.output, &args.out, args.json)
 }

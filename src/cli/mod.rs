@@ -63,6 +63,59 @@ impl OutputArgs {
     }
 }
 
+/// How a rewriting command ends: print its report (JSON under `key`, or text), then write the
+/// model, unless its check against the input failed (exit 1, nothing written).
+pub struct Outcome<'a, R: serde::Serialize> {
+    pub key: &'a str,
+    pub report: &'a R,
+    pub print: &'a dyn Fn(&R),
+    pub check: Option<&'a qfold::verify::Comparison>,
+    /// What the check compared against, for messages ("the original", "the QDQ model").
+    pub against: &'a str,
+}
+
+impl<R: serde::Serialize> Outcome<'_, R> {
+    /// Prints, then saves `model` to `path` when the check passed (or there was none).
+    pub fn finish(
+        self,
+        model: &qfold::onnx::Model,
+        path: &std::path::Path,
+        out: &OutputArgs,
+        json: bool,
+    ) -> qfold::Result<i32> {
+        let passed = self.check.is_none_or(|c| c.passed);
+        if json {
+            let v = serde_json::json!({
+                self.key: self.report,
+                "check": self.check,
+                "written": passed.then(|| path.display().to_string()),
+            });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).expect("report serializes")
+            );
+        } else {
+            (self.print)(self.report);
+            if let Some(c) = self.check {
+                println!("check against {} in tract:", self.against);
+                check::print_comparison(c);
+            }
+        }
+        if !passed {
+            eprintln!(
+                "error: the result does not match {}; nothing written",
+                self.against
+            );
+            return Ok(CHECK_FAILED);
+        }
+        qfold::onnx::save(model, path, &out.save_options())?;
+        if !json {
+            println!("wrote {}", path.display());
+        }
+        Ok(OK)
+    }
+}
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
