@@ -520,3 +520,37 @@ fn already_quantized_and_non_float32_models_are_refused_up_front() {
         assert!(err.contains(want), "{case}: {err}");
     }
 }
+
+#[test]
+fn per_tensor_min_sqnr_picks_the_granularity_per_weight() {
+    let (m, calib, _) = digits();
+    let s = samples(&calib);
+    let axes = |db: f64| {
+        let opts = QuantizeOptions {
+            per_tensor_min_sqnr: Some(db),
+            ..QuantizeOptions::default()
+        };
+        let (_, _, r) = quantize(&m, Calibration::Samples(&s), &opts).unwrap();
+        r.plan.weights.iter().filter(|w| w.axis.is_none()).count()
+    };
+    assert_eq!(axes(0.0), 5, "every weight quantizes per tensor above 0 dB");
+    assert_eq!(axes(1000.0), 0, "none reaches 1000 dB");
+    let mid = axes(40.0);
+    // the threshold is applied weight by weight, against the weight's own per-tensor SQNR
+    let mut fused = m.clone();
+    qfold::fusion::fuse(&mut fused, &Default::default()).unwrap();
+    let expected = ["conv1", "conv2", "conv3", "fc1", "fc2"]
+        .iter()
+        .filter(|name| {
+            let w = fused
+                .graph()
+                .initializer
+                .iter()
+                .find(|t| t.name == format!("{name}.weight"))
+                .unwrap();
+            let w = TensorData::from_proto(w).unwrap().to_f64();
+            qfold::quant::plan::per_tensor_weight_sqnr(&w) >= 40.0
+        })
+        .count();
+    assert_eq!(mid, expected);
+}

@@ -62,6 +62,10 @@ pub struct Args {
     /// One scale per weight tensor.
     #[arg(long)]
     per_tensor: bool,
+    /// With per-channel weights, keep per tensor every weight that quantizes per tensor with at
+    /// least this SQNR in dB (faster QLinearConv in tract).
+    #[arg(long, value_name = "DB")]
+    per_tensor_min_sqnr: Option<f64>,
     /// 7-bit activations (PyTorch fbgemm's reduce_range).
     #[arg(long)]
     reduce_range: bool,
@@ -163,6 +167,10 @@ fn options(a: &Args) -> Result<QuantizeOptions> {
     }
     if a.reduce_range {
         o.reduce_range = true;
+    }
+    if let Some(db) = a.per_tensor_min_sqnr {
+        o.per_tensor_min_sqnr = Some(db);
+        o.per_channel = true;
     }
     o.exclude = a.exclude.clone();
     o.exclude_op_types = a

@@ -71,6 +71,7 @@ impl Preset {
             int32_bias: true,
             method: Method::MinMax,
             fuse: true,
+            per_tensor_min_sqnr: None,
             exclude: vec![],
             exclude_op_types: vec![],
             threads: 0,
@@ -112,6 +113,9 @@ pub struct QuantizeOptions {
     pub method: Method,
     /// Run automatic fusion first.
     pub fuse: bool,
+    /// With per-channel weights: weights that quantize per tensor with at least this SQNR
+    /// (dB) stay per tensor (the tract preset: its per-tensor integer kernels are faster).
+    pub per_tensor_min_sqnr: Option<f64>,
     /// Node names or module paths left float.
     pub exclude: Vec<String>,
     /// Op types left float.
@@ -135,6 +139,7 @@ impl QuantizeOptions {
             int32_bias: self.int32_bias,
             exclude: self.exclude.clone(),
             exclude_op_types: self.exclude_op_types.clone(),
+            per_tensor_min_sqnr: self.per_tensor_min_sqnr,
         }
     }
 

@@ -64,6 +64,9 @@ pub struct PlanOptions {
     pub exclude: Vec<String>,
     /// Op types left float.
     pub exclude_op_types: Vec<String>,
+    /// With `per_channel`: keep a weight per tensor when that alone quantizes it with at least
+    /// this SQNR (dB); tract runs per-tensor QLinearConv much faster.
+    pub per_tensor_min_sqnr: Option<f64>,
 }
 
 /// A weight input to quantize.
@@ -381,10 +384,44 @@ fn mark_weight(
         plan.mark_input(g, w);
         return;
     }
+    let axis = match (opts.per_channel, opts.per_tensor_min_sqnr) {
+        (false, _) => None,
+        (true, None) => axis,
+        (true, Some(db)) => {
+            let per_tensor_db = g
+                .constant(w)
+                .ok()
+                .flatten()
+                .map(|t| per_tensor_weight_sqnr(&t.to_f64()));
+            if per_tensor_db.is_some_and(|s| s >= db) {
+                None
+            } else {
+                axis
+            }
+        }
+    };
     plan.weights.push(WeightUse {
         node: label(n),
         slot,
         tensor: w.clone(),
-        axis: if opts.per_channel { axis } else { None },
+        axis,
     });
+}
+
+/// SQNR (dB) of a weight quantized per tensor, symmetric int8 on [-127, 127].
+pub fn per_tensor_weight_sqnr(w: &ndarray::ArrayD<f64>) -> f64 {
+    let absmax = w.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    if absmax == 0.0 {
+        return f64::INFINITY;
+    }
+    let scale = absmax / 127.0;
+    let (signal, noise) = w.iter().fold((0.0, 0.0), |(s, n), &v| {
+        let q = (v / scale).round_ties_even().clamp(-127.0, 127.0) * scale;
+        (s + v * v, n + (v - q) * (v - q))
+    });
+    if noise == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (signal / noise).log10()
+    }
 }
