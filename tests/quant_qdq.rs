@@ -554,3 +554,115 @@ fn per_tensor_min_sqnr_picks_the_granularity_per_weight() {
         .count();
     assert_eq!(mid, expected);
 }
+
+#[test]
+fn softmax_outputs_are_never_quantized() {
+    // tract evaluates DequantizeLinear -> Softmax -> QuantizeLinear as a lookup table, which is
+    // wrong; the plan marks nothing a Softmax produces, even when its reader is quantized.
+    let m = model_of(
+        vec![
+            node_of("Add", "add", &["x", "b"], &["s"], vec![]),
+            node_of("Softmax", "softmax", &["s"], &["p"], vec![int("axis", 1)]),
+            node_of("Mul", "mul", &["p", "k"], &["y"], vec![]),
+        ],
+        vec![
+            (
+                "b".into(),
+                TensorData::F32(ndarray::Array1::from(vec![0.1f32, -0.2, 0.3, 0.0]).into_dyn()),
+            ),
+            (
+                "k".into(),
+                TensorData::F32(ndarray::arr0(2.0f32).into_dyn()),
+            ),
+        ],
+        value_info("x", ElemType::F32, &[2, 4]),
+        "y",
+    );
+    let s: Vec<_> = verify::random_cases(&m, 4, 0, &Default::default())
+        .unwrap()
+        .into_iter()
+        .map(|c| c.inputs)
+        .collect();
+    let (q, _, report) =
+        quantize(&m, Calibration::Samples(&s), &QuantizeOptions::default()).unwrap();
+    assert!(report.plan.quantized.contains(&"mul".to_string()));
+    assert!(
+        !report.plan.activations.contains_key("p"),
+        "{:?}",
+        report.plan.activations.keys()
+    );
+    assert!(q
+        .graph()
+        .node
+        .iter()
+        .filter(|n| n.op_type == "QuantizeLinear")
+        .all(|n| !n.input[0].starts_with('p')));
+    let cases = verify::random_cases(&m, 2, 9, &Default::default()).unwrap();
+    for c in &cases {
+        let cmp = compare(
+            &run(&m, c),
+            &run(&q, c),
+            verify::Criterion::MinSqnr { db: 30.0 },
+        );
+        assert!(cmp.passed, "{:?}", cmp.outputs);
+    }
+}
+
+#[test]
+fn tract_still_gets_dequantize_softmax_quantize_wrong() {
+    // The reason for the rule above, kept honest: if a tract upgrade fixes it, this fails and
+    // the Softmax restriction can go.
+    let u8s = |v: u8| TensorData::U8(ndarray::arr0(v).into_dyn());
+    let f32s = |v: f32| TensorData::F32(ndarray::arr0(v).into_dyn());
+    let m = model_of(
+        vec![
+            node_of("QuantizeLinear", "qx", &["x", "s", "z"], &["xq"], vec![]),
+            node_of(
+                "DequantizeLinear",
+                "dqx",
+                &["xq", "s", "z"],
+                &["xd"],
+                vec![],
+            ),
+            node_of("Softmax", "softmax", &["xd"], &["p"], vec![int("axis", 1)]),
+            node_of("QuantizeLinear", "qp", &["p", "s2", "z2"], &["pq"], vec![]),
+            node_of(
+                "DequantizeLinear",
+                "dqp",
+                &["pq", "s2", "z2"],
+                &["y"],
+                vec![],
+            ),
+        ],
+        vec![
+            ("s".into(), f32s(0.05)),
+            ("z".into(), u8s(128)),
+            ("s2".into(), f32s(1.0 / 255.0)),
+            ("z2".into(), u8s(0)),
+        ],
+        value_info("x", ElemType::F32, &[2, 5]),
+        "y",
+    );
+    let c = &verify::random_cases(&m, 1, 0, &Default::default()).unwrap()[0];
+    let x = c.inputs[0].1.to_f64();
+    let got = run(&m, c)[0].to_f64();
+    // the right answer: softmax of the dequantized input, each row summing to about 1
+    let mut worst = 0.0f64;
+    for (row_x, row_y) in x.outer_iter().zip(got.outer_iter()) {
+        let xd: Vec<f64> = row_x
+            .iter()
+            .map(|v| ((v / 0.05).round() + 128.0).clamp(0.0, 255.0) - 128.0)
+            .map(|q| q * 0.05)
+            .collect();
+        let max = xd.iter().cloned().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = xd.iter().map(|v| (v - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        for (ei, yi) in e.iter().zip(row_y.iter()) {
+            worst = worst.max((ei / sum - yi).abs());
+        }
+    }
+    assert!(
+        worst > 0.3,
+        "tract now gets it right (max error {worst}): lift the Softmax rule"
+    );
+}
