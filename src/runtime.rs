@@ -63,7 +63,11 @@ fn to_tract(t: &TensorData) -> Result<Tensor> {
         TensorData::U32(a) => a.clone().into(),
         TensorData::U64(a) => a.clone().into(),
         TensorData::Bool(a) => a.clone().into(),
-        TensorData::BF16(_) => datum_type(ElemType::BF16).map(|_| unreachable!())?,
+        TensorData::BF16(_) => {
+            return Err(Error::Usage(
+                "tract has no bfloat16 tensors: cast bfloat16 inputs to float".into(),
+            ))
+        }
     })
 }
 

@@ -294,12 +294,6 @@ impl<'a> Graph<'a> {
         }
     }
 
-    /// Number of nodes (including this graph's) reading a constant's storage: for an
-    /// initializer, every reader of that name; a Constant node's value is read by its consumers.
-    pub fn is_shared(&self, name: &str) -> bool {
-        self.consumers(name).len() > 1 || self.is_output(name)
-    }
-
     /// Element type of a constant, if known.
     pub fn constant_type(&self, name: &str) -> Option<ElemType> {
         match self.const_source(name)? {

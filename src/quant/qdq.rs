@@ -243,14 +243,15 @@ pub fn materialize(
     }
 
     // Absorbed activations: the producer writes the activation's output.
-    let mut absorbed_outputs: HashMap<String, usize> = HashMap::new();
+    // Each absorbed output with its producer and Clip's upper bound (which caps its range).
+    let mut absorbed_outputs: HashMap<String, (usize, Option<f32>)> = HashMap::new();
     for a in &plan.absorbed {
         let act = node_idx(&a.node)?;
         let prod = node_idx(&a.producer)?;
         let out = g.node(act).output[0].clone();
         edit(&mut modified, &g, prod).output[0] = out.clone();
         patch.remove_node(act);
-        absorbed_outputs.insert(out, prod);
+        absorbed_outputs.insert(out, (prod, a.max));
         report.absorbed.push(a.node.clone());
     }
 
@@ -263,12 +264,8 @@ pub fn materialize(
                 let (mut lo, mut hi) = *ranges
                     .get(v)
                     .ok_or_else(|| Error::Usage(format!("no calibrated range for '{v}'")))?;
-                if let Some(ab) = plan
-                    .absorbed
-                    .iter()
-                    .find(|ab| g.node(node_idx(&ab.node).unwrap_or(0)).output[0] == *a)
-                {
-                    if let Some(m) = ab.max {
+                if let Some(&(_, max)) = absorbed_outputs.get(a) {
+                    if let Some(m) = max {
                         hi = hi.min(m);
                     }
                     lo = lo.max(0.0);
@@ -451,7 +448,10 @@ pub fn materialize(
         patch.add_initializer(scale_tensor(&[p.scale], false).to_proto(&sname));
         patch.add_initializer(zp_tensor(&[p.zero_point], opts.activation, false).to_proto(&zname));
         let qname = names.fresh(&format!("{a}_quantized"));
-        let producer = absorbed_outputs.get(a).copied().or_else(|| g.producer(a));
+        let producer = absorbed_outputs
+            .get(a)
+            .map(|&(p, _)| p)
+            .or_else(|| g.producer(a));
         match (&plan.activations[a], producer) {
             (Source::Constant, _) => {
                 let t = g.constant(a)?.expect("checked above").to_f64();

@@ -477,14 +477,12 @@ fn matmul(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Rule>> {
 }
 
 fn axes_input(
-    g: &Graph,
     patch: &mut Patch,
     names: &mut Names,
     node: &mut NodeProto,
     axes: &[i64],
     opset: i64,
 ) {
-    let _ = g;
     if opset >= 13 {
         let n = names.fresh("axes_2");
         patch.add_initializer(
@@ -629,7 +627,7 @@ fn gemm(g: &Graph, i: usize, names: &mut Names, opset: i64) -> Result<Option<Rul
         vec![a.q.clone()],
         a3.clone(),
     );
-    axes_input(g, &mut patch, names, &mut un, &[2], opset);
+    axes_input(&mut patch, names, &mut un, &[2], opset);
     let mut conv = new_node(
         "QLinearConv",
         n.name.clone(),
@@ -653,7 +651,7 @@ fn gemm(g: &Graph, i: usize, names: &mut Names, opset: i64) -> Result<Option<Rul
         vec![y3],
         q.output.clone(),
     );
-    axes_input(g, &mut patch, names, &mut sq, &[2], opset);
+    axes_input(&mut patch, names, &mut sq, &[2], opset);
     patch
         .replace_node(i, conv)
         .add_node(un)
