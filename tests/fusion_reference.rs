@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use qfold::fusion::{fuse, FuseOptions, Fuser, GroupKind};
 use qfold::graph::{Graph, Names, Patch};
-use qfold::verify::tolerance;
 
 fn eval_fuse(name: &str) -> (RefCase, qfold::onnx::Model, qfold::fusion::FuseReport) {
     let rc = load_case(name);
@@ -365,5 +364,4 @@ fn fused_models_are_valid_and_round_trip() {
     assert_eq!(back.proto, fused.proto);
     Graph::of_model(&back).check().unwrap();
     std::fs::remove_dir_all(&dir).ok();
-    let _ = tolerance::FLOAT;
 }

@@ -309,16 +309,7 @@ fn bias_overflow_widens_the_weight_scale() {
         value_info("x", ElemType::F32, &[1, 1, 2, 2]),
         "y",
     );
-    let x = TensorData::F32(
-        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 1, 2, 2]), vec![0.1, -0.2, 0.3, 0.05])
-            .unwrap(),
-    );
-    let case = Case {
-        source: "x".into(),
-        inputs: vec![("x".into(), x)],
-        expected: vec![],
-        labels: None,
-    };
+    let case = f32_case("x", &[1, 1, 2, 2], vec![0.1, -0.2, 0.3, 0.05]);
     let (q, _, report) = quantize(
         &m,
         Calibration::Samples(std::slice::from_ref(&case.inputs)),
@@ -357,14 +348,7 @@ fn conv_clip_model(lo: f32, hi: f32, opset: i64) -> (Model, Case) {
     );
     m.proto.opset_import[0].version = opset;
     let x: Vec<f32> = (0..16).map(|i| (i as f32 - 6.0) * 0.7).collect();
-    let x =
-        TensorData::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 1, 4, 4]), x).unwrap());
-    let case = Case {
-        source: "x".into(),
-        inputs: vec![("x".into(), x)],
-        expected: vec![],
-        labels: None,
-    };
+    let case = f32_case("x", &[1, 1, 4, 4], x);
     (m, case)
 }
 

@@ -236,17 +236,7 @@ fn qdq_conv(bn: bool, relu: bool, zp: u8) -> (Model, Case) {
     let x: Vec<f32> = (0..50)
         .map(|i| ((i * 13) % 29) as f32 * 0.08 - 1.1)
         .collect();
-    let case = Case {
-        source: "x".into(),
-        inputs: vec![(
-            "x".into(),
-            TensorData::F32(
-                ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 2, 5, 5]), x).unwrap(),
-            ),
-        )],
-        expected: vec![],
-        labels: None,
-    };
+    let case = f32_case("x", &[1, 2, 5, 5], x);
     (m, case)
 }
 
@@ -349,17 +339,7 @@ fn standalone_bn_relu_becomes_a_depthwise_qlinearconv() {
         "y",
     );
     let x: Vec<f32> = (0..18).map(|i| i as f32 * 0.13 - 1.0).collect();
-    let case = Case {
-        source: "x".into(),
-        inputs: vec![(
-            "x".into(),
-            TensorData::F32(
-                ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 2, 3, 3]), x).unwrap(),
-            ),
-        )],
-        expected: vec![],
-        labels: None,
-    };
+    let case = f32_case("x", &[1, 2, 3, 3], x);
     let mut q = m.clone();
     let r = convert(&mut q).unwrap();
     assert!(r
@@ -432,15 +412,7 @@ fn matmul_becomes_qlinearmatmul() {
     ];
     let m = model_of(nodes, inits, value_info("a", ElemType::F32, &[2, 4]), "y");
     let x: Vec<f32> = (0..8).map(|i| i as f32 * 0.3 - 1.0).collect();
-    let case = Case {
-        source: "a".into(),
-        inputs: vec![(
-            "a".into(),
-            TensorData::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 4]), x).unwrap()),
-        )],
-        expected: vec![],
-        labels: None,
-    };
+    let case = f32_case("a", &[2, 4], x);
     let mut q = m.clone();
     convert(&mut q).unwrap();
     assert_eq!(count(&q, "QLinearMatMul"), 1);

@@ -330,3 +330,17 @@ pub fn model_of(
     m.graph = Some(g).into();
     Model::new(m)
 }
+
+/// A one-input case of f32 values with the given shape.
+pub fn f32_case(input: &str, shape: &[usize], values: Vec<f32>) -> Case {
+    let t = TensorData::F32(
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), values)
+            .expect("values fit the shape"),
+    );
+    Case {
+        source: input.into(),
+        inputs: vec![(input.into(), t)],
+        expected: vec![],
+        labels: None,
+    }
+}
