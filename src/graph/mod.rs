@@ -1,9 +1,12 @@
 //! The editable graph: a read-only index over a `GraphProto` that every rule queries, and
 //! [`Patch`], the only way a rule changes the graph.
 
+pub mod engine;
 mod names;
 mod patch;
+pub mod spec;
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
@@ -12,7 +15,9 @@ pub use patch::Patch;
 
 use crate::error::{Error, Result};
 use crate::onnx::attr;
-use crate::onnx::proto::{attribute_proto::AttributeType, GraphProto, NodeProto, TensorProto};
+use crate::onnx::proto::{
+    attribute_proto::AttributeType, GraphProto, NodeProto, TensorProto, TypeProto,
+};
 use crate::onnx::{ElemType, Model, TensorData};
 
 /// Where a constant value comes from.
@@ -32,6 +37,11 @@ pub struct Graph<'a> {
     proto: &'a GraphProto,
     producer: HashMap<&'a str, usize>,
     consumers: HashMap<String, Vec<usize>>,
+    by_name: HashMap<&'a str, usize>,
+    /// Declared types of graph inputs, value_info entries and graph outputs.
+    declared: HashMap<&'a str, &'a TypeProto>,
+    /// While the engine runs a rule: every node the rule looked at (its footprint).
+    reads: RefCell<Option<Vec<usize>>>,
     initializers: HashMap<&'a str, usize>,
     inputs: HashSet<&'a str>,
     outputs: HashSet<&'a str>,
@@ -174,7 +184,11 @@ impl<'a> Graph<'a> {
     pub fn new(proto: &'a GraphProto) -> Graph<'a> {
         let mut producer = HashMap::new();
         let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_name = HashMap::new();
         for (i, n) in proto.node.iter().enumerate() {
+            if !n.name.is_empty() {
+                by_name.entry(n.name.as_str()).or_insert(i);
+            }
             for o in n.output.iter().filter(|o| !o.is_empty()) {
                 producer.entry(o.as_str()).or_insert(i);
             }
@@ -189,6 +203,20 @@ impl<'a> Graph<'a> {
             proto,
             producer,
             consumers,
+            by_name,
+            declared: proto
+                .input
+                .iter()
+                .chain(&proto.value_info)
+                .chain(&proto.output)
+                .fold(HashMap::new(), |mut m, v| {
+                    m.entry(v.name.as_str()).or_insert(v.type_.as_ref());
+                    m
+                })
+                .into_iter()
+                .filter_map(|(k, t)| Some((k, t?)))
+                .collect(),
+            reads: RefCell::new(None),
             initializers: proto
                 .initializer
                 .iter()
@@ -219,19 +247,44 @@ impl<'a> Graph<'a> {
         &self.proto.name
     }
 
-    /// Node `i`.
+    /// Node `i` (an index this graph handed out: from `producer`, `consumers`, `node_by_name`
+    /// or `0..len()`). While the engine runs a rule, the access is recorded in its footprint.
     pub fn node(&self, i: usize) -> &'a NodeProto {
+        if let Some(log) = self.reads.borrow_mut().as_mut() {
+            log.push(i);
+        }
         &self.proto.node[i]
     }
 
-    /// All nodes, in stored order.
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.proto.node.len()
+    }
+
+    /// True when the graph has no node.
+    pub fn is_empty(&self) -> bool {
+        self.proto.node.is_empty()
+    }
+
+    /// All nodes, in stored order. Rules use [`Graph::node`] instead, so their footprint is
+    /// known.
     pub fn nodes(&self) -> &'a [NodeProto] {
         &self.proto.node
     }
 
-    /// The node named `name`.
+    /// The node named `name` (the first, if names repeat).
     pub fn node_by_name(&self, name: &str) -> Option<usize> {
-        self.proto.node.iter().position(|n| n.name == name)
+        self.by_name.get(name).copied()
+    }
+
+    /// Starts recording the nodes rules look at.
+    pub(crate) fn start_footprint(&self) {
+        *self.reads.borrow_mut() = Some(Vec::new());
+    }
+
+    /// Stops recording and returns the nodes looked at since [`Graph::start_footprint`].
+    pub(crate) fn take_footprint(&self) -> Vec<usize> {
+        self.reads.borrow_mut().take().unwrap_or_default()
     }
 
     /// The node that produces `value`.
@@ -252,6 +305,11 @@ impl<'a> Graph<'a> {
     /// True when `value` is a graph input.
     pub fn is_input(&self, value: &str) -> bool {
         self.inputs.contains(value)
+    }
+
+    /// The type declared for `value` (graph input, value_info or graph output), if any.
+    pub fn declared_type(&self, value: &str) -> Option<&'a TypeProto> {
+        self.declared.get(value).copied()
     }
 
     /// The initializer named `name`.

@@ -9,6 +9,8 @@ use crate::onnx::proto::GraphProto;
 #[derive(Debug, Default)]
 pub struct Names {
     used: HashSet<String>,
+    /// Names handed out by `fresh`, in order, so a discarded rewrite can give them back.
+    journal: Vec<String>,
 }
 
 impl Names {
@@ -50,6 +52,20 @@ impl Names {
             k += 1;
         }
         self.used.insert(name.clone());
+        self.journal.push(name.clone());
         name
+    }
+
+    /// A point to come back to with [`Names::rollback`].
+    pub fn mark(&self) -> usize {
+        self.journal.len()
+    }
+
+    /// Frees the names handed out since `mark` (their rewrite was discarded), so the same
+    /// rewrite made later gets the same names.
+    pub fn rollback(&mut self, mark: usize) {
+        for name in self.journal.drain(mark.min(self.journal.len())..) {
+            self.used.remove(&name);
+        }
     }
 }

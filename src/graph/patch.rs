@@ -3,7 +3,7 @@
 //! After applying, nodes are re-sorted topologically and unused initializers, Constant nodes and
 //! value_info entries are swept.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::{node_uses, topo_order, Graph};
 use crate::error::{Error, Result};
@@ -72,6 +72,22 @@ impl Patch {
         self.removed.iter().copied()
     }
 
+    /// Nodes removed or replaced by the patch.
+    pub fn touched_nodes(&self) -> impl Iterator<Item = usize> + '_ {
+        self.removed.iter().chain(self.replaced.keys()).copied()
+    }
+
+    /// Adds `other`'s changes to this patch. Both must be built against the same graph and
+    /// touch different nodes (the engine makes sure); `apply` validates the union.
+    pub fn merge(&mut self, other: Patch) {
+        self.removed.extend(other.removed);
+        self.replaced.extend(other.replaced);
+        self.added.extend(other.added);
+        self.initializers.extend(other.initializers);
+        self.replaced_initializers
+            .extend(other.replaced_initializers);
+    }
+
     /// True when the patch changes nothing.
     pub fn is_empty(&self) -> bool {
         self.removed.is_empty()
@@ -115,6 +131,7 @@ impl Patch {
         }
         srcs.extend((0..self.added.len()).map(Src::Added));
 
+        let mut replaced_at = Vec::with_capacity(self.replaced_initializers.len());
         let order = {
             let view: Vec<&NodeProto> = srcs
                 .iter()
@@ -141,10 +158,21 @@ impl Patch {
                 }
                 avail.insert(t.name.as_str());
             }
+            let existing: HashMap<&str, usize> = g
+                .initializer
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.as_str(), i))
+                .collect();
+            let mut seen = HashSet::new();
             for t in &self.replaced_initializers {
-                if !g.initializer.iter().any(|x| x.name == t.name) {
+                let Some(&i) = existing.get(t.name.as_str()) else {
                     return Err(self.err(format!("no initializer '{}' to replace", t.name)));
+                };
+                if !seen.insert(i) {
+                    return Err(self.err(format!("initializer '{}' is replaced twice", t.name)));
                 }
+                replaced_at.push(i);
             }
             let mut names = HashSet::new();
             for v in &view {
@@ -181,10 +209,11 @@ impl Patch {
             .map(|n| n.expect("each source is taken once"))
             .collect();
         g.initializer.append(&mut self.initializers);
-        for t in std::mem::take(&mut self.replaced_initializers) {
-            if let Some(slot) = g.initializer.iter_mut().find(|x| x.name == t.name) {
-                *slot = t;
-            }
+        for (t, i) in std::mem::take(&mut self.replaced_initializers)
+            .into_iter()
+            .zip(replaced_at)
+        {
+            g.initializer[i] = t;
         }
         sweep(g);
         if cfg!(debug_assertions) {

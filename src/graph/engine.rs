@@ -1,0 +1,238 @@
+//! The rewrite engine behind fusion, QOperator conversion and custom fusers.
+//!
+//! A rule is matched at one node (its anchor) against a read-only [`Graph`] and returns
+//! `Ok(None)` (does not apply), [`Outcome::Decline`] (the pattern is there but rewriting would be
+//! wrong; the reason goes to the report) or [`Outcome::Rewrite`] (a [`Patch`] and a record of
+//! what it did). The engine:
+//!
+//! - builds one index per sweep and one [`Names`] per run;
+//! - walks the nodes once per sweep, trying the rules in order at each node (the first that
+//!   answers wins);
+//! - records every node a rule looks at (its footprint, through [`Graph::node`]); a rewrite claims
+//!   its footprint, and a rule whose footprint meets a claimed node is set aside for the next
+//!   sweep, since it looked at something that is about to change. So the rewrites of one sweep
+//!   never overlap, and each is decided on the graph as it will be when applied;
+//! - merges the sweep's rewrites into one patch and applies it (one topological sort, one sweep of
+//!   unused initializers, one debug consistency check per sweep);
+//! - repeats to a fixed point. A declined anchor is not tried again, and a rule rewrites an
+//!   anchor (by node label) at most once.
+//!
+//! Nodes that fail their op spec ([`super::spec`]) are never matched as that op; the engine lists
+//! them once with the reason.
+//!
+//! Cost: each sweep is linear in the graph (plus the rules' own work); the number of sweeps is
+//! the length of the longest chain of rewrites that enable each other, not the number of
+//! rewrites.
+
+use std::collections::HashSet;
+
+use super::{spec, Graph, Names, Patch};
+use crate::error::{Error, Result};
+use crate::onnx::proto::NodeProto;
+use crate::onnx::Model;
+
+/// Sweeps after which a run that still rewrites is stopped with an error (a rule that undoes
+/// another would otherwise loop forever).
+pub const MAX_SWEEPS: usize = 10_000;
+
+/// What a rule decided at its anchor.
+#[derive(Debug)]
+pub enum Outcome<R> {
+    /// The rewrite and a record of what it did.
+    Rewrite(Patch, R),
+    /// The pattern is there but rewriting would not be exact or valid: the nodes and why.
+    Decline(Vec<String>, String),
+}
+
+/// A rule: a name for reports and the matcher.
+pub struct Rule<'r, R> {
+    pub name: String,
+    #[allow(clippy::type_complexity)]
+    pub matcher: Box<dyn Fn(&Graph, usize, &mut Names) -> Result<Option<Outcome<R>>> + 'r>,
+}
+
+impl<'r, R> Rule<'r, R> {
+    /// A rule named `name`.
+    pub fn new(
+        name: impl Into<String>,
+        matcher: impl Fn(&Graph, usize, &mut Names) -> Result<Option<Outcome<R>>> + 'r,
+    ) -> Self {
+        Rule {
+            name: name.into(),
+            matcher: Box::new(matcher),
+        }
+    }
+}
+
+/// A rewrite the engine made (or, without commit, found).
+#[derive(Debug)]
+pub struct Applied<R> {
+    pub rule: String,
+    pub record: R,
+}
+
+/// A candidate a rule declined.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Declined {
+    pub rule: String,
+    pub nodes: Vec<String>,
+    pub reason: String,
+}
+
+/// A node that fails its op spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Malformed {
+    pub node: String,
+    pub op_type: String,
+    pub reason: String,
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct RunReport<R> {
+    pub applied: Vec<Applied<R>>,
+    pub declined: Vec<Declined>,
+    pub malformed: Vec<Malformed>,
+    pub sweeps: usize,
+}
+
+/// A display name: the node's name, or its op and first output when unnamed.
+pub fn label(n: &NodeProto) -> String {
+    if !n.name.is_empty() {
+        n.name.clone()
+    } else {
+        format!(
+            "<{}:{}>",
+            n.op_type,
+            n.output.first().map(String::as_str).unwrap_or("")
+        )
+    }
+}
+
+/// The nodes of `model`'s main graph that fail their op spec.
+pub fn malformed_nodes(model: &Model) -> Vec<Malformed> {
+    model
+        .graph()
+        .node
+        .iter()
+        .filter_map(|n| {
+            spec::check(n).err().map(|reason| Malformed {
+                node: label(n),
+                op_type: n.op_type.clone(),
+                reason,
+            })
+        })
+        .collect()
+}
+
+/// Runs `rules` on `model` to a fixed point. With `commit = false` nothing is changed: one sweep
+/// reports what every rule would rewrite on the graph as it is (dry runs, QAT fusion).
+pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunReport<R>> {
+    let mut report = RunReport {
+        applied: Vec::new(),
+        declined: Vec::new(),
+        malformed: malformed_nodes(model),
+        sweeps: 0,
+    };
+    let mut names = Names::new(model.graph());
+    // Anchors a rule declined, by label: not tried again.
+    let mut settled: HashSet<String> = HashSet::new();
+    // (rule, anchor) pairs already rewritten: a rule rewrites an anchor once, so a rule whose
+    // result matches its own pattern cannot loop.
+    let mut rewritten: HashSet<(usize, String)> = HashSet::new();
+    loop {
+        report.sweeps += 1;
+        let g = Graph::of_model(model);
+        let mut claimed = vec![false; g.len()];
+        let mut patches: Vec<Patch> = Vec::new();
+        for i in 0..g.len() {
+            if claimed[i] {
+                continue;
+            }
+            let anchor = label(g.nodes().get(i).expect("i < len"));
+            if settled.contains(&anchor) {
+                continue;
+            }
+            for (r, rule) in rules.iter().enumerate() {
+                if !rewritten.is_empty() && rewritten.contains(&(r, anchor.clone())) {
+                    continue;
+                }
+                let mark = names.mark();
+                g.start_footprint();
+                let outcome = (rule.matcher)(&g, i, &mut names);
+                let mut footprint = g.take_footprint();
+                let outcome = outcome.map_err(|e| in_rule(&rule.name, &anchor, e))?;
+                let Some(outcome) = outcome else {
+                    names.rollback(mark);
+                    continue;
+                };
+                if commit && footprint.iter().any(|&j| claimed.get(j) != Some(&false)) {
+                    // It looked at something an earlier rewrite of this sweep changes.
+                    names.rollback(mark);
+                    break;
+                }
+                match outcome {
+                    Outcome::Decline(nodes, reason) => {
+                        names.rollback(mark);
+                        settled.insert(anchor.clone());
+                        report.declined.push(Declined {
+                            rule: rule.name.clone(),
+                            nodes,
+                            reason,
+                        });
+                    }
+                    Outcome::Rewrite(patch, record) => {
+                        report.applied.push(Applied {
+                            rule: rule.name.clone(),
+                            record,
+                        });
+                        if commit {
+                            rewritten.insert((r, anchor.clone()));
+                            footprint.extend(patch.touched_nodes());
+                            for j in footprint {
+                                if let Some(c) = claimed.get_mut(j) {
+                                    *c = true;
+                                }
+                            }
+                            patches.push(patch);
+                        } else {
+                            settled.insert(anchor.clone());
+                        }
+                    }
+                }
+                break;
+            }
+        }
+        drop(g);
+        // A rule set aside always follows a claim, so an empty sweep is the fixed point.
+        if !commit || patches.is_empty() {
+            return Ok(report);
+        }
+        if report.sweeps > MAX_SWEEPS {
+            return Err(Error::graph(
+                &model.graph().name,
+                format!("the rewrite rules did not settle after {MAX_SWEEPS} sweeps"),
+            ));
+        }
+        let count = patches.len();
+        let mut merged = Patch::new(match count {
+            1 => patches[0].name.clone(),
+            n => format!("{n} rewrites of sweep {}", report.sweeps),
+        });
+        for p in patches {
+            merged.merge(p);
+        }
+        merged.apply(model.graph_mut())?;
+    }
+}
+
+fn in_rule(rule: &str, anchor: &str, e: Error) -> Error {
+    match e {
+        // Errors that already name their node or tensor pass through as they are.
+        e @ (Error::Node { .. } | Error::Tensor { .. } | Error::Usage(_)) => e,
+        other => Error::Patch {
+            patch: format!("rule {rule} at node '{anchor}'"),
+            reason: other.to_string(),
+        },
+    }
+}
