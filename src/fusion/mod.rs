@@ -10,15 +10,16 @@ pub mod fold;
 pub mod patterns;
 pub mod rules;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use serde::Serialize;
 
 pub use patterns::{Fuser, FuserRef, GroupKind};
-use rules::{label, single_use, Outcome};
+use rules::{label, single_use};
 
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Names, Patch};
+use crate::graph::engine::{self, Outcome, Rule};
+use crate::graph::{spec, Graph, Names, Patch};
 use crate::onnx::proto::{NodeProto, StringStringEntryProto};
 use crate::onnx::Model;
 
@@ -68,6 +69,9 @@ pub struct FuseReport {
     pub bn_after: usize,
     pub nodes_before: usize,
     pub nodes_after: usize,
+    /// Engine sweeps (automatic mode).
+    #[serde(skip)]
+    pub sweeps: usize,
 }
 
 fn count_op(model: &Model, op: &str) -> usize {
@@ -79,73 +83,32 @@ fn count_op(model: &Model, op: &str) -> usize {
         .count()
 }
 
-fn apply(model: &mut Model, patch: Patch) -> Result<()> {
-    patch.apply(model.graph_mut())
-}
-
-/// Tries the fold rules on BN node `bn`.
-fn fold_rule(g: &Graph, bn: usize, names: &mut Names) -> Result<Option<Outcome>> {
-    if let Some(o) = rules::conv_bn(g, bn, names)? {
-        return Ok(Some(o));
-    }
-    if let Some(o) = rules::gemm_bn(g, bn, names)? {
-        return Ok(Some(o));
-    }
-    if let Some(o) = rules::matmul_bn(g, bn, names)? {
-        return Ok(Some(o));
-    }
-    rules::bn_conv(g, bn, names)
-}
-
-fn kind_of_fold(g: &Graph, nodes: &[String]) -> GroupKind {
-    let first = (0..g.nodes().len()).find(|&i| label(g.node(i)) == nodes[0]);
-    match first.map(|i| g.node(i).op_type.as_str()) {
-        Some("Conv") => GroupKind::ConvBn,
-        Some("ConvTranspose") => GroupKind::ConvTransposeBn,
-        Some("BatchNormalization") => GroupKind::BnConv,
-        _ => GroupKind::LinearBn,
-    }
-}
-
-/// The value a fold around BN node `bn` ends in: the BN's output, or for a forward fold into
-/// the Conv after it, that Conv's output.
-fn fold_output(g: &Graph, bn: usize) -> String {
-    let y = g.node(bn).output.first().cloned().unwrap_or_default();
-    match g.consumers(&y) {
-        [c] if g.node(*c).op_type == "Conv"
-            && g.producer(&y) == Some(bn)
-            && rules_is_forward(g, bn) =>
-        {
-            g.node(*c).output.first().cloned().unwrap_or_default()
-        }
-        _ => y,
-    }
-}
-
-fn rules_is_forward(g: &Graph, bn: usize) -> bool {
-    let x = g.node(bn).input.first();
-    !x.and_then(|x| g.producer(x)).is_some_and(|p| {
-        matches!(
-            g.node(p).op_type.as_str(),
-            "Conv" | "ConvTranspose" | "Gemm" | "MatMul" | "Add"
-        )
-    })
+/// The fold rules, in the order they are tried at each node.
+fn fold_rules() -> Vec<Rule<'static, FusedGroup>> {
+    vec![
+        Rule::new("conv_bn", rules::conv_bn::conv_bn),
+        Rule::new("gemm_bn", rules::gemm_bn::gemm_bn),
+        Rule::new("matmul_bn", rules::matmul_bn::matmul_bn),
+        Rule::new("bn_conv", rules::bn_conv::bn_conv),
+        Rule::new("unfoldable_bn", rules::unfoldable::unfoldable_bn),
+    ]
 }
 
 /// The chain of `ops.len()` nodes starting at `start`, each the single consumer of the
 /// previous one's first output, if op types match.
 fn chain_from(g: &Graph, start: usize, ops: &[String]) -> Option<Vec<usize>> {
-    let mut chain = vec![start];
-    if g.node(start).op_type != ops[0] {
+    let first = g.node(start);
+    if ops.first() != Some(&first.op_type) {
         return None;
     }
+    let mut chain = vec![start];
     for op in &ops[1..] {
         let last = g.node(*chain.last()?);
         let out = last.output.first()?;
         if single_use(g, out).is_some() {
             return None;
         }
-        let next = g.consumers(out)[0];
+        let next = *g.consumers(out).first()?;
         if &g.node(next).op_type != op {
             return None;
         }
@@ -154,7 +117,22 @@ fn chain_from(g: &Graph, start: usize, ops: &[String]) -> Option<Vec<usize>> {
     Some(chain)
 }
 
-fn custom_auto(model: &mut Model, fuser: &FuserRef, report: &mut FuseReport) -> Result<()> {
+/// The record of a custom fuser's rewrite of `chain`.
+fn custom_group(g: &Graph, fuser: &FuserRef, chain: &[usize]) -> FusedGroup {
+    FusedGroup {
+        kind: GroupKind::Custom,
+        nodes: chain.iter().map(|&i| label(g.node(i))).collect(),
+        folded: true,
+        fuser: Some(fuser.name().to_string()),
+        output: chain
+            .last()
+            .and_then(|&i| g.node(i).output.first().cloned())
+            .unwrap_or_default(),
+    }
+}
+
+/// A custom fuser as an engine rule, anchored at the first node of its pattern.
+fn custom_rule(fuser: &FuserRef) -> Result<Rule<'_, FusedGroup>> {
     let ops = fuser.pattern();
     if ops.is_empty() {
         return Err(Error::Usage(format!(
@@ -162,185 +140,112 @@ fn custom_auto(model: &mut Model, fuser: &FuserRef, report: &mut FuseReport) -> 
             fuser.name()
         )));
     }
-    let mut done: HashSet<String> = HashSet::new();
-    loop {
-        let g = Graph::of_model(model);
-        let found = (0..g.nodes().len())
-            .filter(|&i| !done.contains(&label(g.node(i))))
-            .find_map(|i| chain_from(&g, i, &ops));
-        let Some(chain) = found else { return Ok(()) };
-        let labels: Vec<String> = chain.iter().map(|&i| label(g.node(i))).collect();
-        let mut names = Names::new(g.proto());
-        let patch = fuser.fuse(&g, &chain, &mut names)?;
-        done.insert(labels[0].clone());
-        report.groups.push(FusedGroup {
-            kind: GroupKind::Custom,
-            nodes: labels,
-            folded: true,
-            fuser: Some(fuser.name().to_string()),
-            output: g
-                .node(*chain.last().expect("non-empty"))
-                .output
-                .first()
-                .cloned()
-                .unwrap_or_default(),
+    Ok(Rule::new(
+        format!("custom fuser {}", fuser.name()),
+        move |g: &Graph, i: usize, names: &mut Names| {
+            let Some(chain) = chain_from(g, i, &ops) else {
+                return Ok(None);
+            };
+            let patch = fuser.fuse(g, &chain, names)?;
+            Ok(Some(Outcome::Rewrite(
+                patch,
+                custom_group(g, fuser, &chain),
+            )))
+        },
+    ))
+}
+
+/// Automatic mode: custom fusers first, then every fold rule, through the engine.
+fn fuse_auto(model: &mut Model, opts: &FuseOptions, report: &mut FuseReport) -> Result<()> {
+    let mut all = Vec::new();
+    for f in &opts.fusers {
+        all.push(custom_rule(f)?);
+    }
+    all.extend(fold_rules());
+    let run = engine::run(model, &all, !opts.qat)?;
+    for m in run.malformed {
+        report.skipped.push(Skipped {
+            nodes: vec![m.node],
+            reason: format!("malformed {}: {}", m.op_type, m.reason),
         });
-        drop(g);
-        apply(model, patch)?;
     }
-}
-
-/// Folds (or in QAT mode, records) every BN fold candidate.
-fn fold_all(model: &mut Model, qat: bool, report: &mut FuseReport) -> Result<()> {
-    let mut done: HashSet<String> = HashSet::new();
-    loop {
-        let g = Graph::of_model(model);
-        let mut names = Names::new(g.proto());
-        let mut patch = None;
-        for i in 0..g.nodes().len() {
-            let n = g.node(i);
-            if n.op_type != "BatchNormalization" || !done.insert(label(n)) {
-                continue;
-            }
-            match fold_rule(&g, i, &mut names)? {
-                Some(Outcome::Fold(p, nodes)) => {
-                    report.groups.push(FusedGroup {
-                        kind: kind_of_fold(&g, &nodes),
-                        nodes,
-                        folded: !qat,
-                        fuser: None,
-                        output: fold_output(&g, i),
-                    });
-                    if !qat {
-                        patch = Some(p);
-                        break;
-                    }
-                }
-                Some(Outcome::Skip(nodes, reason)) => {
-                    report.skipped.push(Skipped { nodes, reason })
-                }
-                None => {
-                    if let Some((nodes, reason)) = rules::unfoldable_bn(&g, i) {
-                        report.skipped.push(Skipped { nodes, reason });
-                    }
-                }
-            }
-        }
-        drop(g);
-        match patch {
-            Some(p) => apply(model, p)?,
-            None => return Ok(()),
-        }
+    for a in run.applied {
+        let mut group = a.record;
+        group.folded = group.folded && !opts.qat;
+        report.groups.push(group);
     }
-}
-
-/// The Relu groups: Conv/Gemm/MatMul[+Add]/BN -> Relu with a single-use intermediate. A Relu
-/// after a folded (or, in QAT mode, recorded) Conv+BN extends that group.
-fn relu_groups(model: &Model, report: &mut FuseReport) {
-    let g = Graph::of_model(model);
-    for r in 0..g.nodes().len() {
-        let relu = g.node(r);
-        if relu.op_type != "Relu" || relu.input.is_empty() {
-            continue;
-        }
-        let x = &relu.input[0];
-        let Some(p) = g.producer(x) else { continue };
-        let prod = g.node(p);
-        let mut chain = vec![label(prod)];
-        let kind = match prod.op_type.as_str() {
-            "Conv" => GroupKind::ConvRelu,
-            "Gemm" | "MatMul" => GroupKind::LinearRelu,
-            "Add" => {
-                let mm = prod.input.iter().filter_map(|i| g.producer(i)).find(|&q| {
-                    g.node(q).op_type == "MatMul"
-                        && single_use(&g, &g.node(q).output[0]).is_none()
-                        && prod.input.iter().any(|i| g.const_source(i).is_some())
-                });
-                match mm {
-                    Some(q) => {
-                        chain.insert(0, label(g.node(q)));
-                        GroupKind::LinearRelu
-                    }
-                    None => continue,
-                }
-            }
-            "BatchNormalization" => GroupKind::BnRelu,
-            _ => continue,
-        };
-        if let Some(reason) = single_use(&g, x) {
-            chain.push(label(relu));
-            report.skipped.push(Skipped {
-                nodes: chain,
-                reason,
-            });
-            continue;
-        }
-        chain.push(label(relu));
-        // Extend a BN fold group whose result this Relu reads.
-        let ext = report.groups.iter_mut().find(|gr| {
-            matches!(gr.kind, GroupKind::ConvBn | GroupKind::LinearBn) && &gr.output == x
+    for d in run.declined {
+        report.skipped.push(Skipped {
+            nodes: d.nodes,
+            reason: d.reason,
         });
-        match ext {
-            Some(gr) => {
-                if gr.kind == GroupKind::ConvBn {
-                    gr.kind = GroupKind::ConvBnRelu;
-                }
-                gr.nodes.push(label(relu));
-            }
-            None => report.groups.push(FusedGroup {
-                kind,
-                nodes: chain,
-                folded: false,
-                fuser: None,
-                output: relu.output.first().cloned().unwrap_or_default(),
-            }),
-        }
     }
+    report.sweeps = run.sweeps;
+    Ok(())
 }
 
-/// Writes each group's name on its surviving nodes.
+/// Writes each group's name on its surviving nodes (the first group a node belongs to).
 fn mark_groups(model: &mut Model, groups: &[FusedGroup]) -> Result<()> {
+    let mut group_of: HashMap<&str, usize> = HashMap::new();
+    for (k, gr) in groups
+        .iter()
+        .enumerate()
+        .filter(|(_, gr)| gr.fuser.is_none())
+    {
+        for n in &gr.nodes {
+            group_of.entry(n.as_str()).or_insert(k);
+        }
+    }
+    if group_of.is_empty() {
+        return Ok(());
+    }
     let g = Graph::of_model(model);
     let mut patch = Patch::new("record fusion groups");
-    for i in 0..g.nodes().len() {
-        let l = label(g.node(i));
-        if let Some(gr) = groups
-            .iter()
-            .find(|gr| gr.fuser.is_none() && gr.nodes.contains(&l))
-        {
-            let mut n: NodeProto = g.node(i).clone();
-            let value = gr.nodes.join("+");
-            n.metadata_props.retain(|kv| kv.key != GROUP_KEY);
-            let mut kv = StringStringEntryProto::new();
-            kv.key = GROUP_KEY.into();
-            kv.value = value;
-            n.metadata_props.push(kv);
-            patch.replace_node(i, n);
-        }
+    for i in 0..g.len() {
+        let Some(&k) = group_of.get(label(g.node(i)).as_str()) else {
+            continue;
+        };
+        let mut n: NodeProto = g.node(i).clone();
+        n.metadata_props.retain(|kv| kv.key != GROUP_KEY);
+        let mut kv = StringStringEntryProto::new();
+        kv.key = GROUP_KEY.into();
+        kv.value = groups[k].nodes.join("+");
+        n.metadata_props.push(kv);
+        patch.replace_node(i, n);
     }
     drop(g);
     if patch.is_empty() {
         return Ok(());
     }
-    apply(model, patch)
+    patch.apply(model.graph_mut())
 }
 
-/// Resolves, checks and applies one explicit chain.
+/// Resolves and checks one explicit chain against `g`; returns its group and, for folding
+/// kinds outside QAT mode, the patch. Nothing is changed.
 fn fuse_list(
-    model: &mut Model,
+    g: &Graph,
     list: &[String],
     opts: &FuseOptions,
-    report: &mut FuseReport,
-) -> Result<()> {
+    names: &mut Names,
+) -> Result<(Vec<usize>, FusedGroup, Option<Patch>)> {
     let what = list.join(",");
     let fail = |reason: String| Error::Usage(format!("cannot fuse [{what}]: {reason}"));
-    let g = Graph::of_model(model);
     let mut chain: Vec<usize> = Vec::new();
     for name in list {
-        for i in patterns::resolve(&g, name)? {
+        for i in patterns::resolve(g, name)? {
             if !chain.contains(&i) {
                 chain.push(i);
             }
+        }
+    }
+    for &i in &chain {
+        let n = g.node(i);
+        if let Err(r) = spec::check(n) {
+            return Err(fail(format!(
+                "'{}' ({}) is malformed: {r}",
+                label(n),
+                n.op_type
+            )));
         }
     }
     for w in chain.windows(2) {
@@ -355,7 +260,7 @@ fn fuse_list(
                 label(a)
             )));
         }
-        if let Some(r) = single_use(&g, out) {
+        if let Some(r) = single_use(g, out) {
             return Err(fail(format!(
                 "{r}, so '{}' cannot be fused into '{}'",
                 label(a),
@@ -365,28 +270,21 @@ fn fuse_list(
     }
     let ops: Vec<&str> = chain.iter().map(|&i| g.node(i).op_type.as_str()).collect();
     let labels: Vec<String> = chain.iter().map(|&i| label(g.node(i))).collect();
-    let g_last_output = chain
+    let last_output = chain
         .last()
         .and_then(|&i| g.node(i).output.first().cloned())
         .unwrap_or_default();
-    if let Some(f) = opts.fusers.iter().find(|f| {
+    let custom = opts.fusers.iter().find(|f| {
         f.pattern()
             .iter()
             .map(String::as_str)
             .eq(ops.iter().copied())
-    }) {
-        let mut names = Names::new(g.proto());
-        let patch = f.fuse(&g, &chain, &mut names)?;
-        drop(g);
-        apply(model, patch)?;
-        report.groups.push(FusedGroup {
-            kind: GroupKind::Custom,
-            nodes: labels,
-            folded: true,
-            fuser: Some(f.name().to_string()),
-            output: String::new(),
-        });
-        return Ok(());
+    });
+    if let Some(f) = custom {
+        let patch = f.fuse(g, &chain, names)?;
+        let mut group = custom_group(g, f, &chain);
+        group.output = String::new();
+        return Ok((chain, group, Some(patch)));
     }
     let kind = patterns::classify(&ops).ok_or_else(|| {
         fail(format!(
@@ -404,10 +302,16 @@ fn fuse_list(
     );
     let mut patch = None;
     if let (true, Some(bn)) = (folds, bn) {
-        let mut names = Names::new(g.proto());
-        match fold_rule(&g, bn, &mut names)? {
-            Some(Outcome::Fold(p, _)) => patch = Some(p),
-            Some(Outcome::Skip(_, reason)) => return Err(fail(reason)),
+        let mut tried = None;
+        for rule in fold_rules() {
+            tried = (rule.matcher)(g, bn, names)?;
+            if tried.is_some() {
+                break;
+            }
+        }
+        match tried {
+            Some(Outcome::Rewrite(p, _)) => patch = Some(p),
+            Some(Outcome::Decline(_, reason)) => return Err(fail(reason)),
             None => {
                 return Err(fail(
                     "the BatchNormalization has no foldable producer".into(),
@@ -415,17 +319,50 @@ fn fuse_list(
             }
         }
     }
-    drop(g);
-    let output = g_last_output.clone();
-    report.groups.push(FusedGroup {
+    let group = FusedGroup {
         kind,
         nodes: labels,
         folded: patch.is_some() && !opts.qat,
         fuser: None,
-        output,
-    });
-    if let (Some(p), false) = (patch, opts.qat) {
-        apply(model, p)?;
+        output: last_output,
+    };
+    Ok((chain, group, patch.filter(|_| !opts.qat)))
+}
+
+/// Explicit mode: every list is resolved and checked on one index, then all folds are applied
+/// as one patch, so a list that cannot be fused leaves the model unchanged.
+fn fuse_lists(model: &mut Model, opts: &FuseOptions, report: &mut FuseReport) -> Result<()> {
+    let g = Graph::of_model(model);
+    let mut names = Names::new(g.proto());
+    let mut owner: HashMap<usize, usize> = HashMap::new();
+    let mut merged = Patch::new("fuse the listed modules");
+    for (k, list) in opts.only.iter().enumerate() {
+        let (chain, group, patch) = fuse_list(&g, list, opts, &mut names)?;
+        for i in chain
+            .iter()
+            .copied()
+            .chain(patch.iter().flat_map(Patch::touched_nodes))
+        {
+            if let Some(&other) = owner.get(&i) {
+                if other != k {
+                    return Err(Error::Usage(format!(
+                        "cannot fuse [{}]: node '{}' is also in [{}]",
+                        list.join(","),
+                        label(g.node(i)),
+                        opts.only[other].join(",")
+                    )));
+                }
+            }
+            owner.insert(i, k);
+        }
+        if let Some(p) = patch {
+            merged.merge(p);
+        }
+        report.groups.push(group);
+    }
+    drop(g);
+    if !merged.is_empty() {
+        merged.apply(model.graph_mut())?;
     }
     Ok(())
 }
@@ -439,20 +376,14 @@ pub fn fuse(model: &mut Model, opts: &FuseOptions) -> Result<FuseReport> {
         ..FuseReport::default()
     };
     if opts.only.is_empty() {
-        for f in &opts.fusers {
-            custom_auto(model, f, &mut report)?;
-        }
-        fold_all(model, opts.qat, &mut report)?;
-        relu_groups(model, &mut report);
+        fuse_auto(model, opts, &mut report)?;
+        rules::relu::relu_groups(&Graph::of_model(model), &mut report);
     } else {
-        let mut work = model.clone();
-        for list in &opts.only {
-            fuse_list(&mut work, list, opts, &mut report)?;
-        }
-        *model = work;
+        fuse_lists(model, opts, &mut report)?;
     }
-    let groups = report.groups.clone();
+    let groups = std::mem::take(&mut report.groups);
     mark_groups(model, &groups)?;
+    report.groups = groups;
     report.bn_after = count_op(model, "BatchNormalization");
     report.nodes_after = model.graph().node.len();
     Ok(report)
