@@ -241,6 +241,31 @@ fn guarded<T>(context: &str, f: impl FnOnce() -> TractResult<T>) -> Result<T> {
     }
 }
 
+/// The most elements qfold lets one tensor of a run have (8 GiB of f32).
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 31;
+
+/// Refuses a model whose value shapes, for the run's inputs, would need absurd memory (a pad
+/// or a dim of 2^16 and more), naming the node, before tract allocates anything.
+fn check_sizes(typed: &TypedModel) -> Result<()> {
+    for node in typed.nodes() {
+        for o in &node.outputs {
+            let Some(shape) = o.fact.shape.as_concrete() else {
+                continue;
+            };
+            let volume = shape.iter().try_fold(1usize, |v, &d| v.checked_mul(d));
+            if volume.is_none_or(|v| v > MAX_TENSOR_ELEMENTS) {
+                return Err(Error::Runtime {
+                    context: format!("node '{}'", node.name),
+                    reason: format!(
+                        "its output would have shape {shape:?}, more than {MAX_TENSOR_ELEMENTS} elements"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Runner {
     /// Prepares `model` for inputs shaped like `sample`. The model's outputs come first, then
     /// `extra_outputs` (any value names of the main graph).
@@ -268,6 +293,11 @@ impl Runner {
             }
         }
         check_declared(&graph, sample)?;
+        let ranks: Vec<(String, usize)> = sample
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape().len()))
+            .collect();
+        crate::graph::guard::check_for_tract(model, &ranks)?;
         for name in extra_outputs {
             if graph.producer(name).is_none() && !graph.is_input(name) {
                 return Err(Error::Usage(format!(
@@ -283,7 +313,7 @@ impl Runner {
             .collect();
         outputs.extend(extra_outputs.iter().cloned());
         let bytes = model.to_bytes()?;
-        let plan = guarded("loading the model", || {
+        let typed = guarded("loading the model", || {
             let mut m = tract_onnx::onnx()
                 .with_ignore_output_shapes(true)
                 .with_ignore_value_info(true)
@@ -292,7 +322,11 @@ impl Runner {
                 m.set_input_fact(i, f)?;
             }
             m.select_outputs_by_name(&outputs)?;
-            m.into_optimized()?.into_runnable()
+            m.into_typed()
+        })?;
+        check_sizes(&typed)?;
+        let plan = guarded("optimizing the model", || {
+            typed.into_optimized()?.into_runnable()
         })?;
         Ok(Runner {
             plan,

@@ -2,6 +2,7 @@
 //! [`Patch`], the only way a rule changes the graph.
 
 pub mod engine;
+pub mod guard;
 mod names;
 mod patch;
 pub mod spec;
