@@ -5,7 +5,7 @@
 //! moving-average observer depends on sample order, so it runs on one thread, in order.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -155,22 +155,28 @@ pub fn observe(
         .iter()
         .map(|o| o.name.clone())
         .collect();
+    let output_set: HashSet<&String> = outputs.iter().collect();
     let extra: Vec<String> = values
         .iter()
-        .filter(|v| !outputs.contains(v))
+        .filter(|v| !output_set.contains(v))
         .cloned()
         .collect();
     let runner = Runner::new(model, first, &extra)?;
+    let position_of: HashMap<&str, usize> = runner
+        .output_names()
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(k, o)| (o.as_str(), k))
+        .collect();
     let positions: Vec<usize> = values
         .iter()
         .map(|v| {
-            runner
-                .output_names()
-                .iter()
-                .position(|o| o == v)
-                .expect("requested")
+            position_of.get(v.as_str()).copied().ok_or_else(|| {
+                Error::runtime("calibration", format!("value '{v}' was not exposed"))
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let threads = if matches!(method, Method::MovingAverage { .. }) {
         1
     } else if threads == 0 {

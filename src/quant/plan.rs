@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::fusion::patterns;
 use crate::fusion::rules::{label, single_use};
-use crate::graph::Graph;
+use crate::graph::{spec, Graph};
 use crate::onnx::attr::{self, defaults};
 use crate::onnx::Model;
 
@@ -251,6 +251,9 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
         if !(n.domain.is_empty() || n.domain == "ai.onnx") {
             return Some(format!("domain {}", n.domain));
         }
+        if let Err(r) = spec::check(n) {
+            return Some(format!("malformed {}: {r}", n.op_type));
+        }
         if !QUANTIZED_OPS.contains(&n.op_type.as_str())
             && !SHARING_OPS.contains(&n.op_type.as_str())
         {
@@ -260,6 +263,7 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
     };
     // Absorb activations first, so their producers' outputs are calibrated after the activation.
     let mut absorbed_by_producer = BTreeMap::new();
+    let mut absorbed_nodes = HashSet::new();
     for i in 0..g.nodes().len() {
         let n = g.node(i);
         if !(n.op_type == "Relu" || n.op_type == "Clip") || quantizable(i).is_some() {
@@ -268,6 +272,7 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
         if let Some((p, max)) = absorbable(&g, i, opts)? {
             if quantizable(p).is_none() {
                 absorbed_by_producer.insert(p, (i, max));
+                absorbed_nodes.insert(i);
             }
         }
     }
@@ -280,7 +285,7 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
             plan.float.push((label(n), reason));
             continue;
         }
-        if absorbed_by_producer.values().any(|&(a, _)| a == i) {
+        if absorbed_nodes.contains(&i) {
             continue; // handled with its producer
         }
         plan.quantized.push(label(n));

@@ -21,7 +21,7 @@ use serde::Serialize;
 use super::params::{
     compute_scale_zp, min_weight_scale_for_bias, quantize, quantize_bias, QType, ScaleZp,
 };
-use super::plan::{QuantPlan, Source};
+use super::plan::{QuantPlan, Source, WeightUse};
 use crate::error::{Error, Result};
 use crate::fusion::rules::label;
 use crate::graph::{Graph, Names, Patch};
@@ -323,15 +323,20 @@ pub fn materialize(
         weights.insert(key, (data, p));
     }
     let mut bias_q: Vec<QuantizedBias> = Vec::new();
+    let mut weight_of: HashMap<(&str, &str), &WeightUse> = HashMap::new();
+    for w in &plan.weights {
+        weight_of
+            .entry((w.node.as_str(), w.tensor.as_str()))
+            .or_insert(w);
+    }
     for b in &plan.biases {
         let ni = node_idx(&b.node)?;
         let Some(xp) = act_params.get(&b.input).copied() else {
             continue;
         };
-        let wuse = plan
-            .weights
-            .iter()
-            .find(|w| w.node == b.node && w.tensor == b.weight);
+        let wuse = weight_of
+            .get(&(b.node.as_str(), b.weight.as_str()))
+            .copied();
         let Some(wuse) = wuse else { continue };
         let key = (wuse.tensor.clone(), wuse.axis);
         let bias = g
