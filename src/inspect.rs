@@ -77,8 +77,14 @@ fn tensor_bytes(t: &crate::onnx::proto::TensorProto) -> usize {
     if !t.raw_data.is_empty() {
         return t.raw_data.len();
     }
-    let count: usize = t.dims.iter().map(|&d| d.max(0) as usize).product();
-    ElemType::from_onnx(t.data_type).map_or(0, |e| e.size()) * count
+    let count = t
+        .dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d.max(0) as usize))
+        .unwrap_or(usize::MAX);
+    ElemType::from_onnx(t.data_type)
+        .map_or(0, |e| e.size())
+        .saturating_mul(count)
 }
 
 /// Summarizes a model, including a dry run of automatic fusion on a copy.

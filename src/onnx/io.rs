@@ -127,6 +127,10 @@ pub fn load(path: impl AsRef<Path>) -> Result<Model> {
 /// Decodes a model from bytes. `dir` is where external data files are looked up (external
 /// data is an error without it); `what` names the source in error messages.
 pub fn load_bytes(bytes: &[u8], dir: Option<&Path>, what: &str) -> Result<Model> {
+    super::wire::prescan(bytes, super::wire::Msg::Model).map_err(|reason| Error::Decode {
+        what: what.into(),
+        reason,
+    })?;
     let proto = ModelProto::parse_from_bytes(bytes).map_err(|e| Error::Decode {
         what: what.into(),
         reason: e.to_string(),

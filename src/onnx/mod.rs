@@ -3,6 +3,7 @@
 pub mod attr;
 pub mod io;
 pub mod tensor;
+pub mod wire;
 
 /// The ONNX protobuf messages (IR version 10), re-exported for the rest of the crate.
 pub mod proto {
