@@ -82,9 +82,20 @@ pub fn run(a: Args) -> Result<i32> {
         },
     )?;
     if report.converted.is_empty() {
+        let why: Vec<String> = report
+            .skipped
+            .iter()
+            .take(5)
+            .map(|(node, reason)| format!("node '{node}': {reason}"))
+            .collect();
         return Err(Error::Usage(format!(
-            "{}: no QDQ pattern to convert (is it a QDQ model?)",
-            a.model.display()
+            "{}: no QDQ pattern to convert (is it a QDQ model?){}",
+            a.model.display(),
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!("; left alone: {}", why.join("; "))
+            }
         )));
     }
     let comparison = if a.check {

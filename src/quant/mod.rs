@@ -131,7 +131,7 @@ impl Default for QuantizeOptions {
 }
 
 impl QuantizeOptions {
-    fn plan_options(&self) -> PlanOptions {
+    pub fn plan_options(&self) -> PlanOptions {
         PlanOptions {
             activation: self.activation,
             symmetric_activations: self.symmetric_activations,

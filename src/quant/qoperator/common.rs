@@ -17,6 +17,12 @@ pub use crate::fusion::rules::{bn_affine, known_rank};
 pub use crate::graph::engine::label;
 pub use crate::graph::spec::is_op;
 
+/// A Conv weight's scales and its number of output channels.
+pub type ConvWeight = (Vec<f32>, usize);
+
+/// A value a rule can use, or why it cannot.
+pub type Usable<T> = std::result::Result<T, String>;
+
 /// What a QOperator rule did: the nodes it replaced, and a note when it is not exact.
 #[derive(Debug, Clone)]
 pub struct Converted {
@@ -234,22 +240,43 @@ pub fn scales_fit(scales: &[f32], channels: usize) -> bool {
 
 /// A Conv weight usable by QLinearConv: constant 8-bit values of rank >= 3, per tensor or per
 /// output channel (axis 0, one scale per channel). Returns the scales and the number of output
-/// channels.
-pub fn conv_weight(g: &Graph, w: &Dq) -> Result<Option<(Vec<f32>, usize)>> {
+/// channels; `Ok(None)` when the weight or its scale is not constant (yet); `Err(reason)` when
+/// it is constant but cannot be used.
+pub fn conv_weight(g: &Graph, w: &Dq) -> Result<Option<Usable<ConvWeight>>> {
     let Some(t) = g.constant(&w.q)? else {
         return Ok(None);
     };
-    if !matches!(t.elem_type(), ElemType::I8 | ElemType::U8) || t.shape().len() < 3 {
-        return Ok(None);
-    }
     let Some(s) = f32s(g, &w.scale)? else {
         return Ok(None);
     };
-    let channels = t.shape()[0];
-    if (s.len() > 1 && w.axis != 0) || !scales_fit(&s, channels) {
-        return Ok(None);
-    }
-    Ok(Some((s, channels)))
+    let shape = t.shape();
+    Ok(Some(
+        if !matches!(t.elem_type(), ElemType::I8 | ElemType::U8) {
+            Err(format!(
+                "weight '{}' is {}; QLinearConv takes 8-bit weights",
+                w.q,
+                t.elem_type().name()
+            ))
+        } else if shape.len() < 3 {
+            Err(format!(
+                "weight '{}' has shape {shape:?}; a Conv weight is [M, C/group, k...]",
+                w.q
+            ))
+        } else if s.len() > 1 && w.axis != 0 {
+            Err(format!(
+                "weight scales are per axis {}; QLinearConv takes them per output channel (axis 0)",
+                w.axis
+            ))
+        } else if !scales_fit(&s, shape[0]) {
+            Err(format!(
+                "{} weight scales for {} output channels",
+                s.len(),
+                shape[0]
+            ))
+        } else {
+            Ok((s, shape[0]))
+        },
+    ))
 }
 
 /// An int32 bias for scales `x_scale * w_scale[o]`: the DQ'd int32 values when they already

@@ -29,8 +29,10 @@ pub fn conv(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Outcome>> {
     let Some(xs) = f32s(g, &x.scale)?.filter(|s| s.len() == 1) else {
         return Ok(None);
     };
-    let Some((ws, channels)) = conv_weight(g, &w)? else {
-        return Ok(None);
+    let (ws, channels) = match conv_weight(g, &w)? {
+        None => return Ok(None),
+        Some(Err(reason)) => return Ok(Some(decline(label(c), reason))),
+        Some(Ok(v)) => v,
     };
     let Some((q, relu)) = output_chain(g, &c.output[0])? else {
         return Ok(None);

@@ -112,7 +112,7 @@ pub fn fold_qat_bn(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Outc
     let Some(w) = dq_of(g, &c.input[1]) else {
         return Ok(None);
     };
-    let Some((ws, m)) = conv_weight(g, &w)? else {
+    let Some(Ok((ws, m))) = conv_weight(g, &w)? else {
         return Ok(None);
     };
     let Some(wq) = g.constant(&w.q)? else {
