@@ -595,7 +595,7 @@ proptest! {
         no_panic("quantize", || {
             qfold::quant::quantize(
                 &model,
-                qfold::quant::Calibration::Samples(&[sample.clone()]),
+                qfold::quant::Calibration::Samples(std::slice::from_ref(&sample)),
                 &Default::default(),
             )
         })?;
