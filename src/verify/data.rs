@@ -1,5 +1,11 @@
 //! Data sets: `test_data_set_N` folders, `.npy` / `.npz` files and random inputs from the
 //! declared shapes.
+//!
+//! Files are hostile input: each must be a regular file (FIFOs and devices are refused without
+//! blocking), files found in a data folder must stay inside it once symbolic links are
+//! resolved, a `.npy` header's shape is checked against the bytes the file really holds
+//! before anything is allocated, and random inputs are bounded by [`MAX_RANDOM_SAMPLES`],
+//! [`MAX_RANDOM_ELEMENTS`] and [`MAX_RANDOM_BYTES`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -66,9 +72,26 @@ pub fn declared_inputs(model: &Model) -> Result<Vec<DeclaredInput>> {
         .collect()
 }
 
+/// Reads a file of a data set: a regular file, and inside `root` (canonical) when given.
+fn read_data_file(path: &Path, root: Option<&Path>) -> Result<Vec<u8>> {
+    if let Some(root) = root {
+        crate::files::confined(root, path).map_err(Error::Usage)?;
+    }
+    crate::files::read_regular(path, u64::MAX)
+}
+
+/// The canonical form of a data folder, files in it must stay inside.
+fn data_root(dir: &Path) -> Result<PathBuf> {
+    crate::files::canonical_dir(dir).map_err(|e| Error::io(dir, e))
+}
+
 /// Reads a serialized TensorProto file (`input_0.pb`).
 pub fn read_tensor_pb(path: &Path) -> Result<(String, TensorData)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    read_tensor_pb_in(path, None)
+}
+
+fn read_tensor_pb_in(path: &Path, root: Option<&Path>) -> Result<(String, TensorData)> {
+    let bytes = read_data_file(path, root)?;
     let t = TensorProto::parse_from_bytes(&bytes).map_err(|e| Error::Decode {
         what: path.display().to_string(),
         reason: format!("not a TensorProto: {e}"),
@@ -150,16 +173,17 @@ pub fn read_test_data_set(model: &Model, dir: &Path) -> Result<Case> {
         .iter()
         .map(|v| v.name.clone())
         .collect();
+    let root = data_root(dir)?;
     let inputs = numbered_files(dir, "input_")?
         .iter()
-        .map(|p| read_tensor_pb(p))
+        .map(|p| read_tensor_pb_in(p, Some(&root)))
         .collect::<Result<Vec<_>>>()?;
     if inputs.is_empty() {
         return Err(Error::Usage(format!("{}: no input_0.pb", dir.display())));
     }
     let outputs = numbered_files(dir, "output_")?
         .iter()
-        .map(|p| read_tensor_pb(p))
+        .map(|p| read_tensor_pb_in(p, Some(&root)))
         .collect::<Result<Vec<_>>>()?;
     let expected = if outputs.is_empty() {
         vec![]
@@ -168,7 +192,7 @@ pub fn read_test_data_set(model: &Model, dir: &Path) -> Result<Case> {
     };
     let labels_path = dir.join("labels.npy");
     let labels = if labels_path.exists() {
-        Some(read_labels(&labels_path)?)
+        Some(read_labels_in(&labels_path, Some(&root))?)
     } else {
         None
     };
@@ -182,7 +206,11 @@ pub fn read_test_data_set(model: &Model, dir: &Path) -> Result<Case> {
 
 /// Reads integer class labels from a `.npy` file.
 pub fn read_labels(path: &Path) -> Result<Vec<i64>> {
-    read_npy(path)?.to_i64().ok_or_else(|| Error::Decode {
+    read_labels_in(path, None)
+}
+
+fn read_labels_in(path: &Path, root: Option<&Path>) -> Result<Vec<i64>> {
+    read_npy(path, root)?.to_i64().ok_or_else(|| Error::Decode {
         what: path.display().to_string(),
         reason: "labels must be integers".into(),
     })
@@ -198,6 +226,7 @@ pub fn read_dataset(model: &Model, dir: &Path) -> Result<Vec<Case>> {
         return read_cases(model, dir);
     }
     let decl = declared_inputs(model)?;
+    let root = data_root(dir)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -217,7 +246,7 @@ pub fn read_dataset(model: &Model, dir: &Path) -> Result<Vec<Case>> {
     let mut cases = Vec::new();
     for f in &files {
         let arrays: Vec<(String, TensorData)> = if f.extension().is_some_and(|e| e == "npz") {
-            read_npz(f)?
+            read_npz(f, Some(&root))?
         } else {
             if decl.len() != 1 {
                 return Err(Error::Usage(format!(
@@ -226,7 +255,7 @@ pub fn read_dataset(model: &Model, dir: &Path) -> Result<Vec<Case>> {
                     decl.len()
                 )));
             }
-            vec![(decl[0].0.clone(), read_npy(f)?)]
+            vec![(decl[0].0.clone(), read_npy(f, Some(&root))?)]
         };
         for (name, _, _) in &decl {
             if !arrays.iter().any(|(n, _)| n == name) {
@@ -266,7 +295,7 @@ pub fn read_dataset(model: &Model, dir: &Path) -> Result<Vec<Case>> {
     }
     let labels_path = dir.join("labels.npy");
     if labels_path.exists() {
-        let labels = read_labels(&labels_path)?;
+        let labels = read_labels_in(&labels_path, Some(&root))?;
         let mut at = 0;
         for c in &mut cases {
             let rows = c
@@ -320,50 +349,89 @@ fn index_axis0(t: &TensorData, k: usize) -> TensorData {
     }
 }
 
-fn read_npz(path: &Path) -> Result<Vec<(String, TensorData)>> {
-    use ndarray_npy::NpzReader;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+/// The arrays of an `.npz` file (a zip of `.npy` files), each checked like a `.npy` file.
+/// An entry is decompressed into memory before its header is trusted, so what is allocated is
+/// bounded by the data really there, never by what a header or the zip directory declares.
+fn read_npz(path: &Path, root: Option<&Path>) -> Result<Vec<(String, TensorData)>> {
+    use std::io::Read;
+    let bytes = read_data_file(path, root)?;
     let bad = |e: String| Error::Decode {
         what: path.display().to_string(),
         reason: e,
     };
-    let mut npz = NpzReader::new(file).map_err(|e| bad(e.to_string()))?;
-    let names = npz.names().map_err(|e| bad(e.to_string()))?;
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes.as_slice()))
+        .map_err(|e| bad(format!("not an .npz (zip) file: {e}")))?;
     let mut out = Vec::new();
-    for name in names {
-        macro_rules! try_type {
-            ($($ty:ty => $v:ident),*) => {{
-                let mut found = None;
-                $(
-                    if found.is_none() {
-                        if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<$ty>, IxDyn>(&name) {
-                            found = Some(TensorData::$v(a));
-                        }
-                    }
-                )*
-                found
-            }};
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).map_err(|e| bad(e.to_string()))?;
+        if entry.is_dir() {
+            continue;
         }
-        let t = try_type!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, bool => Bool)
-            .ok_or_else(|| bad(format!("array '{name}' is not of a supported numeric type")))?;
+        let name = entry.name().to_string();
+        let mut data = Vec::new();
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| bad(format!("array '{name}': {e}")))?;
+        let what = format!("{}: array '{name}'", path.display());
+        let t = npy_array(&data, &what)?;
         out.push((name.trim_end_matches(".npy").to_string(), t));
     }
     Ok(out)
 }
 
-fn read_npy(path: &Path) -> Result<TensorData> {
+/// Reads a `.npy` file (inside `root` when given).
+fn read_npy(path: &Path, root: Option<&Path>) -> Result<TensorData> {
+    let bytes = read_data_file(path, root)?;
+    npy_array(&bytes, &path.display().to_string())
+}
+
+/// Checks that an `.npy` header's shape and dtype fit in the bytes after it, without
+/// allocating anything the header declares.
+fn check_npy_size(bytes: &[u8], what: &str) -> Result<()> {
+    use ndarray_npy::npy::header::Header;
+    let bad = |reason: String| Error::Decode {
+        what: what.to_string(),
+        reason,
+    };
+    let mut rest = bytes;
+    let header =
+        Header::from_reader(&mut rest).map_err(|e| bad(format!("bad .npy header: {e}")))?;
+    let descr = header.type_descriptor.to_string();
+    let item: u64 = descr
+        .trim_matches(|c| c == '\'' || c == '"')
+        .trim_start_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .map_err(|_| bad(format!("dtype {descr} is not a supported numeric type")))?;
+    let declared = header
+        .shape
+        .iter()
+        .try_fold(item, |n, &d| n.checked_mul(d as u64));
+    let held = rest.len() as u64;
+    match declared {
+        Some(n) if n <= held => Ok(()),
+        _ => Err(bad(format!(
+            "the header declares shape {:?} of {descr} ({} bytes), but only {held} bytes of \
+             data follow it",
+            header.shape,
+            declared.map_or("more than 2^64".to_string(), |n| n.to_string())
+        ))),
+    }
+}
+
+/// Decodes an `.npy` file's bytes, after [`check_npy_size`].
+fn npy_array(bytes: &[u8], what: &str) -> Result<TensorData> {
     use ndarray_npy::ReadNpyExt;
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    check_npy_size(bytes, what)?;
     macro_rules! try_type {
         ($($ty:ty => $v:ident),*) => {$(
-            if let Ok(a) = ArrayD::<$ty>::read_npy(bytes.as_slice()) {
+            if let Ok(a) = ArrayD::<$ty>::read_npy(bytes) {
                 return Ok(TensorData::$v(a));
             }
         )*};
     }
     try_type!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, i16 => I16, u16 => U16, u32 => U32, u64 => U64, bool => Bool);
     Err(Error::Decode {
-        what: path.display().to_string(),
+        what: what.to_string(),
         reason: "not a .npy file of a supported numeric type".into(),
     })
 }
@@ -383,7 +451,7 @@ pub fn read_npy_sample(model: &Model, specs: &[String]) -> Result<Case> {
                 spec.as_str(),
             ),
         };
-        sample.push((name, read_npy(Path::new(path))?));
+        sample.push((name, read_npy(Path::new(path), None)?));
     }
     Ok(Case {
         source: specs.join(","),
@@ -405,6 +473,7 @@ pub fn read_cases(model: &Model, dir: &Path) -> Result<Vec<Case>> {
     if dir.join("input_0.pb").exists() {
         return Ok(vec![read_test_data_set(model, dir)?]);
     }
+    let root = data_root(dir)?;
     let mut sets: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok())
@@ -423,7 +492,10 @@ pub fn read_cases(model: &Model, dir: &Path) -> Result<Vec<Case>> {
         )));
     }
     sets.iter()
-        .map(|(_, p)| read_test_data_set(model, p))
+        .map(|(_, p)| {
+            crate::files::confined(&root, p).map_err(Error::Usage)?;
+            read_test_data_set(model, p)
+        })
         .collect()
 }
 
@@ -447,6 +519,24 @@ pub fn parse_input_shape(spec: &str) -> Result<(String, Vec<usize>)> {
 /// The most elements a random input may have (2^28: 1 GiB of f32); larger shapes are refused
 /// instead of exhausting memory.
 pub const MAX_RANDOM_ELEMENTS: usize = 1 << 28;
+
+/// The most random samples one run generates (`--random`, `--calib-random`).
+pub const MAX_RANDOM_SAMPLES: usize = 1_000_000;
+
+/// The most bytes all random samples of a run may take together (1 GiB): they are generated
+/// up front and held in memory.
+pub const MAX_RANDOM_BYTES: u64 = 1 << 30;
+
+/// Refuses a random sample count over [`MAX_RANDOM_SAMPLES`]; `what` names it in the message
+/// (`--calib-random`).
+pub fn check_random_count(what: &str, count: usize) -> Result<()> {
+    if count > MAX_RANDOM_SAMPLES {
+        return Err(Error::Usage(format!(
+            "{what} {count}: at most {MAX_RANDOM_SAMPLES} random samples (MAX_RANDOM_SAMPLES)"
+        )));
+    }
+    Ok(())
+}
 
 /// Parses every `--input-shape name:d1,d2,...`.
 pub fn parse_input_shapes(specs: &[String]) -> Result<HashMap<String, Vec<usize>>> {
@@ -485,40 +575,67 @@ pub fn random_cases(
             ));
         }
     }
+    check_random_count("random samples", count)?;
+    let mut plan: Vec<(&String, &ElemType, Vec<usize>, usize)> = Vec::new();
+    for (name, ty, dims) in &decl {
+        let shape: Vec<usize> = match shapes.get(name) {
+            Some(s) => {
+                if s.len() != dims.len() && !dims.is_empty() {
+                    return Err(Error::input(
+                        name,
+                        format!(
+                            "--input-shape gives {} dims, the model declares {}",
+                            s.len(),
+                            dims.len()
+                        ),
+                    ));
+                }
+                s.clone()
+            }
+            None => dims.iter().map(|d| d.unwrap_or(1)).collect(),
+        };
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
+            .ok_or_else(|| {
+                Error::input(
+                    name,
+                    format!(
+                        "shape {shape:?} is too large for random inputs \
+                         (more than {MAX_RANDOM_ELEMENTS} elements, MAX_RANDOM_ELEMENTS)"
+                    ),
+                )
+            })?;
+        plan.push((name, ty, shape, n));
+    }
+    // Every sample is held in memory at once: bound the total before generating any.
+    let sample_bytes: u64 = plan
+        .iter()
+        .map(|(_, ty, _, n)| (*n as u64).saturating_mul(ty.size() as u64))
+        .fold(0u64, u64::saturating_add);
+    let total = sample_bytes.saturating_mul(count as u64);
+    if total > MAX_RANDOM_BYTES {
+        let (name, ty, shape, _) = plan
+            .iter()
+            .max_by_key(|(_, ty, _, n)| n.saturating_mul(ty.size()))
+            .expect("a sample of more than 0 bytes has an input");
+        return Err(Error::input(
+            name,
+            format!(
+                "{count} random samples with this input of shape {shape:?} ({}) take {total} \
+                 bytes, more than the {MAX_RANDOM_BYTES} bytes (1 GiB) allowed for random \
+                 inputs (MAX_RANDOM_BYTES): give fewer samples or a smaller --input-shape",
+                ty.name()
+            ),
+        ));
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut cases = Vec::with_capacity(count);
     for i in 0..count {
         let mut sample = Vec::new();
-        for (name, ty, dims) in &decl {
-            let shape: Vec<usize> = match shapes.get(name) {
-                Some(s) => {
-                    if s.len() != dims.len() && !dims.is_empty() {
-                        return Err(Error::input(
-                            name,
-                            format!(
-                                "--input-shape gives {} dims, the model declares {}",
-                                s.len(),
-                                dims.len()
-                            ),
-                        ));
-                    }
-                    s.clone()
-                }
-                None => dims.iter().map(|d| d.unwrap_or(1)).collect(),
-            };
-            let n = shape
-                .iter()
-                .try_fold(1usize, |n, &d| n.checked_mul(d))
-                .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
-                .ok_or_else(|| {
-                    Error::input(
-                        name,
-                        format!(
-                            "shape {shape:?} is too large for random inputs \
-                             (more than {MAX_RANDOM_ELEMENTS} elements)"
-                        ),
-                    )
-                })?;
+        for &(name, ty, ref shape, n) in &plan {
+            let shape = shape.clone();
             let normal = |rng: &mut rand::rngs::StdRng| {
                 // Box-Muller.
                 let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
