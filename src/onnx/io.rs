@@ -633,4 +633,54 @@ mod tests {
             .contains("absolute"));
         assert!(safe_relative("").is_err());
     }
+
+    /// A model whose only external tensor, `w`, sits in an If node's then-branch.
+    fn subgraph_model(location: &str) -> Vec<u8> {
+        use super::super::proto::{AttributeProto, GraphProto};
+        let mut w = TensorProto::new();
+        w.name = "w".into();
+        w.data_type = 1;
+        w.dims = vec![4];
+        w.data_location = DataLocation::EXTERNAL.into();
+        for (k, v) in [("location", location), ("offset", "0"), ("length", "16")] {
+            let mut e = StringStringEntryProto::new();
+            e.key = k.into();
+            e.value = v.into();
+            w.external_data.push(e);
+        }
+        let mut branch = GraphProto::new();
+        branch.name = "then".into();
+        branch.initializer.push(w);
+        let mut a = AttributeProto::new();
+        a.name = "then_branch".into();
+        a.g = Some(branch).into();
+        let mut n = NodeProto::new();
+        n.op_type = "If".into();
+        n.attribute.push(a);
+        let mut g = GraphProto::new();
+        g.node.push(n);
+        let mut m = ModelProto::new();
+        m.graph = Some(g).into();
+        m.write_to_bytes().unwrap()
+    }
+
+    #[test]
+    fn subgraph_external_data_is_confined_too() {
+        let dir = std::env::temp_dir().join(format!("qfold-io-sub-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("w.bin"), [0u8; 16]).unwrap();
+        let _ = std::fs::remove_file(dir.join("link.bin"));
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("link.bin")).unwrap();
+        let ok = load_bytes(&subgraph_model("w.bin"), Some(&dir), "m").unwrap();
+        assert!(ok.external.contains("w"));
+        assert_eq!(ok.files, [dir.canonicalize().unwrap().join("w.bin")]);
+        let e = load_bytes(&subgraph_model("link.bin"), Some(&dir), "m")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tensor 'w'") && e.contains("outside the folder"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
