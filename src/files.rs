@@ -272,6 +272,27 @@ pub fn check_output_against(inputs: &[PathBuf], output: &Path, in_place: bool) -
     Ok(())
 }
 
+/// Refuses a side output (`--save-ranges FILE`) that is a file the input model was read from
+/// (`inputs`, as in [`crate::onnx::Model::files`]) or the main output, or that exists and is not
+/// a regular file. `flag` names it in the message.
+pub fn check_side_output(flag: &str, path: &Path, inputs: &[PathBuf], output: &Path) -> Result<()> {
+    check_destination(path)?;
+    if let Some(f) = inputs.iter().find(|f| same_file(path, f)) {
+        return Err(Error::Usage(format!(
+            "{flag} {}: this is a file of the input model ({}); qfold never replaces its input",
+            path.display(),
+            f.display()
+        )));
+    }
+    if same_file(path, output) || path == output {
+        return Err(Error::Usage(format!(
+            "{flag} {}: this is also the output model",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Paths of the temporary files this process is writing.
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 

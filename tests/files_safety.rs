@@ -333,6 +333,42 @@ fn every_alias_of_the_input_model_is_refused_as_output() {
 }
 
 #[test]
+fn save_ranges_onto_the_input_is_refused() {
+    let tmp = TempDir::new("fs-ranges");
+    let m = tmp.join("model.onnx");
+    std::fs::copy(conformance("relu").join("model.onnx"), &m).unwrap();
+    let out = tmp.join("q.onnx");
+    refused(
+        tmp.path(),
+        &[
+            "quantize",
+            s(&m),
+            "-o",
+            s(&out),
+            "--calib-random",
+            "2",
+            "--save-ranges",
+            s(&m),
+        ],
+        &["--save-ranges", "model.onnx", "file of the input model"],
+    );
+    refused(
+        tmp.path(),
+        &[
+            "quantize",
+            s(&m),
+            "-o",
+            s(&out),
+            "--calib-random",
+            "2",
+            "--save-ranges",
+            s(&out),
+        ],
+        &["--save-ranges", "also the output model"],
+    );
+}
+
+#[test]
 fn the_inputs_external_data_file_is_refused_as_output() {
     let tmp = TempDir::new("fs-data-out");
     let d = external_case(tmp.path());

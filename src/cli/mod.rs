@@ -162,6 +162,7 @@ impl<R: serde::Serialize> Outcome<'_, R> {
 /// On SIGINT, SIGTERM or SIGHUP: remove the temporary files being written and exit 128 +
 /// the signal number (130, 143, 129). SIGXFSZ (file size limit) is caught and ignored so the
 /// write that passed the limit fails with an error and is cleaned up like any other failure.
+#[cfg(unix)]
 fn remove_temp_files_on_signals() {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
     let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGXFSZ])
@@ -176,6 +177,9 @@ fn remove_temp_files_on_signals() {
         }
     });
 }
+
+#[cfg(not(unix))]
+fn remove_temp_files_on_signals() {}
 
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> i32 {

@@ -356,6 +356,9 @@ pub fn run(a: Args) -> Result<i32> {
     }
     let model = qfold::onnx::load(&a.model)?;
     a.out.check_against(&model, &target)?;
+    if let Some(p) = &a.save_ranges {
+        qfold::files::check_side_output("--save-ranges", p, &model.files, &target)?;
+    }
     let shapes = verify::parse_input_shapes(&a.input_shape)?;
     let mut calib = match (&a.calib, a.calib_random) {
         (Some(dir), _) => verify::read_dataset(&model, dir)?,
