@@ -379,36 +379,54 @@ fn read_npz(path: &Path, root: Option<&Path>) -> Result<Vec<(String, TensorData)
     Ok(out)
 }
 
-/// Reads a `.npy` file (inside `root` when given).
+/// Reads a `.npy` file (inside `root` when given), streaming: the header is read and checked
+/// against the file's size first, then the array is read straight from the file.
 fn read_npy(path: &Path, root: Option<&Path>) -> Result<TensorData> {
-    let bytes = read_data_file(path, root)?;
-    npy_array(&bytes, &path.display().to_string())
+    use std::io::{BufReader, Seek, SeekFrom};
+    if let Some(root) = root {
+        crate::files::confined(root, path).map_err(Error::Usage)?;
+    }
+    let what = path.display().to_string();
+    let (file, len) = crate::files::open_regular(path).map_err(|e| Error::io(path, e))?;
+    let mut r = BufReader::new(file);
+    let header = npy_header(&mut r, &what)?;
+    let start = r.stream_position().map_err(|e| Error::io(path, e))?;
+    let kind = npy_kind(&header, len.saturating_sub(start), &what)?;
+    r.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
+    npy_read(r, kind, &what)
 }
 
-/// Checks that an `.npy` header's shape and dtype fit in the bytes after it, without
-/// allocating anything the header declares.
-fn check_npy_size(bytes: &[u8], what: &str) -> Result<()> {
-    use ndarray_npy::npy::header::Header;
+/// The header of an `.npy` stream.
+fn npy_header(r: &mut impl std::io::Read, what: &str) -> Result<ndarray_npy::npy::header::Header> {
+    ndarray_npy::npy::header::Header::from_reader(r).map_err(|e| Error::Decode {
+        what: what.to_string(),
+        reason: format!("bad .npy header: {e}"),
+    })
+}
+
+/// The element kind of an `.npy` array (`f4`, `i8`, `b1`...), once its shape times its element
+/// size is known to fit in the `held` bytes that follow the header: nothing the header
+/// declares is allocated before this check.
+fn npy_kind(header: &ndarray_npy::npy::header::Header, held: u64, what: &str) -> Result<String> {
     let bad = |reason: String| Error::Decode {
         what: what.to_string(),
         reason,
     };
-    let mut rest = bytes;
-    let header =
-        Header::from_reader(&mut rest).map_err(|e| bad(format!("bad .npy header: {e}")))?;
     let descr = header.type_descriptor.to_string();
-    let item: u64 = descr
+    let kind = descr
         .trim_matches(|c| c == '\'' || c == '"')
-        .trim_start_matches(|c: char| !c.is_ascii_digit())
-        .parse()
-        .map_err(|_| bad(format!("dtype {descr} is not a supported numeric type")))?;
+        .trim_start_matches(['<', '>', '|', '='])
+        .to_string();
+    let item: u64 = kind
+        .get(1..)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| bad(format!("dtype {descr} is not a supported numeric type")))?;
     let declared = header
         .shape
         .iter()
         .try_fold(item, |n, &d| n.checked_mul(d as u64));
-    let held = rest.len() as u64;
     match declared {
-        Some(n) if n <= held => Ok(()),
+        Some(n) if n <= held => Ok(kind),
         _ => Err(bad(format!(
             "the header declares shape {:?} of {descr} ({} bytes), but only {held} bytes of \
              data follow it",
@@ -418,22 +436,44 @@ fn check_npy_size(bytes: &[u8], what: &str) -> Result<()> {
     }
 }
 
-/// Decodes an `.npy` file's bytes, after [`check_npy_size`].
-fn npy_array(bytes: &[u8], what: &str) -> Result<TensorData> {
+/// Reads a whole `.npy` stream (header included) whose element kind is `kind`.
+fn npy_read(r: impl std::io::Read, kind: String, what: &str) -> Result<TensorData> {
     use ndarray_npy::ReadNpyExt;
-    check_npy_size(bytes, what)?;
-    macro_rules! try_type {
-        ($($ty:ty => $v:ident),*) => {$(
-            if let Ok(a) = ArrayD::<$ty>::read_npy(bytes) {
-                return Ok(TensorData::$v(a));
-            }
-        )*};
-    }
-    try_type!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, i16 => I16, u16 => U16, u32 => U32, u64 => U64, bool => Bool);
-    Err(Error::Decode {
+    let bad = |reason: String| Error::Decode {
         what: what.to_string(),
-        reason: "not a .npy file of a supported numeric type".into(),
-    })
+        reason,
+    };
+    macro_rules! read {
+        ($ty:ty, $v:ident) => {
+            ArrayD::<$ty>::read_npy(r)
+                .map(TensorData::$v)
+                .map_err(|e| bad(e.to_string()))
+        };
+    }
+    match kind.as_str() {
+        "f4" => read!(f32, F32),
+        "f8" => read!(f64, F64),
+        "i8" => read!(i64, I64),
+        "i4" => read!(i32, I32),
+        "i2" => read!(i16, I16),
+        "i1" => read!(i8, I8),
+        "u8" => read!(u64, U64),
+        "u4" => read!(u32, U32),
+        "u2" => read!(u16, U16),
+        "u1" => read!(u8, U8),
+        "b1" => read!(bool, Bool),
+        _ => Err(bad(format!(
+            "dtype {kind} is not a supported numeric type (f4, f8, i1-i8, u1-u8, b1)"
+        ))),
+    }
+}
+
+/// Decodes an `.npy` file held in memory (an `.npz` entry), checked like [`read_npy`].
+fn npy_array(bytes: &[u8], what: &str) -> Result<TensorData> {
+    let mut rest = bytes;
+    let header = npy_header(&mut rest, what)?;
+    let kind = npy_kind(&header, rest.len() as u64, what)?;
+    npy_read(bytes, kind, what)
 }
 
 /// Reads `.npy` files as one sample: `name=path` pairs, or plain paths taken in input order.
