@@ -664,6 +664,7 @@ mod tests {
         m.write_to_bytes().unwrap()
     }
 
+    #[cfg(unix)]
     #[test]
     fn subgraph_external_data_is_confined_too() {
         let dir = std::env::temp_dir().join(format!("qfold-io-sub-{}", std::process::id()));
