@@ -11,6 +11,7 @@
 //! ```
 
 pub mod error;
+pub mod files;
 pub mod fusion;
 pub mod graph;
 pub mod inspect;

@@ -72,6 +72,9 @@ fn criterion(args: &Args) -> Result<Criterion> {
 }
 
 fn cases(args: &Args, model: &qfold::onnx::Model) -> Result<Vec<Case>> {
+    if let Some(n) = args.random {
+        verify::check_random_count("--random", n)?;
+    }
     if let Some(dir) = &args.inputs {
         return verify::read_dataset(model, dir);
     }

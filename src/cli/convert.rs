@@ -12,8 +12,8 @@ pub struct Args {
     /// A QDQ model (from qfold, ONNX Runtime's quantizer, a PyTorch QAT export...).
     model: PathBuf,
     /// Where to write the QOperator model.
-    #[arg(short, long)]
-    output: PathBuf,
+    #[arg(short, long, required_unless_present = "in_place")]
+    output: Option<PathBuf>,
     #[command(flatten)]
     out: super::OutputArgs,
     /// Run both models in tract and refuse to write when the converted one's SQNR against the
@@ -73,7 +73,10 @@ pub fn print_report(r: &ConvertReport) {
 }
 
 pub fn run(a: Args) -> Result<i32> {
+    let target = a.out.target(&a.model, a.output.as_deref())?;
+    verify::check_random_count("--random", a.random)?;
     let qdq = qfold::onnx::load(&a.model)?;
+    a.out.check_against(&qdq, &target)?;
     let mut q = qdq.clone();
     let report = convert_with(
         &mut q,
@@ -117,5 +120,5 @@ pub fn run(a: Args) -> Result<i32> {
         check: comparison.as_ref(),
         against: "the QDQ model",
     }
-    .finish(&q, &a.output, &a.out, a.json)
+    .finish(&q, &target, &a.out, a.json)
 }

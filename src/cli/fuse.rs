@@ -11,8 +11,8 @@ pub struct Args {
     /// The float model.
     model: PathBuf,
     /// Where to write the fused model.
-    #[arg(short, long)]
-    output: PathBuf,
+    #[arg(short, long, required_unless_present = "in_place")]
+    output: Option<PathBuf>,
     #[command(flatten)]
     out: super::OutputArgs,
     /// An explicit chain to fuse: node names or PyTorch module paths, comma-separated
@@ -75,7 +75,10 @@ pub fn print_report(r: &FuseReport) {
 }
 
 pub fn run(args: Args) -> Result<i32> {
+    let target = args.out.target(&args.model, args.output.as_deref())?;
+    verify::check_random_count("--random", args.random)?;
     let original = qfold::onnx::load(&args.model)?;
+    args.out.check_against(&original, &target)?;
     let opts = FuseOptions {
         only: args
             .only
@@ -122,5 +125,5 @@ pub fn run(args: Args) -> Result<i32> {
         check: comparison.as_ref(),
         against: "the original",
     }
-    .finish(&fused, &args.output, &args.out, args.json)
+    .finish(&fused, &target, &args.out, args.json)
 }

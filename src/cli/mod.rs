@@ -6,6 +6,8 @@ mod fuse;
 mod inspect;
 mod quantize;
 
+use std::path::{Path, PathBuf};
+
 use clap::{Parser, Subcommand};
 
 /// Exit code: success.
@@ -48,6 +50,11 @@ pub struct OutputArgs {
     /// when the model would pass protobuf's 2 GiB limit.
     #[arg(long, value_name = "BYTES")]
     external_data_threshold: Option<usize>,
+    /// Replace the input model with the result (`-o` may then be left out). Without it, an
+    /// output that is the input model or one of its files is refused. The input's external
+    /// data file is replaced only once the new model and data are complete.
+    #[arg(long)]
+    in_place: bool,
 }
 
 impl OutputArgs {
@@ -60,6 +67,42 @@ impl OutputArgs {
             },
             ..Default::default()
         }
+    }
+
+    /// Saves `model` to `target` (from [`OutputArgs::target`]).
+    pub fn save(&self, model: &qfold::onnx::Model, target: &Path) -> qfold::Result<()> {
+        if self.in_place {
+            qfold::onnx::save_in_place(model, target, &self.save_options())
+        } else {
+            qfold::onnx::save(model, target, &self.save_options())
+        }
+    }
+
+    /// Where to write, checked before anything is loaded: `-o` (or, with --in-place and no
+    /// `-o`, the input model) in an existing folder, not a directory, FIFO or device, and not
+    /// the input model unless --in-place. With --in-place, an output naming the input through a
+    /// symbolic link resolves to the input itself, so the link is not replaced.
+    pub fn target(&self, model: &Path, output: Option<&Path>) -> qfold::Result<PathBuf> {
+        let out = match output {
+            Some(o) => o.to_path_buf(),
+            None if self.in_place => model.to_path_buf(),
+            None => return Err(qfold::Error::Usage("give -o OUTPUT or --in-place".into())),
+        };
+        qfold::files::check_output(model, &out, self.in_place)?;
+        qfold::files::check_data_destination(&out)?;
+        if self.in_place && qfold::files::same_file(&out, model) {
+            return out.canonicalize().map_err(|e| qfold::Error::Io {
+                path: out.clone(),
+                source: e,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Once the input is loaded and before any work: refuses an output that is, or whose
+    /// `.data` is, one of the input's external data files.
+    pub fn check_against(&self, input: &qfold::onnx::Model, target: &Path) -> qfold::Result<()> {
+        qfold::files::check_output_against(&input.files, target, self.in_place)
     }
 }
 
@@ -108,7 +151,7 @@ impl<R: serde::Serialize> Outcome<'_, R> {
             );
             return Ok(CHECK_FAILED);
         }
-        qfold::onnx::save(model, path, &out.save_options())?;
+        out.save(model, path)?;
         if !json {
             println!("wrote {}", path.display());
         }
@@ -116,8 +159,31 @@ impl<R: serde::Serialize> Outcome<'_, R> {
     }
 }
 
+/// On SIGINT, SIGTERM or SIGHUP: remove the temporary files being written and exit 128 +
+/// the signal number (130, 143, 129). SIGXFSZ (file size limit) is caught and ignored so the
+/// write that passed the limit fails with an error and is cleaned up like any other failure.
+#[cfg(unix)]
+fn remove_temp_files_on_signals() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGXFSZ])
+    else {
+        return;
+    };
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if sig != SIGXFSZ {
+                qfold::files::remove_temp_files_and_exit(128 + sig);
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn remove_temp_files_on_signals() {}
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> i32 {
+    remove_temp_files_on_signals();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -17,8 +17,8 @@ pub struct Args {
     /// The float model.
     model: PathBuf,
     /// Where to write the quantized model.
-    #[arg(short, long)]
-    output: PathBuf,
+    #[arg(short, long, required_unless_present = "in_place")]
+    output: Option<PathBuf>,
     #[command(flatten)]
     out: super::OutputArgs,
     /// Output format: qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv,
@@ -350,7 +350,15 @@ pub fn run(a: Args) -> Result<i32> {
         }
     };
     let opts = options(&a)?;
+    let target = a.out.target(&a.model, a.output.as_deref())?;
+    if let Some(n) = a.calib_random {
+        verify::check_random_count("--calib-random", n)?;
+    }
     let model = qfold::onnx::load(&a.model)?;
+    a.out.check_against(&model, &target)?;
+    if let Some(p) = &a.save_ranges {
+        qfold::files::check_side_output("--save-ranges", p, &model.files, &target)?;
+    }
     let shapes = verify::parse_input_shapes(&a.input_shape)?;
     let mut calib = match (&a.calib, a.calib_random) {
         (Some(dir), _) => verify::read_dataset(&model, dir)?,
@@ -433,7 +441,7 @@ pub fn run(a: Args) -> Result<i32> {
             size_before: before,
             size_after: after,
             conversion: conversion.as_ref(),
-            written: passed.then(|| a.output.display().to_string()),
+            written: passed.then(|| target.display().to_string()),
         };
         println!(
             "{}",
@@ -452,9 +460,9 @@ pub fn run(a: Args) -> Result<i32> {
         );
         return Ok(super::CHECK_FAILED);
     }
-    qfold::onnx::save(&quantized, &a.output, &a.out.save_options())?;
+    a.out.save(&quantized, &target)?;
     if !a.json {
-        println!("wrote {}", a.output.display());
+        println!("wrote {}", target.display());
     }
     Ok(super::OK)
 }

@@ -2,12 +2,16 @@
 //!
 //! Loading resolves every external tensor into `raw_data`, so the rest of qfold only ever sees
 //! tensors in memory; the names of the tensors that were external are kept in
-//! [`Model::external`] so saving can keep the layout. Saving writes to a temporary file in the
-//! destination folder and renames it into place, so a failure leaves nothing half-written.
+//! [`Model::external`] so saving can keep the layout. Saving writes to temporary files in the
+//! destination folder and renames them into place, so a failure leaves nothing half-written.
+//!
+//! Every file a model refers to must be a regular file inside the model's folder once symbolic
+//! links are resolved ([`crate::files`]); its declared offset and length are checked against the
+//! file's size and [`MAX_EXTERNAL_TENSOR_BYTES`] before anything is allocated.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
 
 use protobuf::Message;
@@ -18,9 +22,14 @@ use super::proto::{
 };
 use super::tensor::TensorData;
 use crate::error::{Error, Result};
+use crate::files::Staged;
 
 /// protobuf cannot encode a message of 2 GiB or more.
 pub const PROTOBUF_LIMIT: u64 = (1u64 << 31) - 1;
+
+/// The largest external tensor qfold reads (16 GiB): a declared `length` above it is refused
+/// before anything is allocated, whatever the file's size (a sparse file can claim any size).
+pub const MAX_EXTERNAL_TENSOR_BYTES: u64 = 16 << 30;
 
 /// A loaded model: the protobuf message plus where it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +40,9 @@ pub struct Model {
     pub dir: Option<PathBuf>,
     /// Names of the tensors that were stored as external data when loaded.
     pub external: BTreeSet<String>,
+    /// Canonical paths of the files it was read from: the model file (when loaded from one),
+    /// then each external data file, in the order first met. Outputs must not replace them.
+    pub files: Vec<PathBuf>,
 }
 
 /// Where saving puts tensor data.
@@ -63,6 +75,7 @@ impl Model {
             proto,
             dir: None,
             external: BTreeSet::new(),
+            files: Vec::new(),
         }
     }
 
@@ -107,21 +120,17 @@ fn encode(proto: &ModelProto, what: &str) -> Result<Vec<u8>> {
     })
 }
 
-/// Loads a model file, resolving external data relative to its folder.
+/// Loads a model file, resolving external data relative to its folder. The file must be a
+/// regular file (a FIFO or a device is refused without being opened for reading) of at most
+/// protobuf's 2 GiB.
 pub fn load(path: impl AsRef<Path>) -> Result<Model> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let dir = path
-        .parent()
-        .map(|p| {
-            if p.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                p.to_path_buf()
-            }
-        })
-        .unwrap_or_else(|| PathBuf::from("."));
-    load_bytes(&bytes, Some(&dir), &path.display().to_string())
+    let bytes = crate::files::read_regular(path, PROTOBUF_LIMIT)?;
+    let dir = crate::files::folder_of(path);
+    let mut model = load_bytes(&bytes, Some(&dir), &path.display().to_string())?;
+    let canonical = path.canonicalize().map_err(|e| Error::io(path, e))?;
+    model.files.insert(0, canonical);
+    Ok(model)
 }
 
 /// Decodes a model from bytes. `dir` is where external data files are looked up (external
@@ -145,6 +154,7 @@ pub fn load_bytes(bytes: &[u8], dir: Option<&Path>, what: &str) -> Result<Model>
         proto,
         dir: dir.map(Path::to_path_buf),
         external: BTreeSet::new(),
+        files: Vec::new(),
     };
     resolve_external(&mut model)?;
     Ok(model)
@@ -312,7 +322,10 @@ fn safe_relative(location: &str) -> std::result::Result<PathBuf, String> {
 
 fn resolve_external(model: &mut Model) -> Result<()> {
     let dir = model.dir.clone();
+    // The model folder, canonical, resolved on first need.
+    let mut root: Option<PathBuf> = None;
     let mut files: HashMap<PathBuf, (File, u64)> = HashMap::new();
+    let mut order: Vec<PathBuf> = Vec::new();
     let mut external = BTreeSet::new();
     for_each_tensor_mut(&mut model.proto, &mut |t| {
         if !is_external(t) {
@@ -348,14 +361,20 @@ fn resolve_external(model: &mut Model) -> Result<()> {
         let dir = dir.as_ref().ok_or_else(|| {
             err("the model was not loaded from a file, so its external data cannot be found".into())
         })?;
-        let path = dir.join(rel);
+        if root.is_none() {
+            root = Some(
+                crate::files::canonical_dir(dir)
+                    .map_err(|e| err(format!("model folder {}: {e}", dir.display())))?,
+            );
+        }
+        let root = root.as_ref().expect("set above");
+        let path = crate::files::confined(root, &dir.join(rel))
+            .map_err(|r| err(format!("location '{location}': {r}")))?;
         if !files.contains_key(&path) {
-            let f = File::open(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
-            let len = f
-                .metadata()
-                .map_err(|e| err(format!("{}: {e}", path.display())))?
-                .len();
-            files.insert(path.clone(), (f, len));
+            let opened = crate::files::open_regular(&path)
+                .map_err(|e| err(format!("location '{location}': {}: {e}", path.display())))?;
+            files.insert(path.clone(), opened);
+            order.push(path.clone());
         }
         let (file, file_len) = files.get_mut(&path).expect("inserted above");
         let length = length.unwrap_or(file_len.saturating_sub(offset));
@@ -365,10 +384,30 @@ fn resolve_external(model: &mut Model) -> Result<()> {
                 path.display()
             )));
         }
-        let mut buf = vec![0u8; length as usize];
+        if length > MAX_EXTERNAL_TENSOR_BYTES {
+            return Err(err(format!(
+                "{}: length {length} is more than the {MAX_EXTERNAL_TENSOR_BYTES} bytes qfold \
+                 reads for one tensor (MAX_EXTERNAL_TENSOR_BYTES)",
+                path.display()
+            )));
+        }
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(length as usize).map_err(|_| {
+            err(format!(
+                "{}: cannot allocate {length} bytes for this tensor",
+                path.display()
+            ))
+        })?;
         file.seek(SeekFrom::Start(offset))
-            .and_then(|_| file.read_exact(&mut buf))
+            .and_then(|_| Read::by_ref(file).take(length).read_to_end(&mut buf))
             .map_err(|e| err(format!("{}: {e}", path.display())))?;
+        if buf.len() as u64 != length {
+            return Err(err(format!(
+                "{}: {} bytes read of the {length} declared (the file shrank?)",
+                path.display(),
+                buf.len()
+            )));
+        }
         t.raw_data = buf;
         t.external_data.clear();
         t.data_location = DataLocation::DEFAULT.into();
@@ -376,6 +415,7 @@ fn resolve_external(model: &mut Model) -> Result<()> {
         Ok(())
     })?;
     model.external = external;
+    model.files.extend(order);
     Ok(())
 }
 
@@ -402,60 +442,28 @@ fn raw_bytes(t: &TensorProto) -> Option<Vec<u8>> {
         .map(|d| d.to_proto("").raw_data)
 }
 
-/// A temporary path next to `path`, removed on drop unless persisted.
-struct TempFile {
-    tmp: PathBuf,
-    dest: PathBuf,
-    done: bool,
-}
-
-impl TempFile {
-    fn new(dest: &Path) -> Result<(TempFile, BufWriter<File>)> {
-        let name = dest
-            .file_name()
-            .ok_or_else(|| Error::Usage(format!("{}: not a file path", dest.display())))?;
-        let tmp = dest.with_file_name(format!(
-            ".{}.qfold-{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        // Name the destination, not the temporary, in the error: that is the path the user gave.
-        let f = File::create(&tmp).map_err(|e| Error::io(dest, e))?;
-        Ok((
-            TempFile {
-                tmp,
-                dest: dest.to_path_buf(),
-                done: false,
-            },
-            BufWriter::new(f),
-        ))
-    }
-
-    fn finish(w: BufWriter<File>, path: &Path) -> Result<()> {
-        let f = w
-            .into_inner()
-            .map_err(|e| Error::io(path, e.into_error()))?;
-        f.sync_all().map_err(|e| Error::io(path, e))
-    }
-
-    fn persist(mut self) -> Result<()> {
-        std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
-        self.done = true;
-        Ok(())
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
 /// Saves a model atomically. External data, when any, goes to `<file name>.data` beside it.
+/// Refused before anything is written: a destination (or its `.data`) that exists and is not a
+/// regular file, and one that is a file the model was read from ([`Model::files`]; see
+/// [`save_in_place`]). Model and data file are written to temporary files, then renamed into
+/// place together: a failure or a signal leaves neither behind.
 pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Result<()> {
-    let path = path.as_ref();
+    save_checked(model, path.as_ref(), options, false)
+}
+
+/// [`save`], allowing `path` to be the model's own file (the first of [`Model::files`]) and
+/// its `<file>.data` to be the model's external data file: the new files replace the old ones
+/// only once both are complete. Its other external data files are still never replaced.
+pub fn save_in_place(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Result<()> {
+    save_checked(model, path.as_ref(), options, true)
+}
+
+fn save_checked(model: &Model, path: &Path, options: &SaveOptions, in_place: bool) -> Result<()> {
+    crate::files::check_destination(path)?;
+    if let Some(input) = model.files.first() {
+        crate::files::check_output(input, path, in_place)?;
+    }
+    crate::files::check_output_against(&model.files, path, in_place)?;
     let limit = options.inline_limit.unwrap_or(PROTOBUF_LIMIT);
     let total = model.proto.compute_size();
     let mut chosen: BTreeSet<String> = match options.external {
@@ -503,16 +511,9 @@ pub fn save(model: &Model, path: impl AsRef<Path>, options: &SaveOptions) -> Res
                 ),
             });
         }
-        let (tmp, mut w) = TempFile::new(path)?;
-        model
-            .proto
-            .write_to_writer(&mut w)
-            .map_err(|e| Error::Encode {
-                what: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-        TempFile::finish(w, path)?;
-        return tmp.persist();
+        let mut tmp = Staged::new(path)?;
+        write_proto(&mut tmp, &model.proto)?;
+        return crate::files::commit(vec![tmp]);
     }
     save_with_external(model, path, &chosen, limit)
 }
@@ -530,10 +531,61 @@ fn save_with_external(
         .to_string();
     let location = format!("{file_name}.data");
     let data_path = path.with_file_name(&location);
-    let (data_tmp, mut data_w) = TempFile::new(&data_path)?;
+    crate::files::check_data_destination(path)?;
+    let mut data_tmp = Staged::new(&data_path)?;
     let mut offset: u64 = 0;
     let mut proto = model.proto.clone();
-    for_each_tensor_mut(&mut proto, &mut |t| {
+    data_tmp.write_with(|data_w| {
+        write_external(
+            &mut proto,
+            chosen,
+            &location,
+            &data_path,
+            &mut offset,
+            data_w,
+        )
+    })?;
+    let size = proto.compute_size();
+    if size > limit {
+        return Err(Error::Encode {
+            what: path.display().to_string(),
+            reason: format!("{size} bytes stay inline even with external data"),
+        });
+    }
+    let mut tmp = Staged::new(path)?;
+    write_proto(&mut tmp, &proto)?;
+    // Both complete: the data file first, the model that refers to it last.
+    crate::files::commit(vec![data_tmp, tmp])
+}
+
+fn write_proto(tmp: &mut Staged, proto: &ModelProto) -> Result<()> {
+    let what = tmp.dest().display().to_string();
+    tmp.write_with(|w| {
+        proto.write_to_writer(w).map_err(|e| Error::Encode {
+            what: what.clone(),
+            reason: e.to_string(),
+        })
+    })?;
+    // Test hook: a pause with the temporary files complete and not yet renamed, so a test can
+    // send a signal at that moment.
+    if let Some(ms) = std::env::var_os("QFOLD_TEST_PAUSE_BEFORE_COMMIT_MS")
+        .and_then(|v| v.to_str().and_then(|v| v.parse::<u64>().ok()))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    Ok(())
+}
+
+/// Moves the `chosen` tensors' data to `data_w`, each aligned to 4 KiB, and points them at it.
+fn write_external(
+    proto: &mut ModelProto,
+    chosen: &BTreeSet<String>,
+    location: &str,
+    data_path: &Path,
+    offset: &mut u64,
+    data_w: &mut dyn Write,
+) -> Result<()> {
+    for_each_tensor_mut(proto, &mut |t| {
         if !chosen.contains(&t.name) {
             return Ok(());
         }
@@ -541,12 +593,12 @@ fn save_with_external(
             return Ok(());
         };
         // Align every tensor to 4 KiB, as ONNX's own writer does for mmap-friendliness.
-        let pad = (4096 - offset % 4096) % 4096;
+        let pad = (4096 - *offset % 4096) % 4096;
         data_w
             .write_all(&vec![0u8; pad as usize])
             .and_then(|_| data_w.write_all(&raw))
-            .map_err(|e| Error::io(&data_path, e))?;
-        offset += pad;
+            .map_err(|e| Error::io(data_path, e))?;
+        *offset += pad;
         let entry = |k: &str, v: String| {
             let mut e = StringStringEntryProto::new();
             e.key = k.into();
@@ -554,8 +606,8 @@ fn save_with_external(
             e
         };
         t.external_data = vec![
-            entry("location", location.clone()),
-            entry("offset", offset.to_string()),
+            entry("location", location.to_string()),
+            entry("offset", (*offset).to_string()),
             entry("length", raw.len().to_string()),
         ];
         t.data_location = DataLocation::EXTERNAL.into();
@@ -565,25 +617,9 @@ fn save_with_external(
         t.int64_data.clear();
         t.double_data.clear();
         t.uint64_data.clear();
-        offset += raw.len() as u64;
+        *offset += raw.len() as u64;
         Ok(())
-    })?;
-    TempFile::finish(data_w, &data_path)?;
-    let size = proto.compute_size();
-    if size > limit {
-        return Err(Error::Encode {
-            what: path.display().to_string(),
-            reason: format!("{size} bytes stay inline even with external data"),
-        });
-    }
-    let (tmp, mut w) = TempFile::new(path)?;
-    proto.write_to_writer(&mut w).map_err(|e| Error::Encode {
-        what: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    TempFile::finish(w, path)?;
-    data_tmp.persist()?;
-    tmp.persist()
+    })
 }
 
 #[cfg(test)]
@@ -600,5 +636,56 @@ mod tests {
             .unwrap_err()
             .contains("absolute"));
         assert!(safe_relative("").is_err());
+    }
+
+    /// A model whose only external tensor, `w`, sits in an If node's then-branch.
+    fn subgraph_model(location: &str) -> Vec<u8> {
+        use super::super::proto::{AttributeProto, GraphProto};
+        let mut w = TensorProto::new();
+        w.name = "w".into();
+        w.data_type = 1;
+        w.dims = vec![4];
+        w.data_location = DataLocation::EXTERNAL.into();
+        for (k, v) in [("location", location), ("offset", "0"), ("length", "16")] {
+            let mut e = StringStringEntryProto::new();
+            e.key = k.into();
+            e.value = v.into();
+            w.external_data.push(e);
+        }
+        let mut branch = GraphProto::new();
+        branch.name = "then".into();
+        branch.initializer.push(w);
+        let mut a = AttributeProto::new();
+        a.name = "then_branch".into();
+        a.g = Some(branch).into();
+        let mut n = NodeProto::new();
+        n.op_type = "If".into();
+        n.attribute.push(a);
+        let mut g = GraphProto::new();
+        g.node.push(n);
+        let mut m = ModelProto::new();
+        m.graph = Some(g).into();
+        m.write_to_bytes().unwrap()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn subgraph_external_data_is_confined_too() {
+        let dir = std::env::temp_dir().join(format!("qfold-io-sub-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("w.bin"), [0u8; 16]).unwrap();
+        let _ = std::fs::remove_file(dir.join("link.bin"));
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("link.bin")).unwrap();
+        let ok = load_bytes(&subgraph_model("w.bin"), Some(&dir), "m").unwrap();
+        assert!(ok.external.contains("w"));
+        assert_eq!(ok.files, [dir.canonicalize().unwrap().join("w.bin")]);
+        let e = load_bytes(&subgraph_model("link.bin"), Some(&dir), "m")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tensor 'w'") && e.contains("outside the folder"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

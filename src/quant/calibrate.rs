@@ -34,15 +34,14 @@ impl Ranges {
     /// Writes the ranges as JSON (atomically).
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).expect("ranges serialize");
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        crate::files::write_atomic(path, text.as_bytes())
     }
 
     /// Reads ranges written by [`Ranges::save`].
     pub fn load(path: &Path) -> Result<Ranges> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Decode {
+        // A ranges file is small; 256 MiB is far beyond any real one.
+        let bytes = crate::files::read_regular(path, 256 << 20)?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Decode {
             what: path.display().to_string(),
             reason: format!("not a qfold ranges file: {e}"),
         })

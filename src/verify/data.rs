@@ -1,10 +1,11 @@
-//! Input sets, comparison metrics and tolerances: what `qfold check` and every `--check`
-//! report.
+//! Data sets: `test_data_set_N` folders, `.npy` / `.npz` files and random inputs from the
+//! declared shapes.
 //!
-//! Metrics per output, accumulated over all samples: max abs error, max rel error (over
-//! elements whose reference magnitude exceeds the absolute tolerance), cosine similarity,
-//! SQNR `10 log10(sum ref^2 / sum (ref - out)^2)` in dB, and top-1 agreement for
-//! classifier-shaped outputs (`[N, C]` with `C >= 2`).
+//! Files are hostile input: each must be a regular file (FIFOs and devices are refused without
+//! blocking), files found in a data folder must stay inside it once symbolic links are
+//! resolved, a `.npy` header's shape is checked against the bytes the file really holds
+//! before anything is allocated, and random inputs are bounded by [`MAX_RANDOM_SAMPLES`],
+//! [`MAX_RANDOM_ELEMENTS`] and [`MAX_RANDOM_BYTES`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,13 +13,12 @@ use std::path::{Path, PathBuf};
 use ndarray::{ArrayD, IxDyn};
 use protobuf::Message;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::onnx::proto::{tensor_shape_proto::dimension::Value as Dim, type_proto, TensorProto};
 use crate::onnx::{ElemType, Model, TensorData};
-use crate::runtime::{Runner, Sample};
+use crate::runtime::Sample;
 
 /// A sample plus, when the data set provides them, the expected outputs.
 #[derive(Debug, Clone)]
@@ -72,9 +72,26 @@ pub fn declared_inputs(model: &Model) -> Result<Vec<DeclaredInput>> {
         .collect()
 }
 
+/// Reads a file of a data set: a regular file, and inside `root` (canonical) when given.
+fn read_data_file(path: &Path, root: Option<&Path>) -> Result<Vec<u8>> {
+    if let Some(root) = root {
+        crate::files::confined(root, path).map_err(Error::Usage)?;
+    }
+    crate::files::read_regular(path, u64::MAX)
+}
+
+/// The canonical form of a data folder, files in it must stay inside.
+fn data_root(dir: &Path) -> Result<PathBuf> {
+    crate::files::canonical_dir(dir).map_err(|e| Error::io(dir, e))
+}
+
 /// Reads a serialized TensorProto file (`input_0.pb`).
 pub fn read_tensor_pb(path: &Path) -> Result<(String, TensorData)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    read_tensor_pb_in(path, None)
+}
+
+fn read_tensor_pb_in(path: &Path, root: Option<&Path>) -> Result<(String, TensorData)> {
+    let bytes = read_data_file(path, root)?;
     let t = TensorProto::parse_from_bytes(&bytes).map_err(|e| Error::Decode {
         what: path.display().to_string(),
         reason: format!("not a TensorProto: {e}"),
@@ -156,16 +173,17 @@ pub fn read_test_data_set(model: &Model, dir: &Path) -> Result<Case> {
         .iter()
         .map(|v| v.name.clone())
         .collect();
+    let root = data_root(dir)?;
     let inputs = numbered_files(dir, "input_")?
         .iter()
-        .map(|p| read_tensor_pb(p))
+        .map(|p| read_tensor_pb_in(p, Some(&root)))
         .collect::<Result<Vec<_>>>()?;
     if inputs.is_empty() {
         return Err(Error::Usage(format!("{}: no input_0.pb", dir.display())));
     }
     let outputs = numbered_files(dir, "output_")?
         .iter()
-        .map(|p| read_tensor_pb(p))
+        .map(|p| read_tensor_pb_in(p, Some(&root)))
         .collect::<Result<Vec<_>>>()?;
     let expected = if outputs.is_empty() {
         vec![]
@@ -174,7 +192,7 @@ pub fn read_test_data_set(model: &Model, dir: &Path) -> Result<Case> {
     };
     let labels_path = dir.join("labels.npy");
     let labels = if labels_path.exists() {
-        Some(read_labels(&labels_path)?)
+        Some(read_labels_in(&labels_path, Some(&root))?)
     } else {
         None
     };
@@ -188,7 +206,11 @@ pub fn read_test_data_set(model: &Model, dir: &Path) -> Result<Case> {
 
 /// Reads integer class labels from a `.npy` file.
 pub fn read_labels(path: &Path) -> Result<Vec<i64>> {
-    read_npy(path)?.to_i64().ok_or_else(|| Error::Decode {
+    read_labels_in(path, None)
+}
+
+fn read_labels_in(path: &Path, root: Option<&Path>) -> Result<Vec<i64>> {
+    read_npy(path, root)?.to_i64().ok_or_else(|| Error::Decode {
         what: path.display().to_string(),
         reason: "labels must be integers".into(),
     })
@@ -204,6 +226,7 @@ pub fn read_dataset(model: &Model, dir: &Path) -> Result<Vec<Case>> {
         return read_cases(model, dir);
     }
     let decl = declared_inputs(model)?;
+    let root = data_root(dir)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -223,7 +246,7 @@ pub fn read_dataset(model: &Model, dir: &Path) -> Result<Vec<Case>> {
     let mut cases = Vec::new();
     for f in &files {
         let arrays: Vec<(String, TensorData)> = if f.extension().is_some_and(|e| e == "npz") {
-            read_npz(f)?
+            read_npz(f, Some(&root))?
         } else {
             if decl.len() != 1 {
                 return Err(Error::Usage(format!(
@@ -232,7 +255,7 @@ pub fn read_dataset(model: &Model, dir: &Path) -> Result<Vec<Case>> {
                     decl.len()
                 )));
             }
-            vec![(decl[0].0.clone(), read_npy(f)?)]
+            vec![(decl[0].0.clone(), read_npy(f, Some(&root))?)]
         };
         for (name, _, _) in &decl {
             if !arrays.iter().any(|(n, _)| n == name) {
@@ -272,7 +295,7 @@ pub fn read_dataset(model: &Model, dir: &Path) -> Result<Vec<Case>> {
     }
     let labels_path = dir.join("labels.npy");
     if labels_path.exists() {
-        let labels = read_labels(&labels_path)?;
+        let labels = read_labels_in(&labels_path, Some(&root))?;
         let mut at = 0;
         for c in &mut cases {
             let rows = c
@@ -326,69 +349,131 @@ fn index_axis0(t: &TensorData, k: usize) -> TensorData {
     }
 }
 
-fn read_npz(path: &Path) -> Result<Vec<(String, TensorData)>> {
-    use ndarray_npy::NpzReader;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+/// The arrays of an `.npz` file (a zip of `.npy` files), each checked like a `.npy` file.
+/// An entry is decompressed into memory before its header is trusted, so what is allocated is
+/// bounded by the data really there, never by what a header or the zip directory declares.
+fn read_npz(path: &Path, root: Option<&Path>) -> Result<Vec<(String, TensorData)>> {
+    use std::io::Read;
+    let bytes = read_data_file(path, root)?;
     let bad = |e: String| Error::Decode {
         what: path.display().to_string(),
         reason: e,
     };
-    let mut npz = NpzReader::new(file).map_err(|e| bad(e.to_string()))?;
-    let names = npz.names().map_err(|e| bad(e.to_string()))?;
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes.as_slice()))
+        .map_err(|e| bad(format!("not an .npz (zip) file: {e}")))?;
     let mut out = Vec::new();
-    for name in names {
-        macro_rules! try_type {
-            ($($ty:ty => $v:ident),*) => {{
-                let mut found = None;
-                $(
-                    if found.is_none() {
-                        if let Ok(a) = npz.by_name::<ndarray::OwnedRepr<$ty>, IxDyn>(&name) {
-                            found = Some(TensorData::$v(a));
-                        }
-                    }
-                )*
-                found
-            }};
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).map_err(|e| bad(e.to_string()))?;
+        if entry.is_dir() {
+            continue;
         }
-        let t = try_type!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, bool => Bool)
-            .ok_or_else(|| bad(format!("array '{name}' is not of a supported numeric type")))?;
+        let name = entry.name().to_string();
+        let mut data = Vec::new();
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| bad(format!("array '{name}': {e}")))?;
+        let what = format!("{}: array '{name}'", path.display());
+        let t = npy_array(&data, &what)?;
         out.push((name.trim_end_matches(".npy").to_string(), t));
     }
     Ok(out)
 }
 
-/// Top-1 accuracy of the first output against the cases' labels: (correct, total).
-pub fn accuracy(outputs: &[TensorData], labels: &[i64]) -> (usize, usize) {
-    let Some(logits) = outputs.first() else {
-        return (0, 0);
-    };
-    let l = logits.to_f64();
-    if l.ndim() != 2 || l.shape()[0] != labels.len() {
-        return (0, 0);
+/// Reads a `.npy` file (inside `root` when given), streaming: the header is read and checked
+/// against the file's size first, then the array is read straight from the file.
+fn read_npy(path: &Path, root: Option<&Path>) -> Result<TensorData> {
+    use std::io::{BufReader, Seek, SeekFrom};
+    if let Some(root) = root {
+        crate::files::confined(root, path).map_err(Error::Usage)?;
     }
-    let correct = l
-        .outer_iter()
-        .zip(labels)
-        .filter(|(row, &y)| argmax(row.iter().copied()) as i64 == y)
-        .count();
-    (correct, labels.len())
+    let what = path.display().to_string();
+    let (file, len) = crate::files::open_regular(path).map_err(|e| Error::io(path, e))?;
+    let mut r = BufReader::new(file);
+    let header = npy_header(&mut r, &what)?;
+    let start = r.stream_position().map_err(|e| Error::io(path, e))?;
+    let kind = npy_kind(&header, len.saturating_sub(start), &what)?;
+    r.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
+    npy_read(r, kind, &what)
 }
 
-fn read_npy(path: &Path) -> Result<TensorData> {
-    use ndarray_npy::ReadNpyExt;
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    macro_rules! try_type {
-        ($($ty:ty => $v:ident),*) => {$(
-            if let Ok(a) = ArrayD::<$ty>::read_npy(bytes.as_slice()) {
-                return Ok(TensorData::$v(a));
-            }
-        )*};
-    }
-    try_type!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, i16 => I16, u16 => U16, u32 => U32, u64 => U64, bool => Bool);
-    Err(Error::Decode {
-        what: path.display().to_string(),
-        reason: "not a .npy file of a supported numeric type".into(),
+/// The header of an `.npy` stream.
+fn npy_header(r: &mut impl std::io::Read, what: &str) -> Result<ndarray_npy::npy::header::Header> {
+    ndarray_npy::npy::header::Header::from_reader(r).map_err(|e| Error::Decode {
+        what: what.to_string(),
+        reason: format!("bad .npy header: {e}"),
     })
+}
+
+/// The element kind of an `.npy` array (`f4`, `i8`, `b1`...), once its shape times its element
+/// size is known to fit in the `held` bytes that follow the header: nothing the header
+/// declares is allocated before this check.
+fn npy_kind(header: &ndarray_npy::npy::header::Header, held: u64, what: &str) -> Result<String> {
+    let bad = |reason: String| Error::Decode {
+        what: what.to_string(),
+        reason,
+    };
+    let descr = header.type_descriptor.to_string();
+    let kind = descr
+        .trim_matches(|c| c == '\'' || c == '"')
+        .trim_start_matches(['<', '>', '|', '='])
+        .to_string();
+    let item: u64 = kind
+        .get(1..)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| bad(format!("dtype {descr} is not a supported numeric type")))?;
+    let declared = header
+        .shape
+        .iter()
+        .try_fold(item, |n, &d| n.checked_mul(d as u64));
+    match declared {
+        Some(n) if n <= held => Ok(kind),
+        _ => Err(bad(format!(
+            "the header declares shape {:?} of {descr} ({} bytes), but only {held} bytes of \
+             data follow it",
+            header.shape,
+            declared.map_or("more than 2^64".to_string(), |n| n.to_string())
+        ))),
+    }
+}
+
+/// Reads a whole `.npy` stream (header included) whose element kind is `kind`.
+fn npy_read(r: impl std::io::Read, kind: String, what: &str) -> Result<TensorData> {
+    use ndarray_npy::ReadNpyExt;
+    let bad = |reason: String| Error::Decode {
+        what: what.to_string(),
+        reason,
+    };
+    macro_rules! read {
+        ($ty:ty, $v:ident) => {
+            ArrayD::<$ty>::read_npy(r)
+                .map(TensorData::$v)
+                .map_err(|e| bad(e.to_string()))
+        };
+    }
+    match kind.as_str() {
+        "f4" => read!(f32, F32),
+        "f8" => read!(f64, F64),
+        "i8" => read!(i64, I64),
+        "i4" => read!(i32, I32),
+        "i2" => read!(i16, I16),
+        "i1" => read!(i8, I8),
+        "u8" => read!(u64, U64),
+        "u4" => read!(u32, U32),
+        "u2" => read!(u16, U16),
+        "u1" => read!(u8, U8),
+        "b1" => read!(bool, Bool),
+        _ => Err(bad(format!(
+            "dtype {kind} is not a supported numeric type (f4, f8, i1-i8, u1-u8, b1)"
+        ))),
+    }
+}
+
+/// Decodes an `.npy` file held in memory (an `.npz` entry), checked like [`read_npy`].
+fn npy_array(bytes: &[u8], what: &str) -> Result<TensorData> {
+    let mut rest = bytes;
+    let header = npy_header(&mut rest, what)?;
+    let kind = npy_kind(&header, rest.len() as u64, what)?;
+    npy_read(bytes, kind, what)
 }
 
 /// Reads `.npy` files as one sample: `name=path` pairs, or plain paths taken in input order.
@@ -406,7 +491,7 @@ pub fn read_npy_sample(model: &Model, specs: &[String]) -> Result<Case> {
                 spec.as_str(),
             ),
         };
-        sample.push((name, read_npy(Path::new(path))?));
+        sample.push((name, read_npy(Path::new(path), None)?));
     }
     Ok(Case {
         source: specs.join(","),
@@ -428,6 +513,7 @@ pub fn read_cases(model: &Model, dir: &Path) -> Result<Vec<Case>> {
     if dir.join("input_0.pb").exists() {
         return Ok(vec![read_test_data_set(model, dir)?]);
     }
+    let root = data_root(dir)?;
     let mut sets: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok())
@@ -446,7 +532,10 @@ pub fn read_cases(model: &Model, dir: &Path) -> Result<Vec<Case>> {
         )));
     }
     sets.iter()
-        .map(|(_, p)| read_test_data_set(model, p))
+        .map(|(_, p)| {
+            crate::files::confined(&root, p).map_err(Error::Usage)?;
+            read_test_data_set(model, p)
+        })
         .collect()
 }
 
@@ -470,6 +559,24 @@ pub fn parse_input_shape(spec: &str) -> Result<(String, Vec<usize>)> {
 /// The most elements a random input may have (2^28: 1 GiB of f32); larger shapes are refused
 /// instead of exhausting memory.
 pub const MAX_RANDOM_ELEMENTS: usize = 1 << 28;
+
+/// The most random samples one run generates (`--random`, `--calib-random`).
+pub const MAX_RANDOM_SAMPLES: usize = 1_000_000;
+
+/// The most bytes all random samples of a run may take together (1 GiB): they are generated
+/// up front and held in memory.
+pub const MAX_RANDOM_BYTES: u64 = 1 << 30;
+
+/// Refuses a random sample count over [`MAX_RANDOM_SAMPLES`]; `what` names it in the message
+/// (`--calib-random`).
+pub fn check_random_count(what: &str, count: usize) -> Result<()> {
+    if count > MAX_RANDOM_SAMPLES {
+        return Err(Error::Usage(format!(
+            "{what} {count}: at most {MAX_RANDOM_SAMPLES} random samples (MAX_RANDOM_SAMPLES)"
+        )));
+    }
+    Ok(())
+}
 
 /// Parses every `--input-shape name:d1,d2,...`.
 pub fn parse_input_shapes(specs: &[String]) -> Result<HashMap<String, Vec<usize>>> {
@@ -508,40 +615,67 @@ pub fn random_cases(
             ));
         }
     }
+    check_random_count("random samples", count)?;
+    let mut plan: Vec<(&String, &ElemType, Vec<usize>, usize)> = Vec::new();
+    for (name, ty, dims) in &decl {
+        let shape: Vec<usize> = match shapes.get(name) {
+            Some(s) => {
+                if s.len() != dims.len() && !dims.is_empty() {
+                    return Err(Error::input(
+                        name,
+                        format!(
+                            "--input-shape gives {} dims, the model declares {}",
+                            s.len(),
+                            dims.len()
+                        ),
+                    ));
+                }
+                s.clone()
+            }
+            None => dims.iter().map(|d| d.unwrap_or(1)).collect(),
+        };
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
+            .ok_or_else(|| {
+                Error::input(
+                    name,
+                    format!(
+                        "shape {shape:?} is too large for random inputs \
+                         (more than {MAX_RANDOM_ELEMENTS} elements, MAX_RANDOM_ELEMENTS)"
+                    ),
+                )
+            })?;
+        plan.push((name, ty, shape, n));
+    }
+    // Every sample is held in memory at once: bound the total before generating any.
+    let sample_bytes: u64 = plan
+        .iter()
+        .map(|(_, ty, _, n)| (*n as u64).saturating_mul(ty.size() as u64))
+        .fold(0u64, u64::saturating_add);
+    let total = sample_bytes.saturating_mul(count as u64);
+    if total > MAX_RANDOM_BYTES {
+        let (name, ty, shape, _) = plan
+            .iter()
+            .max_by_key(|(_, ty, _, n)| n.saturating_mul(ty.size()))
+            .expect("a sample of more than 0 bytes has an input");
+        return Err(Error::input(
+            name,
+            format!(
+                "{count} random samples with this input of shape {shape:?} ({}) take {total} \
+                 bytes, more than the {MAX_RANDOM_BYTES} bytes (1 GiB) allowed for random \
+                 inputs (MAX_RANDOM_BYTES): give fewer samples or a smaller --input-shape",
+                ty.name()
+            ),
+        ));
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut cases = Vec::with_capacity(count);
     for i in 0..count {
         let mut sample = Vec::new();
-        for (name, ty, dims) in &decl {
-            let shape: Vec<usize> = match shapes.get(name) {
-                Some(s) => {
-                    if s.len() != dims.len() && !dims.is_empty() {
-                        return Err(Error::input(
-                            name,
-                            format!(
-                                "--input-shape gives {} dims, the model declares {}",
-                                s.len(),
-                                dims.len()
-                            ),
-                        ));
-                    }
-                    s.clone()
-                }
-                None => dims.iter().map(|d| d.unwrap_or(1)).collect(),
-            };
-            let n = shape
-                .iter()
-                .try_fold(1usize, |n, &d| n.checked_mul(d))
-                .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
-                .ok_or_else(|| {
-                    Error::input(
-                        name,
-                        format!(
-                            "shape {shape:?} is too large for random inputs \
-                             (more than {MAX_RANDOM_ELEMENTS} elements)"
-                        ),
-                    )
-                })?;
+        for &(name, ty, ref shape, n) in &plan {
+            let shape = shape.clone();
             let normal = |rng: &mut rand::rngs::StdRng| {
                 // Box-Muller.
                 let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
@@ -582,399 +716,9 @@ pub fn random_cases(
     Ok(cases)
 }
 
-/// What makes a comparison pass.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Criterion {
-    /// Every element within `atol * max(1, peak) + rtol * |reference|`, where `peak` is the
-    /// largest magnitude in that output of the sample: numpy's allclose with the absolute term
-    /// following the output's scale, so float noise on a network whose outputs are in the
-    /// hundreds is judged like the same noise on outputs near one.
-    Tolerance { atol: f64, rtol: f64 },
-    /// SQNR of every output at least this many dB.
-    MinSqnr { db: f64 },
-}
-
-/// Named tolerance levels.
-pub mod tolerance {
-    use super::Criterion;
-    /// Bit-identical.
-    pub const EXACT: Criterion = Criterion::Tolerance {
-        atol: 0.0,
-        rtol: 0.0,
-    };
-    /// Float rewrites (fusion): 1e-5 absolute, 1e-4 relative.
-    pub const FLOAT: Criterion = Criterion::Tolerance {
-        atol: 1e-5,
-        rtol: 1e-4,
-    };
-    /// Float16 models: folded weights rounded to half precision move outputs by a few ulps of
-    /// the operands, so 1e-2 absolute and relative.
-    pub const HALF: Criterion = Criterion::Tolerance {
-        atol: 1e-2,
-        rtol: 1e-2,
-    };
-    /// Loose: runtimes with different accumulation order on deep models.
-    pub const LOOSE: Criterion = Criterion::Tolerance {
-        atol: 1e-3,
-        rtol: 1e-2,
-    };
-
-    /// The level for a float rewrite of `model`: half when any graph input or output is 16-bit
-    /// floating point, float otherwise.
-    pub fn for_model(model: &crate::onnx::Model) -> Criterion {
-        use crate::onnx::proto::type_proto;
-        let g = model.graph();
-        let half = g.input.iter().chain(&g.output).any(|v| {
-            matches!(
-                v.type_.as_ref().and_then(|t| t.value.as_ref()),
-                Some(type_proto::Value::TensorType(t)) if t.elem_type == 10 || t.elem_type == 16
-            )
-        });
-        if half {
-            HALF
-        } else {
-            FLOAT
-        }
-    }
-
-    /// A level by name: exact, float, half, loose.
-    pub fn by_name(name: &str) -> Option<Criterion> {
-        Some(match name {
-            "exact" => EXACT,
-            "float" => FLOAT,
-            "half" => HALF,
-            "loose" => LOOSE,
-            _ => return None,
-        })
-    }
-}
-
-/// Running statistics of one output over many samples.
-#[derive(Debug, Clone, Default)]
-struct Acc {
-    elements: usize,
-    sum_ref2: f64,
-    sum_out2: f64,
-    sum_err2: f64,
-    dot: f64,
-    max_abs: f64,
-    max_rel: f64,
-    violations: usize,
-    top1_rows: usize,
-    top1_agree: usize,
-    mismatch: Option<String>,
-}
-
-/// Metrics of one output.
-#[derive(Debug, Clone, Serialize)]
-pub struct OutputMetrics {
-    pub name: String,
-    pub elements: usize,
-    pub max_abs: f64,
-    pub max_rel: f64,
-    pub cosine: f64,
-    /// `None` when the outputs are identical (infinite SQNR).
-    pub sqnr_db: Option<f64>,
-    /// Fraction of rows whose argmax agrees, for `[N, C]` outputs.
-    pub top1: Option<f64>,
-    /// Elements outside the tolerance (for a tolerance criterion).
-    pub violations: usize,
-    /// Shape or type mismatch, if any.
-    pub mismatch: Option<String>,
-    pub passed: bool,
-}
-
-/// The result of comparing outputs over a set of samples.
-#[derive(Debug, Clone, Serialize)]
-pub struct Comparison {
-    pub samples: usize,
-    pub criterion: Criterion,
-    pub outputs: Vec<OutputMetrics>,
-    pub passed: bool,
-}
-
-fn argmax(row: impl Iterator<Item = f64>) -> usize {
-    let mut best = (0, f64::NEG_INFINITY);
-    for (i, v) in row.enumerate() {
-        if v > best.1 {
-            best = (i, v);
-        }
-    }
-    best.0
-}
-
-impl Acc {
-    fn add(&mut self, reference: &TensorData, actual: &TensorData, atol: f64, rtol: f64) {
-        if reference.shape() != actual.shape() {
-            self.mismatch = Some(format!(
-                "shape {:?} vs reference {:?}",
-                actual.shape(),
-                reference.shape()
-            ));
-            return;
-        }
-        let r = reference.to_f64();
-        let a = actual.to_f64();
-        let peak = r.iter().fold(
-            1.0f64,
-            |m, v| if v.is_finite() { m.max(v.abs()) } else { m },
-        );
-        let atol = atol * peak;
-        for (&x, &y) in r.iter().zip(a.iter()) {
-            let err = (x - y).abs();
-            let err = if err.is_nan() {
-                if x.is_nan() && y.is_nan() {
-                    0.0
-                } else {
-                    f64::INFINITY
-                }
-            } else if x == y {
-                0.0
-            } else {
-                err
-            };
-            self.elements += 1;
-            self.sum_ref2 += x * x;
-            self.sum_out2 += y * y;
-            self.sum_err2 += err * err;
-            self.dot += x * y;
-            self.max_abs = self.max_abs.max(err);
-            if x.abs() > atol.max(f64::MIN_POSITIVE) {
-                self.max_rel = self.max_rel.max(err / x.abs());
-            }
-            if err > atol + rtol * x.abs() {
-                self.violations += 1;
-            }
-        }
-        let shape = r.shape();
-        if shape.len() == 2 && shape[1] >= 2 {
-            for (rr, aa) in r.outer_iter().zip(a.outer_iter()) {
-                self.top1_rows += 1;
-                if argmax(rr.iter().copied()) == argmax(aa.iter().copied()) {
-                    self.top1_agree += 1;
-                }
-            }
-        }
-    }
-
-    fn finish(self, name: &str, criterion: Criterion) -> OutputMetrics {
-        let sqnr_db = if self.sum_err2 == 0.0 {
-            None
-        } else {
-            Some(10.0 * (self.sum_ref2 / self.sum_err2).log10())
-        };
-        let norm = (self.sum_ref2 * self.sum_out2).sqrt();
-        let cosine = if norm == 0.0 {
-            if self.sum_err2 == 0.0 {
-                1.0
-            } else {
-                0.0
-            }
-        } else {
-            self.dot / norm
-        };
-        let passed = self.mismatch.is_none()
-            && match criterion {
-                Criterion::Tolerance { .. } => self.violations == 0,
-                Criterion::MinSqnr { db } => sqnr_db.is_none_or(|s| s >= db),
-            };
-        OutputMetrics {
-            name: name.to_string(),
-            elements: self.elements,
-            max_abs: self.max_abs,
-            max_rel: self.max_rel,
-            cosine,
-            sqnr_db,
-            top1: (self.top1_rows > 0).then(|| self.top1_agree as f64 / self.top1_rows as f64),
-            violations: self.violations,
-            mismatch: self.mismatch,
-            passed,
-        }
-    }
-}
-
-/// Accumulates output comparisons over samples.
-#[derive(Debug, Clone)]
-pub struct Comparer {
-    criterion: Criterion,
-    names: Vec<String>,
-    accs: Vec<Acc>,
-    samples: usize,
-}
-
-impl Comparer {
-    /// A comparer for outputs named `names`.
-    pub fn new(names: &[String], criterion: Criterion) -> Comparer {
-        Comparer {
-            criterion,
-            names: names.to_vec(),
-            accs: vec![Acc::default(); names.len()],
-            samples: 0,
-        }
-    }
-
-    /// Adds one sample's outputs (same order as the names).
-    pub fn add(&mut self, reference: &[TensorData], actual: &[TensorData]) {
-        let (atol, rtol) = match self.criterion {
-            Criterion::Tolerance { atol, rtol } => (atol, rtol),
-            Criterion::MinSqnr { .. } => (0.0, 0.0),
-        };
-        for ((acc, r), a) in self.accs.iter_mut().zip(reference).zip(actual) {
-            acc.add(r, a, atol, rtol);
-        }
-        self.samples += 1;
-    }
-
-    /// The metrics.
-    pub fn finish(self) -> Comparison {
-        let criterion = self.criterion;
-        let outputs: Vec<OutputMetrics> = self
-            .accs
-            .into_iter()
-            .zip(&self.names)
-            .map(|(a, n)| a.finish(n, criterion))
-            .collect();
-        Comparison {
-            samples: self.samples,
-            criterion,
-            passed: outputs.iter().all(|o| o.passed),
-            outputs,
-        }
-    }
-}
-
-/// Runs `a` and `b` in tract on every case and compares `b`'s outputs to `a`'s.
-pub fn compare_models(
-    a: &Model,
-    b: &Model,
-    cases: &[Case],
-    criterion: Criterion,
-) -> Result<Comparison> {
-    let names: Vec<String> = a.graph().output.iter().map(|o| o.name.clone()).collect();
-    let names_b: Vec<String> = b.graph().output.iter().map(|o| o.name.clone()).collect();
-    if names != names_b {
-        return Err(Error::Usage(format!(
-            "the models have different outputs: {names:?} vs {names_b:?}"
-        )));
-    }
-    let first = cases
-        .first()
-        .ok_or_else(|| Error::Usage("no input samples to compare on".into()))?;
-    let mut ra = Runner::new(a, &first.inputs, &[])?;
-    let mut rb = Runner::new(b, &first.inputs, &[])?;
-    let mut cmp = Comparer::new(&names, criterion);
-    let mut shape_of = shapes(&first.inputs);
-    for c in cases {
-        if shapes(&c.inputs) != shape_of {
-            ra = Runner::new(a, &c.inputs, &[])?;
-            rb = Runner::new(b, &c.inputs, &[])?;
-            shape_of = shapes(&c.inputs);
-        }
-        let oa = ra.run(&c.inputs)?;
-        let ob = rb.run(&c.inputs)?;
-        cmp.add(&oa, &ob);
-    }
-    Ok(cmp.finish())
-}
-
-fn shapes(s: &Sample) -> Vec<(String, ElemType, Vec<usize>)> {
-    s.iter()
-        .map(|(n, t)| (n.clone(), t.elem_type(), t.shape().to_vec()))
-        .collect()
-}
-
-/// Runs `model` in tract on every case and compares with the cases' expected outputs.
-pub fn compare_expected(model: &Model, cases: &[Case], criterion: Criterion) -> Result<Comparison> {
-    let names: Vec<String> = model
-        .graph()
-        .output
-        .iter()
-        .map(|o| o.name.clone())
-        .collect();
-    let first = cases
-        .first()
-        .ok_or_else(|| Error::Usage("no input samples to compare on".into()))?;
-    let mut runner = Runner::new(model, &first.inputs, &[])?;
-    let mut shape_of = shapes(&first.inputs);
-    let mut cmp = Comparer::new(&names, criterion);
-    for c in cases {
-        if c.expected.is_empty() {
-            return Err(Error::Usage(format!(
-                "{}: no expected outputs (output_K.pb)",
-                c.source
-            )));
-        }
-        if shapes(&c.inputs) != shape_of {
-            runner = Runner::new(model, &c.inputs, &[])?;
-            shape_of = shapes(&c.inputs);
-        }
-        let out = runner.run(&c.inputs)?;
-        let expected: Vec<TensorData> = names
-            .iter()
-            .map(|n| {
-                c.expected
-                    .iter()
-                    .find(|(m, _)| m == n)
-                    .map(|(_, t)| t.clone())
-                    .ok_or_else(|| {
-                        Error::Usage(format!("{}: no expected value for output '{n}'", c.source))
-                    })
-            })
-            .collect::<Result<_>>()?;
-        cmp.add(&expected, &out);
-    }
-    Ok(cmp.finish())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::array;
-
-    fn t(v: ndarray::Array2<f32>) -> TensorData {
-        TensorData::F32(v.into_dyn())
-    }
-
-    #[test]
-    fn metrics_by_hand() {
-        let r = t(array![[3.0, 4.0], [1.0, 0.0]]);
-        let a = t(array![[3.0, 4.5], [1.0, 0.0]]);
-        let mut c = Comparer::new(&["y".into()], tolerance::FLOAT);
-        c.add(&[r], &[a]);
-        let m = c.finish();
-        let o = &m.outputs[0];
-        assert_eq!(o.max_abs, 0.5);
-        assert!((o.max_rel - 0.125).abs() < 1e-12);
-        // sum ref^2 = 26, sum err^2 = 0.25
-        assert!((o.sqnr_db.unwrap() - 10.0 * (26.0f64 / 0.25).log10()).abs() < 1e-9);
-        let cos = (9.0 + 18.0 + 1.0) / (26.0f64.sqrt() * (9.0f64 + 20.25 + 1.0).sqrt());
-        assert!((o.cosine - cos).abs() < 1e-12);
-        // row 0 argmax 1 vs 1, row 1 argmax 0 vs 0
-        assert_eq!(o.top1, Some(1.0));
-        assert_eq!(o.violations, 1);
-        assert!(!m.passed);
-    }
-
-    #[test]
-    fn identical_is_infinite_sqnr_and_nan_fails() {
-        let r = t(array![[1.0, 2.0]]);
-        let mut c = Comparer::new(&["y".into()], tolerance::EXACT);
-        c.add(std::slice::from_ref(&r), std::slice::from_ref(&r));
-        let m = c.finish();
-        assert!(m.passed && m.outputs[0].sqnr_db.is_none());
-        let mut c = Comparer::new(&["y".into()], Criterion::MinSqnr { db: 10.0 });
-        c.add(&[r], &[t(array![[1.0, f32::NAN]])]);
-        assert!(!c.finish().passed);
-    }
-
-    #[test]
-    fn shape_mismatch_fails() {
-        let mut c = Comparer::new(&["y".into()], tolerance::LOOSE);
-        c.add(&[t(array![[1.0, 2.0]])], &[t(array![[1.0], [2.0]])]);
-        let m = c.finish();
-        assert!(!m.passed && m.outputs[0].mismatch.is_some());
-    }
 
     #[test]
     fn input_shape_parsing() {
