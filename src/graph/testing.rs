@@ -127,7 +127,7 @@ pub fn f32v(values: &[f32]) -> TensorData {
 }
 
 /// An f32 scalar.
-pub fn f32s(v: f32) -> TensorData {
+pub fn f32_scalar(v: f32) -> TensorData {
     TensorData::F32(ndarray::arr0(v).into_dyn())
 }
 
@@ -137,12 +137,12 @@ pub fn i8t(shape: &[usize], values: Vec<i8>) -> TensorData {
 }
 
 /// An int8 scalar.
-pub fn i8s(v: i8) -> TensorData {
+pub fn i8_scalar(v: i8) -> TensorData {
     TensorData::I8(ndarray::arr0(v).into_dyn())
 }
 
 /// A uint8 scalar.
-pub fn u8s(v: u8) -> TensorData {
+pub fn u8_scalar(v: u8) -> TensorData {
     TensorData::U8(ndarray::arr0(v).into_dyn())
 }
 
@@ -300,5 +300,37 @@ pub fn assert_all_close(got: &[f64], want: &[f64], eps: f64) {
     assert_eq!(got.len(), want.len(), "lengths differ");
     for (k, (g, w)) in got.iter().zip(want).enumerate() {
         assert!((g - w).abs() <= eps, "entry {k}: got {g}, want {w}");
+    }
+}
+
+/// A uint8 tensor of `shape`.
+pub fn u8t(shape: &[usize], values: Vec<u8>) -> TensorData {
+    TensorData::U8(ArrayD::from_shape_vec(IxDyn(shape), values).expect("values fit the shape"))
+}
+
+/// `QuantizeLinear(x, scale, zero_point) -> y`, named `name`.
+pub fn quantize(name: &str, x: &str, scale: &str, zp: &str, y: &str) -> NodeProto {
+    node("QuantizeLinear", name, &[x, scale, zp], &[y], vec![])
+}
+
+/// `DequantizeLinear(q, scale, zero_point) -> y`, named `name`, with an axis when given.
+pub fn dequantize(
+    name: &str,
+    q: &str,
+    scale: &str,
+    zp: &str,
+    y: &str,
+    axis: Option<i64>,
+) -> NodeProto {
+    let attrs = axis.map(|a| vec![int("axis", a)]).unwrap_or_default();
+    node("DequantizeLinear", name, &[q, scale, zp], &[y], attrs)
+}
+
+/// Replaces (or adds) initializer `name`.
+pub fn set_init(m: &mut Model, name: &str, t: TensorData) {
+    let g = m.graph_mut();
+    match g.initializer.iter_mut().find(|i| i.name == name) {
+        Some(i) => *i = t.to_proto(name),
+        None => g.initializer.push(t.to_proto(name)),
     }
 }

@@ -398,6 +398,8 @@ mod tests {
         let mut m = conv_bn_model(true, vec![]);
         m.graph_mut().node[1].output.push("running_mean".into());
         assert!(declined(&m, "bn", conv_bn).1.contains("training outputs"));
+        let m = conv_bn_model(true, vec![int("spatial", 0)]);
+        assert_eq!(declined(&m, "bn", conv_bn).1, "spatial = 0");
     }
 
     #[test]

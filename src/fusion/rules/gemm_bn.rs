@@ -212,7 +212,7 @@ mod tests {
         assert_all_close(init(&f, "B_bias").to_f64().as_slice().unwrap(), &want, 1e-6);
         assert_same_output(&m, &f, &a(), 1e-4);
         // a scalar broadcasts: C' = beta_g * C * s + shift, per channel
-        let m = gemm_bn_model(false, Some(f32s(0.3)));
+        let m = gemm_bn_model(false, Some(f32_scalar(0.3)));
         let (f, _) = rewrite(&m, "bn", gemm_bn);
         let c2 = init(&f, &node_named(&f, "fc").input[2]).to_f64();
         let want: Vec<f64> = (0..4)

@@ -248,7 +248,7 @@ mod tests {
 
     #[test]
     fn scalar_and_row_biases_fold() {
-        for b in [f32s(0.25), f32t(&[1, 4], BIAS.to_vec())] {
+        for b in [f32_scalar(0.25), f32t(&[1, 4], BIAS.to_vec())] {
             let m = matmul_bn_model(Some(b));
             let (f, _) = rewrite(&m, "bn", matmul_bn);
             assert_eq!(init(&f, &node_named(&f, "add").input[1]).shape(), [4]);
