@@ -234,4 +234,41 @@ mod tests {
             .insert(0, node("Identity", "id", &["wz"], &[], vec![]));
         not_applied(&m, "id", rule);
     }
+
+    #[test]
+    fn a_negative_axis_counts_from_the_end() {
+        let m = qconst_model(
+            vec![0.5, 0.5, 0.5, -1.0, 2.0, 300.0],
+            f32v(&[0.5, 0.25, 1.0]),
+            u8t(&[3], vec![0, 10, 128]),
+            Some(-1),
+        );
+        let (f, _) = rewrite(&m, "qw", rule);
+        assert_eq!(init(&f, "wq"), u8t(&[2, 3], vec![1, 12, 128, 0, 18, 255]));
+    }
+
+    #[test]
+    #[ignore = "bug: QuantizeLinear-21's output_dtype is ignored: without a zero point the constant is always computed as uint8"]
+    fn output_dtype_sets_the_type_without_a_zero_point() {
+        let mut m = qconst_model(
+            vec![-0.5, 0.5, -1.0, 1.0, 0.0, 0.2],
+            f32_scalar(0.1),
+            i8_scalar(0),
+            None,
+        );
+        m.proto.opset_import[0].version = 21;
+        m.graph_mut().node[1].input.truncate(2);
+        let q = &mut m.graph_mut().node[0];
+        q.input.truncate(2);
+        q.attribute
+            .push(int("output_dtype", ElemType::I8.onnx_code() as i64));
+        match try_rule(&m, "qw", rule).unwrap() {
+            None | Some(Outcome::Decline(..)) => {}
+            Some(Outcome::Rewrite(patch, _)) => {
+                let mut f = m.clone();
+                patch.apply(f.graph_mut()).unwrap();
+                assert_eq!(init(&f, "wq"), i8t(&[2, 3], vec![-5, 5, -10, 10, 0, 2]));
+            }
+        }
+    }
 }

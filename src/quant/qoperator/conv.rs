@@ -187,6 +187,19 @@ mod tests {
     }
 
     #[test]
+    fn relu_with_an_int8_output_is_absorbed_only_at_minus_128() {
+        let mut m = conv_model(false, true, 0);
+        set_init(&mut m, "yz", i8_scalar(-128));
+        let (f, rec) = rewrite(&m, "conv", conv);
+        assert_eq!(rec.nodes, ["conv", "relu"]);
+        assert_within_steps(&m, &f, &x(), 0.05, 1.0);
+        // symmetric int8 (zero point 0): the Relu is not implied
+        let mut m = conv_model(false, true, 0);
+        set_init(&mut m, "yz", i8_scalar(0));
+        not_applied(&m, "conv", conv);
+    }
+
+    #[test]
     fn a_dequantized_int32_bias_at_the_right_scale_is_kept() {
         let mut m = conv_model(true, false, 128);
         let bs: Vec<f32> = WS.iter().map(|w| XS * w).collect();
