@@ -6,6 +6,8 @@ pub mod guard;
 mod names;
 mod patch;
 pub mod spec;
+#[cfg(test)]
+pub mod testing;
 
 use std::cell::RefCell;
 use std::cmp::Reverse;

@@ -143,3 +143,182 @@ pub fn matmul_bn(g: &Graph, bn: usize, names: &mut Names) -> Result<Option<Outco
         folded(GroupKind::LinearBn, nodes, &bnn.output[0]),
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::testing::*;
+    use crate::onnx::proto::AttributeProto;
+    use crate::onnx::{ElemType, Model, TensorData};
+
+    const GAMMA: [f32; 4] = [1.5, -0.7, 0.9, 1.1];
+    const BETA: [f32; 4] = [0.1, -0.2, 0.3, 0.0];
+    const MEAN: [f32; 4] = [0.05, 0.1, -0.1, 0.2];
+    const VAR: [f32; 4] = [0.5, 1.2, 0.8, 0.3];
+    const BIAS: [f32; 4] = [0.2, -0.1, 0.05, 0.4];
+
+    fn s(o: usize) -> f64 {
+        GAMMA[o] as f64 / (VAR[o] as f64 + 1e-5).sqrt()
+    }
+
+    fn bn(input: &str, attrs: Vec<AttributeProto>) -> NodeProto {
+        node(
+            "BatchNormalization",
+            "bn",
+            &[input, "g", "beta", "mean", "var"],
+            &["y"],
+            attrs,
+        )
+    }
+
+    /// x [2, 3] -> MatMul(W [3, 4]) -> mm [-> Add(b) -> t] -> BN -> y
+    fn matmul_bn_model(bias: Option<TensorData>) -> Model {
+        let mut nodes = vec![node("MatMul", "mm", &["x", "W"], &["mm"], vec![])];
+        let mut inits = vec![
+            ("W", f32t(&[3, 4], seq(12, 2))),
+            ("g", f32v(&GAMMA)),
+            ("beta", f32v(&BETA)),
+            ("mean", f32v(&MEAN)),
+            ("var", f32v(&VAR)),
+        ];
+        let last = match bias {
+            Some(b) => {
+                nodes.push(node("Add", "add", &["mm", "b"], &["t"], vec![]));
+                inits.push(("b", b));
+                "t"
+            }
+            None => "mm",
+        };
+        nodes.push(bn(last, vec![]));
+        model(nodes, inits, value_info("x", ElemType::F32, &[2, 3]), "y")
+    }
+
+    fn x() -> crate::runtime::Sample {
+        sample("x", &[2, 3], seq(6, 3))
+    }
+
+    fn check_weight(m: &Model, f: &Model) {
+        let w = init(m, "W").to_f64();
+        let w2 = init(f, &node_named(f, "mm").input[1]).to_f64();
+        for k in 0..3 {
+            for n in 0..4 {
+                assert!((w[[k, n]] * s(n) - w2[[k, n]]).abs() < 1e-6, "W[{k}, {n}]");
+            }
+        }
+    }
+
+    #[test]
+    fn folds_into_matmul_and_its_bias_add() {
+        let m = matmul_bn_model(Some(f32v(&BIAS)));
+        let (f, rec) = rewrite(&m, "bn", matmul_bn);
+        assert_eq!(rec.kind, GroupKind::LinearBn);
+        assert_eq!(rec.nodes, ["mm", "add", "bn"]);
+        assert_eq!(rec.output, "y");
+        assert_eq!(ops(&f), ["MatMul", "Add"]);
+        let add = node_named(&f, "add");
+        assert_eq!(add.output, ["y"]);
+        assert_eq!(add.input[0], "mm");
+        check_weight(&m, &f);
+        // b' = b * s + shift = (b - mean) * s + beta
+        let b2 = init(&f, &add.input[1]).to_f64();
+        let want: Vec<f64> = (0..4)
+            .map(|o| (BIAS[o] as f64 - MEAN[o] as f64) * s(o) + BETA[o] as f64)
+            .collect();
+        assert_all_close(b2.as_slice().unwrap(), &want, 1e-6);
+        assert_same_output(&m, &f, &x(), 1e-4);
+    }
+
+    #[test]
+    fn without_an_add_a_new_add_named_after_the_bn() {
+        let m = matmul_bn_model(None);
+        let (f, rec) = rewrite(&m, "bn", matmul_bn);
+        assert_eq!(rec.nodes, ["mm", "bn"]);
+        assert_eq!(ops(&f), ["MatMul", "Add"]);
+        let add = node_named(&f, "bn");
+        assert_eq!(add.op_type, "Add");
+        assert_eq!(add.input, ["mm", "W_bias"]);
+        assert_eq!(add.output, ["y"]);
+        check_weight(&m, &f);
+        let want: Vec<f64> = (0..4)
+            .map(|o| BETA[o] as f64 - MEAN[o] as f64 * s(o))
+            .collect();
+        assert_all_close(init(&f, "W_bias").to_f64().as_slice().unwrap(), &want, 1e-6);
+        assert_same_output(&m, &f, &x(), 1e-4);
+    }
+
+    #[test]
+    fn scalar_and_row_biases_fold() {
+        for b in [f32_scalar(0.25), f32t(&[1, 4], BIAS.to_vec())] {
+            let m = matmul_bn_model(Some(b));
+            let (f, _) = rewrite(&m, "bn", matmul_bn);
+            assert_eq!(init(&f, &node_named(&f, "add").input[1]).shape(), [4]);
+            assert_same_output(&m, &f, &x(), 1e-4);
+        }
+    }
+
+    #[test]
+    fn declines_when_the_input_is_not_known_to_be_2d() {
+        let mut m = matmul_bn_model(None);
+        m.graph_mut().input[0] = value_info("x", ElemType::F32, &[1, 2, 3]);
+        assert!(declined(&m, "bn", matmul_bn)
+            .1
+            .starts_with("MatMul input 'x' is not known to be 2-D (rank Some(3))"));
+        let mut m = matmul_bn_model(None);
+        m.graph_mut().input[0] = untyped("x");
+        assert!(declined(&m, "bn", matmul_bn).1.contains("(rank None)"));
+    }
+
+    #[test]
+    fn declines_shared_intermediates() {
+        let mut m = matmul_bn_model(Some(f32v(&BIAS)));
+        add_output(&mut m, "mm");
+        assert_eq!(declined(&m, "bn", matmul_bn).1, "'mm' is a graph output");
+        let mut m = matmul_bn_model(Some(f32v(&BIAS)));
+        m.graph_mut()
+            .node
+            .push(node("Relu", "r", &["t"], &["r"], vec![]));
+        add_output(&mut m, "r");
+        let (nodes, reason) = declined(&m, "bn", matmul_bn);
+        assert_eq!(nodes, ["mm", "add", "bn"]);
+        assert_eq!(reason, "'t' has 2 consumers");
+    }
+
+    #[test]
+    fn declines_non_constant_weight_bad_bias_and_channel_mismatch() {
+        let mut m = matmul_bn_model(None);
+        make_overridable(&mut m, "W", ElemType::F32, &[3, 4]);
+        assert_eq!(
+            declined(&m, "bn", matmul_bn).1,
+            "MatMul weight 'W' is not a constant"
+        );
+        let m = matmul_bn_model(Some(f32t(&[2, 4], seq(8, 1))));
+        assert_eq!(declined(&m, "bn", matmul_bn).1, "bias has shape [2, 4]");
+        let mut m = matmul_bn_model(None);
+        m.graph_mut().initializer[0] = f32t(&[3, 5], seq(15, 2)).to_proto("W");
+        assert_eq!(
+            declined(&m, "bn", matmul_bn).1,
+            "MatMul has 5 output columns, BN has 4 channels"
+        );
+    }
+
+    #[test]
+    fn does_not_apply_to_an_add_without_a_matmul() {
+        let mut m = matmul_bn_model(Some(f32v(&BIAS)));
+        m.graph_mut().node[0].op_type = "Sub".into();
+        not_applied(&m, "bn", matmul_bn);
+        not_applied(&matmul_bn_model(None), "mm", matmul_bn);
+    }
+
+    #[test]
+    fn malformed_nodes_do_not_apply() {
+        let mut m = matmul_bn_model(None);
+        m.graph_mut().node[0].input.push("W".into());
+        not_applied(&m, "bn", matmul_bn);
+        let mut m = matmul_bn_model(Some(f32v(&BIAS)));
+        m.graph_mut().node[1].input.truncate(1);
+        not_applied(&m, "bn", matmul_bn);
+        let mut m = matmul_bn_model(None);
+        m.graph_mut().node[1].input.truncate(4);
+        not_applied(&m, "bn", matmul_bn);
+    }
+}

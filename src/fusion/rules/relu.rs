@@ -86,3 +86,221 @@ pub fn relu_groups(g: &Graph, report: &mut FuseReport) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::testing::*;
+    use crate::onnx::proto::NodeProto;
+    use crate::onnx::{ElemType, Model};
+
+    /// x [2, 2] -> nodes..., with constants for a 2x2 weight, a bias and BN parameters.
+    fn with(nodes: Vec<NodeProto>, output: &str) -> Model {
+        model(
+            nodes,
+            vec![
+                ("w", f32t(&[2, 2], seq(4, 1))),
+                ("w4", f32t(&[2, 2, 1, 1], seq(4, 2))),
+                ("b", f32v(&[0.1, -0.2])),
+                ("g", f32v(&[1.5, -0.7])),
+                ("beta", f32v(&[0.1, -0.2])),
+                ("mean", f32v(&[0.05, 0.1])),
+                ("var", f32v(&[0.5, 1.2])),
+            ],
+            value_info("x", ElemType::F32, &[2, 2]),
+            output,
+        )
+    }
+
+    fn relu(input: &str) -> NodeProto {
+        node("Relu", "relu", &[input], &["y"], vec![])
+    }
+
+    fn groups_of(m: &Model, report: FuseReport) -> FuseReport {
+        let mut report = report;
+        relu_groups(&Graph::of_model(m), &mut report);
+        report
+    }
+
+    fn group(kind: GroupKind, nodes: &[&str], output: &str, folded: bool) -> FusedGroup {
+        FusedGroup {
+            kind,
+            nodes: nodes.iter().map(|s| s.to_string()).collect(),
+            folded,
+            fuser: None,
+            output: output.into(),
+        }
+    }
+
+    #[test]
+    fn conv_gemm_matmul_and_bn_relu_groups() {
+        let cases: Vec<(Vec<NodeProto>, GroupKind, Vec<&str>)> = vec![
+            (
+                vec![node("Conv", "conv", &["x", "w4"], &["c"], vec![])],
+                GroupKind::ConvRelu,
+                vec!["conv", "relu"],
+            ),
+            (
+                vec![node("Gemm", "fc", &["x", "w", "b"], &["c"], vec![])],
+                GroupKind::LinearRelu,
+                vec!["fc", "relu"],
+            ),
+            (
+                vec![node("MatMul", "mm", &["x", "w"], &["c"], vec![])],
+                GroupKind::LinearRelu,
+                vec!["mm", "relu"],
+            ),
+            (
+                vec![
+                    node("MatMul", "mm", &["x", "w"], &["m"], vec![]),
+                    node("Add", "add", &["m", "b"], &["c"], vec![]),
+                ],
+                GroupKind::LinearRelu,
+                vec!["mm", "add", "relu"],
+            ),
+            (
+                vec![node(
+                    "BatchNormalization",
+                    "bn",
+                    &["x", "g", "beta", "mean", "var"],
+                    &["c"],
+                    vec![],
+                )],
+                GroupKind::BnRelu,
+                vec!["bn", "relu"],
+            ),
+        ];
+        for (mut nodes, kind, chain) in cases {
+            nodes.push(relu("c"));
+            let m = with(nodes, "y");
+            let r = groups_of(&m, FuseReport::default());
+            assert_eq!(r.groups, [group(kind, &chain, "y", false)], "{chain:?}");
+            assert!(r.skipped.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_relu_after_a_folded_group_extends_it() {
+        // conv+bn was folded into conv (output "c"); the Relu joins the group
+        let m = with(
+            vec![
+                node("Conv", "conv", &["x", "w4"], &["c"], vec![]),
+                relu("c"),
+            ],
+            "y",
+        );
+        let mut report = FuseReport::default();
+        report
+            .groups
+            .push(group(GroupKind::ConvBn, &["conv", "bn"], "c", true));
+        report
+            .groups
+            .push(group(GroupKind::LinearBn, &["fc", "bn2"], "other", true));
+        let r = groups_of(&m, report);
+        assert_eq!(r.groups.len(), 2);
+        assert_eq!(
+            r.groups[0],
+            group(GroupKind::ConvBnRelu, &["conv", "bn", "relu"], "c", true)
+        );
+        // a Linear+BN group gains the Relu but keeps its kind
+        let m = with(
+            vec![node("Gemm", "fc", &["x", "w"], &["c"], vec![]), relu("c")],
+            "y",
+        );
+        let mut report = FuseReport::default();
+        report
+            .groups
+            .push(group(GroupKind::LinearBn, &["fc", "bn"], "c", true));
+        let r = groups_of(&m, report);
+        assert_eq!(
+            r.groups,
+            [group(GroupKind::LinearBn, &["fc", "bn", "relu"], "c", true)]
+        );
+    }
+
+    #[test]
+    fn skips_an_intermediate_with_two_consumers_or_a_graph_output() {
+        let mut m = with(
+            vec![
+                node("Conv", "conv", &["x", "w4"], &["c"], vec![]),
+                relu("c"),
+                node("Sigmoid", "sig", &["c"], &["s"], vec![]),
+            ],
+            "y",
+        );
+        add_output(&mut m, "s");
+        let r = groups_of(&m, FuseReport::default());
+        assert!(r.groups.is_empty());
+        assert_eq!(
+            r.skipped,
+            [Skipped {
+                nodes: vec!["conv".into(), "relu".into()],
+                reason: "'c' has 2 consumers".into()
+            }]
+        );
+        let mut m = with(
+            vec![node("Gemm", "fc", &["x", "w"], &["c"], vec![]), relu("c")],
+            "y",
+        );
+        add_output(&mut m, "c");
+        let r = groups_of(&m, FuseReport::default());
+        assert!(r.groups.is_empty());
+        assert_eq!(r.skipped[0].reason, "'c' is a graph output");
+    }
+
+    #[test]
+    fn no_group_for_other_producers_or_a_non_constant_add() {
+        // MatMul -> Add(x) -> Relu: the Add's other operand is not a constant
+        let m = with(
+            vec![
+                node("MatMul", "mm", &["x", "w"], &["m"], vec![]),
+                node("Add", "add", &["m", "x"], &["c"], vec![]),
+                relu("c"),
+            ],
+            "y",
+        );
+        let r = groups_of(&m, FuseReport::default());
+        assert!(r.groups.is_empty() && r.skipped.is_empty());
+        let m = with(
+            vec![node("Sigmoid", "sig", &["x"], &["c"], vec![]), relu("c")],
+            "y",
+        );
+        let r = groups_of(&m, FuseReport::default());
+        assert!(r.groups.is_empty() && r.skipped.is_empty());
+        // a Relu on the graph input
+        let m = with(vec![relu("x")], "y");
+        assert!(groups_of(&m, FuseReport::default()).groups.is_empty());
+    }
+
+    #[test]
+    fn malformed_nodes_form_no_group() {
+        // Conv with one input
+        let m = with(
+            vec![node("Conv", "conv", &["x"], &["c"], vec![]), relu("c")],
+            "y",
+        );
+        let r = groups_of(&m, FuseReport::default());
+        assert!(r.groups.is_empty() && r.skipped.is_empty());
+        // Relu with two inputs
+        let mut m = with(
+            vec![
+                node("Conv", "conv", &["x", "w4"], &["c"], vec![]),
+                relu("c"),
+            ],
+            "y",
+        );
+        m.graph_mut().node[1].input.push("x".into());
+        let r = groups_of(&m, FuseReport::default());
+        assert!(r.groups.is_empty() && r.skipped.is_empty());
+        // Relu with no output
+        let mut m = with(
+            vec![
+                node("Conv", "conv", &["x", "w4"], &["c"], vec![]),
+                relu("c"),
+            ],
+            "c",
+        );
+        m.graph_mut().node[1].output.clear();
+        assert!(groups_of(&m, FuseReport::default()).groups.is_empty());
+    }
+}

@@ -200,3 +200,192 @@ pub fn gemm(g: &Graph, i: usize, names: &mut Names, opset: i64) -> Result<Option
     }
     Ok(Some(converted(patch, nodes)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::testing::*;
+    use crate::onnx::Model;
+
+    const BS: [f32; 3] = [0.01, 0.02, 0.005];
+    const C: [f32; 3] = [0.2, -0.1, 0.05];
+    const AS: f32 = 0.02;
+
+    fn rule(g: &Graph, i: usize, n: &mut Names) -> Result<Option<Outcome>> {
+        gemm(g, i, n, 13)
+    }
+
+    /// a [2, 4] -> Q -> DQ -> Gemm(DQ(bq per output channel), C; alpha 0.5, beta 2, transB)
+    /// [-> Relu] -> Q(zp) -> DQ -> y
+    fn gemm_model(trans_b: bool, relu: bool, zp: u8) -> Model {
+        let (shape, axis): (&[usize], i64) = if trans_b { (&[3, 4], 0) } else { (&[4, 3], 1) };
+        let attrs = vec![
+            float("alpha", 0.5),
+            float("beta", 2.0),
+            int("transB", i64::from(trans_b)),
+        ];
+        let mut nodes = vec![
+            quantize("qa", "a", "as", "az", "aq"),
+            dequantize("dqa", "aq", "as", "az", "ad", None),
+            dequantize("dqb", "bq", "bs", "bz", "bd", Some(axis)),
+            node("Gemm", "fc", &["ad", "bd", "c"], &["g"], attrs),
+        ];
+        let mut last = "g";
+        if relu {
+            nodes.push(node("Relu", "relu", &["g"], &["r"], vec![]));
+            last = "r";
+        }
+        nodes.push(quantize("qy", last, "ys", "yz", "yq"));
+        nodes.push(dequantize("dqy", "yq", "ys", "yz", "y", None));
+        model(
+            nodes,
+            vec![
+                ("as", f32_scalar(AS)),
+                ("az", u8_scalar(128)),
+                ("bq", i8t(shape, seq_i8(12, 3))),
+                ("bs", f32v(&BS)),
+                ("bz", i8t(&[3], vec![0, 0, 0])),
+                ("c", f32v(&C)),
+                ("ys", f32_scalar(0.01)),
+                ("yz", u8_scalar(zp)),
+            ],
+            value_info("a", ElemType::F32, &[2, 4]),
+            "y",
+        )
+    }
+
+    fn a() -> crate::runtime::Sample {
+        sample("a", &[2, 4], seq(8, 4))
+    }
+
+    fn check(trans_b: bool) {
+        let m = gemm_model(trans_b, false, 128);
+        let (f, rec) = rewrite(&m, "fc", rule);
+        assert_eq!(rec.nodes, ["fc"]);
+        assert_eq!(
+            ops(&f),
+            [
+                "QuantizeLinear",
+                "Unsqueeze",
+                "QLinearConv",
+                "Squeeze",
+                "DequantizeLinear"
+            ]
+        );
+        let qc = node_named(&f, "fc");
+        assert_eq!(attr::ints(qc, "kernel_shape").unwrap(), Some(vec![1]));
+        // W [N, K, 1] = op(B) transposed to output-channel-major
+        let b = init(&m, "bq").to_f64();
+        let w = init(&f, &qc.input[3]).to_f64();
+        assert_eq!(w.shape(), [3, 4, 1]);
+        for o in 0..3 {
+            for k in 0..4 {
+                let want = if trans_b { b[[o, k]] } else { b[[k, o]] };
+                assert_eq!(w[[o, k, 0]], want, "W[{o}, {k}]");
+            }
+        }
+        // alpha folds into the scales, beta into the bias
+        let ws = init(&f, &qc.input[4]).to_f64();
+        let want_ws: Vec<f64> = BS.iter().map(|s| (s * 0.5) as f64).collect();
+        assert_all_close(ws.as_slice().unwrap(), &want_ws, 1e-9);
+        let want_b: Vec<i32> = (0..3)
+            .map(|o| {
+                (2.0 * C[o] as f64 / (AS as f64 * (BS[o] * 0.5) as f64)).round_ties_even() as i32
+            })
+            .collect();
+        assert_eq!(
+            init(&f, &qc.input[8]),
+            TensorData::I32(ndarray::Array1::from(want_b).into_dyn())
+        );
+        // opset 13: axes as an input
+        let un = f
+            .graph()
+            .node
+            .iter()
+            .find(|n| n.op_type == "Unsqueeze")
+            .unwrap();
+        assert_eq!(un.input.len(), 2);
+        assert_eq!(
+            init(&f, &un.input[1]),
+            TensorData::I64(ndarray::arr1(&[2i64]).into_dyn())
+        );
+        assert_within_steps(&m, &f, &a(), 0.01, 1.0);
+    }
+
+    #[test]
+    fn gemm_with_trans_b_1_becomes_a_1d_qlinearconv() {
+        check(true);
+    }
+
+    #[test]
+    fn gemm_with_trans_b_0_becomes_a_1d_qlinearconv() {
+        check(false);
+    }
+
+    #[test]
+    fn relu_absorbed_and_opset_11_axes_attributes() {
+        let m = gemm_model(true, true, 0);
+        let (f, rec) = rewrite(&m, "fc", |g: &Graph, i, n: &mut Names| gemm(g, i, n, 11));
+        assert_eq!(rec.nodes, ["fc", "relu"]);
+        assert_eq!(count(&f, "Relu"), 0);
+        for op in ["Unsqueeze", "Squeeze"] {
+            let n = f.graph().node.iter().find(|n| n.op_type == op).unwrap();
+            assert_eq!(n.input.len(), 1);
+            assert_eq!(attr::ints(n, "axes").unwrap(), Some(vec![2]));
+        }
+        let (f13, _) = rewrite(&m, "fc", rule);
+        assert_within_steps(&m, &f13, &a(), 0.01, 1.0);
+    }
+
+    #[test]
+    fn declines_a_c_that_is_not_per_output_channel() {
+        let mut m = gemm_model(true, false, 128);
+        set_init(&mut m, "c", f32t(&[2, 3], seq(6, 1)));
+        let (nodes, reason) = declined(&m, "fc", rule);
+        assert_eq!(nodes, ["fc"]);
+        assert_eq!(reason, "Gemm C is not a per-output-channel bias");
+        let mut m = gemm_model(true, false, 128);
+        set_init(&mut m, "c", f32v(&[0.1, 0.2]));
+        assert_eq!(
+            declined(&m, "fc", rule).1,
+            "Gemm C is not a per-output-channel bias"
+        );
+    }
+
+    #[test]
+    fn declines_a_bias_that_overflows_int32() {
+        let mut m = gemm_model(true, false, 128);
+        set_init(&mut m, "c", f32v(&[0.0, 1e9, 0.0]));
+        assert!(declined(&m, "fc", rule).1.starts_with("bias channel 1"));
+    }
+
+    #[test]
+    fn does_not_apply_to_trans_a_wrong_axis_or_non_qmin_relu() {
+        let mut m = gemm_model(true, false, 128);
+        m.graph_mut().node[3].attribute.push(int("transA", 1));
+        not_applied(&m, "fc", rule);
+        // transB = 1 wants scales per axis 0
+        let mut m = gemm_model(true, false, 128);
+        attr::set(&mut m.graph_mut().node[2], int("axis", 1));
+        set_init(&mut m, "bs", f32v(&[0.01, 0.02, 0.03, 0.04]));
+        set_init(&mut m, "bz", i8t(&[4], vec![0; 4]));
+        not_applied(&m, "fc", rule);
+        not_applied(&gemm_model(true, true, 128), "fc", rule);
+        let mut m = gemm_model(true, false, 128);
+        make_overridable(&mut m, "bq", ElemType::I8, &[3, 4]);
+        not_applied(&m, "fc", rule);
+    }
+
+    #[test]
+    fn malformed_nodes_do_not_apply() {
+        let mut m = gemm_model(true, false, 128);
+        m.graph_mut().node[3].input.truncate(1);
+        not_applied(&m, "fc", rule);
+        let mut m = gemm_model(true, false, 128);
+        attr::set(&mut m.graph_mut().node[3], int("transB", 2));
+        not_applied(&m, "fc", rule);
+        let mut m = gemm_model(true, false, 128);
+        m.graph_mut().node[3].output.clear();
+        not_applied(&m, "fc", rule);
+    }
+}

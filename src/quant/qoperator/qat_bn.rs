@@ -233,3 +233,249 @@ pub fn fold_qat_bn(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Outc
         },
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::testing::*;
+    use crate::onnx::proto::AttributeProto;
+    use crate::onnx::{ElemType, Model};
+
+    const GAMMA: [f32; 3] = [1.5, -0.7, 0.9];
+    const BETA: [f32; 3] = [0.1, -0.2, 0.3];
+    const MEAN: [f32; 3] = [0.05, 0.1, -0.1];
+    const VAR: [f32; 3] = [0.5, 1.2, 0.8];
+    const WS: [f32; 3] = [0.01, 0.02, 0.005];
+    /// The exported BN-scale divisor (negative on channel 2) and conv bias.
+    const K: [f32; 3] = [2.0, 0.5, -4.0];
+    const B: [f32; 3] = [0.2, -0.1, 0.05];
+
+    fn s(o: usize) -> f64 {
+        GAMMA[o] as f64 / (VAR[o] as f64 + 1e-5).sqrt()
+    }
+
+    fn chan(v: &[f32]) -> TensorData {
+        f32t(&[1, 3, 1, 1], v.to_vec())
+    }
+
+    /// x -> Q -> DQ -> Conv(DQ(wq per channel)) -> Div(k) -> Add(b) -> BN -> Q -> DQ -> y,
+    /// PyTorch's export of a fused QAT ConvBn.
+    fn qat_model(bn_attrs: Vec<AttributeProto>) -> Model {
+        model(
+            vec![
+                quantize("qx", "x", "xs", "xz", "xq"),
+                dequantize("dqx", "xq", "xs", "xz", "xd", None),
+                dequantize("dqw", "wq", "ws", "wz", "wd", Some(0)),
+                node("Conv", "conv", &["xd", "wd"], &["c"], vec![]),
+                node("Div", "div", &["c", "k"], &["d"], vec![]),
+                node("Add", "add", &["d", "b"], &["a"], vec![]),
+                node(
+                    "BatchNormalization",
+                    "bn",
+                    &["a", "g", "beta", "mean", "var"],
+                    &["n"],
+                    bn_attrs,
+                ),
+                quantize("qy", "n", "ys", "yz", "yq"),
+                dequantize("dqy", "yq", "ys", "yz", "y", None),
+            ],
+            vec![
+                ("xs", f32_scalar(0.02)),
+                ("xz", u8_scalar(128)),
+                ("wq", i8t(&[3, 2, 3, 3], seq_i8(54, 1))),
+                ("ws", f32v(&WS)),
+                ("wz", i8t(&[3], vec![0, 0, 0])),
+                ("k", chan(&K)),
+                ("b", chan(&B)),
+                ("g", f32v(&GAMMA)),
+                ("beta", f32v(&BETA)),
+                ("mean", f32v(&MEAN)),
+                ("var", f32v(&VAR)),
+                ("ys", f32_scalar(0.05)),
+                ("yz", u8_scalar(128)),
+            ],
+            value_info("x", ElemType::F32, &[1, 2, 5, 5]),
+            "y",
+        )
+    }
+
+    fn x() -> crate::runtime::Sample {
+        sample("x", &[1, 2, 5, 5], seq(50, 3))
+    }
+
+    #[test]
+    fn folds_the_exported_chain_and_bn_into_the_weight_scales() {
+        let m = qat_model(vec![]);
+        let (f, rec) = rewrite(&m, "conv", fold_qat_bn);
+        assert_eq!(rec.nodes, ["conv", "div", "add", "bn"]);
+        assert!(rec.inexact.is_none());
+        assert_eq!(
+            count(&f, "Div") + count(&f, "Add") + count(&f, "BatchNormalization"),
+            0
+        );
+        assert_eq!(count(&f, "DequantizeLinear"), 3);
+        let c = node_named(&f, "conv");
+        assert_eq!(c.output, ["n"]);
+        assert_eq!(c.input[0], "xd");
+        let dq = f
+            .graph()
+            .node
+            .iter()
+            .find(|n| n.output[0] == c.input[1])
+            .unwrap();
+        assert_eq!(dq.op_type, "DequantizeLinear");
+        assert_eq!(attr::int(dq, "axis", 1).unwrap(), 0);
+        // f = s * m with m = 1 / k: w_scale' = w_scale * |f|, weights negated where f < 0
+        let wq = init(&m, "wq").to_f64();
+        let wq2 = init(&f, &dq.input[0]).to_f64();
+        let ws2 = init(&f, &dq.input[1]).to_f64();
+        for o in 0..3 {
+            let fo = s(o) / K[o] as f64;
+            assert!((ws2[o] - WS[o] as f64 * fo.abs()).abs() < 1e-8, "scale {o}");
+            let sign = fo.signum();
+            let (a, b) = (wq.index_axis(Axis(0), o), wq2.index_axis(Axis(0), o));
+            assert!(
+                a.iter().zip(b.iter()).all(|(p, q)| p * sign == *q),
+                "channel {o}"
+            );
+        }
+        assert_eq!(init(&f, &dq.input[2]).to_f64().iter().sum::<f64>(), 0.0);
+        // bias: (m * 0 + a - mean) * s + beta, with a = b (the Add after the Div)
+        let bias = init(&f, &c.input[2]).to_f64();
+        let want: Vec<f64> = (0..3)
+            .map(|o| (B[o] as f64 - MEAN[o] as f64) * s(o) + BETA[o] as f64)
+            .collect();
+        assert_all_close(bias.as_slice().unwrap(), &want, 1e-5);
+        assert_within_steps(&m, &f, &x(), 0.05, 1.0);
+    }
+
+    #[test]
+    fn a_bn_right_after_the_conv_folds_too() {
+        let mut m = qat_model(vec![]);
+        m.graph_mut()
+            .node
+            .retain(|n| n.name != "div" && n.name != "add");
+        m.graph_mut().node[3].output[0] = "a".into();
+        let (f, rec) = rewrite(&m, "conv", fold_qat_bn);
+        assert_eq!(rec.nodes, ["conv", "bn"]);
+        assert_within_steps(&m, &f, &x(), 0.05, 1.0);
+    }
+
+    #[test]
+    fn negating_minus_128_is_reported_inexact() {
+        let mut m = qat_model(vec![]);
+        let mut w = seq_i8(54, 1);
+        w[18] = -128; // channel 1, where f < 0
+        set_init(&mut m, "wq", i8t(&[3, 2, 3, 3], w));
+        let (f, rec) = rewrite(&m, "conv", fold_qat_bn);
+        let note = rec.inexact.expect("an inexact note");
+        assert!(note.contains("channel 1: 1"), "{note}");
+        let dq = f
+            .graph()
+            .node
+            .iter()
+            .find(|n| n.op_type == "DequantizeLinear" && n.input[0] != "xq" && n.input[0] != "yq")
+            .unwrap();
+        assert_eq!(init(&f, &dq.input[0]).to_f64()[[1, 0, 0, 0]], 127.0);
+    }
+
+    #[test]
+    fn declines_a_shared_quantized_weight() {
+        let mut m = qat_model(vec![]);
+        m.graph_mut()
+            .node
+            .push(node("Conv", "conv2", &["xd", "wd"], &["c2"], vec![]));
+        add_output(&mut m, "c2");
+        let (nodes, reason) = declined(&m, "conv", fold_qat_bn);
+        assert_eq!(nodes, ["conv"]);
+        assert_eq!(reason, "the quantized weight is shared");
+    }
+
+    #[test]
+    fn declines_asymmetric_weights_training_mode_and_channel_mismatch() {
+        let mut m = qat_model(vec![]);
+        set_init(&mut m, "wz", i8t(&[3], vec![0, 1, 0]));
+        assert_eq!(
+            declined(&m, "conv", fold_qat_bn).1,
+            "folding a negative BN scale needs symmetric int8 weights (zero point 0)"
+        );
+        let m = qat_model(vec![int("training_mode", 1)]);
+        let (nodes, reason) = declined(&m, "conv", fold_qat_bn);
+        assert_eq!(nodes, ["bn"]);
+        assert_eq!(reason, "training_mode = 1");
+        let mut m = qat_model(vec![]);
+        for p in ["g", "beta", "mean", "var"] {
+            set_init(&mut m, p, f32v(&[1.0, 0.5, 0.2, 0.3]));
+        }
+        assert_eq!(
+            declined(&m, "conv", fold_qat_bn).1,
+            "channel counts do not match the BN"
+        );
+    }
+
+    #[test]
+    fn does_not_apply_to_a_broken_chain() {
+        // a link read twice
+        let mut m = qat_model(vec![]);
+        m.graph_mut()
+            .node
+            .push(node("Relu", "r", &["d"], &["r"], vec![]));
+        add_output(&mut m, "r");
+        not_applied(&m, "conv", fold_qat_bn);
+        // k - y is not m * y + a with the constant second
+        let mut m = qat_model(vec![]);
+        let sub = &mut m.graph_mut().node[4];
+        sub.op_type = "Sub".into();
+        sub.input = vec!["k".into(), "c".into()];
+        not_applied(&m, "conv", fold_qat_bn);
+        // the Conv output is a graph output
+        let mut m = qat_model(vec![]);
+        add_output(&mut m, "c");
+        not_applied(&m, "conv", fold_qat_bn);
+        // weight scales per axis 1
+        let mut m = qat_model(vec![]);
+        set_init(&mut m, "ws", f32v(&[0.01, 0.02]));
+        set_init(&mut m, "wz", i8t(&[2], vec![0, 0]));
+        attr::set(&mut m.graph_mut().node[2], int("axis", 1));
+        not_applied(&m, "conv", fold_qat_bn);
+    }
+
+    #[test]
+    fn malformed_nodes_do_not_apply() {
+        let mut m = qat_model(vec![]);
+        m.graph_mut().node[3].input.truncate(1);
+        not_applied(&m, "conv", fold_qat_bn);
+        let mut m = qat_model(vec![]);
+        m.graph_mut().node[6].input.truncate(4);
+        not_applied(&m, "conv", fold_qat_bn);
+        let mut m = qat_model(vec![]);
+        m.graph_mut().node[4].input.push("k".into());
+        not_applied(&m, "conv", fold_qat_bn);
+    }
+
+    #[test]
+    #[ignore = "bug: the weight DQ is removed even when its output is a graph output, so the patch fails to apply and convert errors out"]
+    fn a_weight_dq_that_is_a_graph_output_is_kept_or_declined() {
+        let mut m = qat_model(vec![]);
+        add_output(&mut m, "wd");
+        if let Some(Outcome::Rewrite(patch, _)) = try_rule(&m, "conv", fold_qat_bn).unwrap() {
+            let mut f = m.clone();
+            patch.apply(f.graph_mut()).expect("a rewrite must apply");
+        }
+    }
+
+    #[test]
+    #[ignore = "bug: a Conv bias that is not constant (graph input) is silently dropped by the fold"]
+    fn a_non_constant_conv_bias_is_not_dropped() {
+        let mut m = qat_model(vec![]);
+        m.graph_mut().node[3].input.push("cb".into());
+        set_init(&mut m, "cb", f32v(&[0.3, -0.2, 0.1]));
+        make_overridable(&mut m, "cb", ElemType::F32, &[3]);
+        if let Some(Outcome::Rewrite(patch, _)) = try_rule(&m, "conv", fold_qat_bn).unwrap() {
+            let mut f = m.clone();
+            patch.apply(f.graph_mut()).unwrap();
+            assert!(node_named(&f, "conv").input.len() == 3);
+            assert_within_steps(&m, &f, &x(), 0.05, 1.0);
+        }
+    }
+}
