@@ -80,6 +80,7 @@ const POOL_ATTRS: &[AttrSpec] = &[
 ];
 const QDQ_ATTRS: &[AttrSpec] = &[
     AttrSpec::Int("axis", -R, R - 1),
+    AttrSpec::Int("output_dtype", 0, 64),
     AttrSpec::Int("saturate", 0, 1),
     AttrSpec::Int("block_size", 0, i32::MAX as i64),
 ];

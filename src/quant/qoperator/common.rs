@@ -160,9 +160,20 @@ pub fn qtype_of(g: &Graph, name: &str) -> ElemType {
     g.producer(name)
         .map(|p| g.node(p))
         .filter(|n| is_op(n, "QuantizeLinear"))
-        .and_then(|n| n.input.get(2).filter(|s| !s.is_empty()))
-        .and_then(|z| g.constant_type(z))
+        .and_then(|n| quantize_output_type(g, n))
         .unwrap_or(ElemType::U8)
+}
+
+/// The type a QuantizeLinear writes: its zero point's type; without a zero point, its
+/// `output_dtype` attribute (opset 21) when set, else uint8. `None` when unknown.
+pub fn quantize_output_type(g: &Graph, n: &NodeProto) -> Option<ElemType> {
+    match n.input.get(2).filter(|s| !s.is_empty()) {
+        Some(z) => g.constant_type(z),
+        None => match attr::int(n, "output_dtype", 0).ok()? {
+            0 => Some(ElemType::U8),
+            code => ElemType::from_onnx(i32::try_from(code).ok()?),
+        },
+    }
 }
 
 /// The zero-point input for a quantized tensor: the existing one, or a new 0 of its type.
@@ -173,18 +184,31 @@ pub fn zero_point_input(
     zp: Option<&String>,
     quantized: &str,
 ) -> String {
-    match zp {
-        Some(z) => z.clone(),
-        None => {
-            let n = names.fresh(&format!("{quantized}_zero_point"));
-            let t = match qtype_of(g, quantized) {
-                ElemType::I8 => TensorData::I8(ndarray::arr0(0i8).into_dyn()),
-                _ => TensorData::U8(ndarray::arr0(0u8).into_dyn()),
-            };
-            patch.add_initializer(t.to_proto(&n));
-            n
-        }
+    zero_points_input(g, patch, names, zp, quantized, 1)
+}
+
+/// The zero-point input for a quantized tensor with `count` scales: the existing one, or new
+/// zeros of its type (a scalar for one scale, a `[count]` vector otherwise, since tract wants
+/// the zero point's rank to match the scale's).
+pub fn zero_points_input(
+    g: &Graph,
+    patch: &mut Patch,
+    names: &mut Names,
+    zp: Option<&String>,
+    quantized: &str,
+    count: usize,
+) -> String {
+    if let Some(z) = zp {
+        return z.clone();
     }
+    let n = names.fresh(&format!("{quantized}_zero_point"));
+    let shape: Vec<usize> = if count > 1 { vec![count] } else { vec![] };
+    let t = match qtype_of(g, quantized) {
+        ElemType::I8 => TensorData::I8(ArrayD::zeros(IxDyn(&shape))),
+        _ => TensorData::U8(ArrayD::zeros(IxDyn(&shape))),
+    };
+    patch.add_initializer(t.to_proto(&n));
+    n
 }
 
 /// Removes DQ nodes whose only reader is the rewritten node.
@@ -262,7 +286,7 @@ pub fn conv_weight(g: &Graph, w: &Dq) -> Result<Option<Usable<ConvWeight>>> {
                 "weight '{}' has shape {shape:?}; a Conv weight is [M, C/group, k...]",
                 w.q
             ))
-        } else if s.len() > 1 && w.axis != 0 {
+        } else if s.len() > 1 && w.axis != 0 && w.axis != -(shape.len() as i64) {
             Err(format!(
                 "weight scales are per axis {}; QLinearConv takes them per output channel (axis 0)",
                 w.axis

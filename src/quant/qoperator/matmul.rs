@@ -46,7 +46,7 @@ pub fn matmul(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Outcome>>
     }
     let mut patch = Patch::new(format!("QLinearMatMul {}", label(m)));
     let a_zp = zero_point_input(g, &mut patch, names, a.zp.as_ref(), &a.q);
-    let b_zp = zero_point_input(g, &mut patch, names, b.zp.as_ref(), &b.q);
+    let b_zp = zero_points_input(g, &mut patch, names, b.zp.as_ref(), &b.q, bs.len());
     let y_zp = zero_point_input(g, &mut patch, names, q.zp.as_ref(), &q.output);
     let qm = new_node(
         "QLinearMatMul",
@@ -157,7 +157,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "bug: per-column b without a zero point gets a scalar zero point; tract refuses QLinearMatMul when b_zero_point's rank differs from b_scale's"]
     fn per_column_b_without_a_zero_point_runs_in_tract() {
         let mut m = matmul_model(false, 128);
         m.graph_mut().node[2].input.truncate(2);
