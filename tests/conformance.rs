@@ -132,7 +132,7 @@ fn subgraph_captures_count_as_uses_of_the_owning_node() {
     let model = load(conformance("loop_subgraph").join("model.onnx")).unwrap();
     let g = Graph::of_model(&model);
     let lp = g.nodes().iter().position(|n| n.op_type == "Loop").unwrap();
-    assert!(implicit_inputs(g.node(lp)).contains(&"outer_b".to_string()));
+    assert!(implicit_inputs(g.node(lp)).contains(&"outer_b"));
     assert_eq!(g.consumers("outer_b"), [lp]);
     assert_eq!(g.subgraph_count(), 1);
 }

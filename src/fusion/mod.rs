@@ -199,13 +199,12 @@ fn mark_groups(model: &mut Model, groups: &[FusedGroup]) -> Result<()> {
     if group_of.is_empty() {
         return Ok(());
     }
-    let g = Graph::of_model(model);
     let mut patch = Patch::new("record fusion groups");
-    for i in 0..g.len() {
-        let Some(&k) = group_of.get(label(g.node(i)).as_str()) else {
+    for (i, node) in model.graph().node.iter().enumerate() {
+        let Some(&k) = group_of.get(label(node).as_str()) else {
             continue;
         };
-        let mut n: NodeProto = g.node(i).clone();
+        let mut n: NodeProto = node.clone();
         n.metadata_props.retain(|kv| kv.key != GROUP_KEY);
         let mut kv = StringStringEntryProto::new();
         kv.key = GROUP_KEY.into();
@@ -213,7 +212,6 @@ fn mark_groups(model: &mut Model, groups: &[FusedGroup]) -> Result<()> {
         n.metadata_props.push(kv);
         patch.replace_node(i, n);
     }
-    drop(g);
     if patch.is_empty() {
         return Ok(());
     }

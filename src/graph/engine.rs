@@ -24,9 +24,9 @@
 //! the length of the longest chain of rewrites that enable each other, not the number of
 //! rewrites.
 
-use std::collections::HashSet;
+use std::borrow::Cow;
 
-use super::{spec, Graph, Names, Patch};
+use super::{spec, Graph, Names, Patch, Set};
 use crate::error::{Error, Result};
 use crate::onnx::proto::NodeProto;
 use crate::onnx::Model;
@@ -98,14 +98,19 @@ pub struct RunReport<R> {
 
 /// A display name: the node's name, or its op and first output when unnamed.
 pub fn label(n: &NodeProto) -> String {
+    label_of(n).into_owned()
+}
+
+/// [`label`] without a copy for named nodes.
+fn label_of(n: &NodeProto) -> Cow<'_, str> {
     if !n.name.is_empty() {
-        n.name.clone()
+        Cow::Borrowed(&n.name)
     } else {
-        format!(
+        Cow::Owned(format!(
             "<{}:{}>",
             n.op_type,
             n.output.first().map(String::as_str).unwrap_or("")
-        )
+        ))
     }
 }
 
@@ -136,10 +141,10 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
     };
     let mut names = Names::new(model.graph());
     // Anchors a rule declined, by label: not tried again.
-    let mut settled: HashSet<String> = HashSet::new();
-    // (rule, anchor) pairs already rewritten: a rule rewrites an anchor once, so a rule whose
-    // result matches its own pattern cannot loop.
-    let mut rewritten: HashSet<(usize, String)> = HashSet::new();
+    let mut settled: Set<String> = Set::default();
+    // Per rule, the anchors it rewrote: a rule rewrites an anchor once, so a rule whose result
+    // matches its own pattern cannot loop.
+    let mut rewritten: Vec<Set<String>> = vec![Set::default(); rules.len()];
     loop {
         report.sweeps += 1;
         let g = Graph::of_model(model);
@@ -149,19 +154,19 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
             if claimed[i] {
                 continue;
             }
-            let anchor = label(g.nodes().get(i).expect("i < len"));
-            if settled.contains(&anchor) {
+            let anchor = label_of(&g.nodes()[i]);
+            if settled.contains(anchor.as_ref()) {
                 continue;
             }
             for (r, rule) in rules.iter().enumerate() {
-                if !rewritten.is_empty() && rewritten.contains(&(r, anchor.clone())) {
+                if rewritten[r].contains(anchor.as_ref()) {
                     continue;
                 }
                 let mark = names.mark();
                 g.start_footprint();
                 let outcome = (rule.matcher)(&g, i, &mut names);
                 let mut footprint = g.take_footprint();
-                let outcome = outcome.map_err(|e| in_rule(&rule.name, &anchor, e))?;
+                let outcome = outcome.map_err(|e| in_rule(&rule.name, anchor.as_ref(), e))?;
                 let Some(outcome) = outcome else {
                     names.rollback(mark);
                     continue;
@@ -174,7 +179,7 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
                 match outcome {
                     Outcome::Decline(nodes, reason) => {
                         names.rollback(mark);
-                        settled.insert(anchor.clone());
+                        settled.insert(anchor.to_string());
                         report.declined.push(Declined {
                             rule: rule.name.clone(),
                             nodes,
@@ -187,7 +192,7 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
                             record,
                         });
                         if commit {
-                            rewritten.insert((r, anchor.clone()));
+                            rewritten[r].insert(anchor.to_string());
                             footprint.extend(patch.touched_nodes());
                             for j in footprint {
                                 if let Some(c) = claimed.get_mut(j) {
@@ -196,7 +201,7 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
                             }
                             patches.push(patch);
                         } else {
-                            settled.insert(anchor.clone());
+                            settled.insert(anchor.to_string());
                         }
                     }
                 }

@@ -11,9 +11,16 @@ pub mod testing;
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::BinaryHeap;
 
 pub use names::Names;
+
+/// Hash maps and sets of the graph index and the rewrite machinery: aHash, fast (SipHash was
+/// the largest single cost on 100,000-node graphs) and seeded per process, so the names in a
+/// hostile model cannot be chosen to collide.
+pub type Map<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+/// See [`Map`].
+pub type Set<K> = std::collections::HashSet<K, ahash::RandomState>;
 pub use patch::Patch;
 
 use crate::error::{Error, Result};
@@ -38,41 +45,47 @@ pub enum ConstSource {
 #[derive(Debug)]
 pub struct Graph<'a> {
     proto: &'a GraphProto,
-    producer: HashMap<&'a str, usize>,
-    consumers: HashMap<String, Vec<usize>>,
-    by_name: HashMap<&'a str, usize>,
+    producer: Map<&'a str, usize>,
+    consumers: Map<&'a str, Vec<usize>>,
+    by_name: Map<&'a str, usize>,
     /// Declared types of graph inputs, value_info entries and graph outputs.
-    declared: HashMap<&'a str, &'a TypeProto>,
+    declared: Map<&'a str, &'a TypeProto>,
     /// While the engine runs a rule: every node the rule looked at (its footprint).
     reads: RefCell<Option<Vec<usize>>>,
-    initializers: HashMap<&'a str, usize>,
-    inputs: HashSet<&'a str>,
-    outputs: HashSet<&'a str>,
+    initializers: Map<&'a str, usize>,
+    inputs: Set<&'a str>,
+    outputs: Set<&'a str>,
     /// Initializers that are also graph inputs are defaults a caller may override (IR >= 4),
     /// so they are not constants.
     overridable_initializers: bool,
 }
 
 /// Every name a node reads: its inputs and the outer-scope values its subgraphs capture.
-pub fn node_uses(node: &NodeProto) -> Vec<String> {
-    let mut uses: Vec<String> = node
+pub fn node_uses(node: &NodeProto) -> Vec<&str> {
+    let mut uses: Vec<&str> = node
         .input
         .iter()
         .filter(|s| !s.is_empty())
-        .cloned()
+        .map(String::as_str)
         .collect();
-    uses.extend(implicit_inputs(node));
+    if node
+        .attribute
+        .iter()
+        .any(|a| a.g.is_some() || !a.graphs.is_empty())
+    {
+        uses.extend(implicit_inputs(node));
+    }
     uses
 }
 
 /// Values a node's subgraphs read from the enclosing scope.
-pub fn implicit_inputs(node: &NodeProto) -> Vec<String> {
+pub fn implicit_inputs(node: &NodeProto) -> Vec<&str> {
     let mut out = Vec::new();
-    let mut seen = HashSet::new();
+    let mut seen = Set::default();
     for a in &node.attribute {
         for g in a.g.as_ref().into_iter().chain(a.graphs.iter()) {
             for name in free_values(g) {
-                if seen.insert(name.clone()) {
+                if seen.insert(name) {
                     out.push(name);
                 }
             }
@@ -82,8 +95,8 @@ pub fn implicit_inputs(node: &NodeProto) -> Vec<String> {
 }
 
 /// Names a graph reads but does not define (its captures from the enclosing scope).
-pub fn free_values(g: &GraphProto) -> Vec<String> {
-    let mut defined: HashSet<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
+pub fn free_values(g: &GraphProto) -> Vec<&str> {
+    let mut defined: Set<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
     defined.extend(g.initializer.iter().map(|t| t.name.as_str()));
     defined.extend(
         g.sparse_initializer
@@ -94,19 +107,16 @@ pub fn free_values(g: &GraphProto) -> Vec<String> {
         defined.extend(n.output.iter().map(String::as_str));
     }
     let mut out = Vec::new();
-    let mut seen = HashSet::new();
-    let mut add = |name: String| {
-        if !name.is_empty() && !defined.contains(name.as_str()) && seen.insert(name.clone()) {
+    let mut seen = Set::default();
+    let uses = g
+        .node
+        .iter()
+        .flat_map(node_uses)
+        .chain(g.output.iter().map(|o| o.name.as_str()));
+    for name in uses {
+        if !name.is_empty() && !defined.contains(name) && seen.insert(name) {
             out.push(name);
         }
-    };
-    for n in &g.node {
-        for name in node_uses(n) {
-            add(name);
-        }
-    }
-    for o in &g.output {
-        add(o.name.clone());
     }
     out
 }
@@ -116,9 +126,10 @@ pub fn free_values(g: &GraphProto) -> Vec<String> {
 /// input nothing produces, a value produced twice, or a cycle.
 pub(crate) fn topo_order(
     nodes: &[&NodeProto],
-    available: &HashSet<&str>,
+    available: &Set<&str>,
 ) -> std::result::Result<Vec<usize>, String> {
-    let mut producer: HashMap<&str, usize> = HashMap::new();
+    let mut producer: Map<&str, usize> = Map::default();
+    producer.reserve(nodes.len());
     for (i, n) in nodes.iter().enumerate() {
         for o in n.output.iter().filter(|o| !o.is_empty()) {
             if available.contains(o.as_str()) {
@@ -138,17 +149,19 @@ pub(crate) fn topo_order(
     }
     let mut pending = vec![0usize; nodes.len()];
     let mut users: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+    // The last node that counted `p` as a dependency: each dependency is counted once per node.
+    let mut counted_for = vec![usize::MAX; nodes.len()];
     for (i, n) in nodes.iter().enumerate() {
-        let mut deps = HashSet::new();
         for name in node_uses(n) {
-            match producer.get(name.as_str()) {
+            match producer.get(name) {
                 Some(&p) => {
-                    if deps.insert(p) {
+                    if counted_for[p] != i {
+                        counted_for[p] = i;
                         users[p].push(i);
                         pending[i] += 1;
                     }
                 }
-                None if available.contains(name.as_str()) => {}
+                None if available.contains(name) => {}
                 None => {
                     return Err(format!(
                         "node '{}' ({}) reads '{name}', which no node, initializer or graph input produces",
@@ -185,9 +198,12 @@ pub(crate) fn topo_order(
 impl<'a> Graph<'a> {
     /// Indexes a graph. Initializers that are also graph inputs are not treated as constants.
     pub fn new(proto: &'a GraphProto) -> Graph<'a> {
-        let mut producer = HashMap::new();
-        let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut by_name = HashMap::new();
+        let mut producer = Map::default();
+        let mut consumers: Map<&str, Vec<usize>> = Map::default();
+        let mut by_name = Map::default();
+        producer.reserve(proto.node.len());
+        consumers.reserve(proto.node.len());
+        by_name.reserve(proto.node.len());
         for (i, n) in proto.node.iter().enumerate() {
             if !n.name.is_empty() {
                 by_name.entry(n.name.as_str()).or_insert(i);
@@ -195,10 +211,10 @@ impl<'a> Graph<'a> {
             for o in n.output.iter().filter(|o| !o.is_empty()) {
                 producer.entry(o.as_str()).or_insert(i);
             }
-            let mut seen = HashSet::new();
             for name in node_uses(n) {
-                if seen.insert(name.clone()) {
-                    consumers.entry(name).or_default().push(i);
+                let readers = consumers.entry(name).or_default();
+                if readers.last() != Some(&i) {
+                    readers.push(i);
                 }
             }
         }
@@ -212,7 +228,7 @@ impl<'a> Graph<'a> {
                 .iter()
                 .chain(&proto.value_info)
                 .chain(&proto.output)
-                .fold(HashMap::new(), |mut m, v| {
+                .fold(Map::default(), |mut m, v| {
                     m.entry(v.name.as_str()).or_insert(v.type_.as_ref());
                     m
                 })
@@ -368,12 +384,12 @@ impl<'a> Graph<'a> {
     /// Node indices in a topological order (stable: stored order where it is already valid).
     pub fn topo_order(&self) -> Result<Vec<usize>> {
         let nodes: Vec<&NodeProto> = self.proto.node.iter().collect();
-        topo_order(&nodes, &self.defined_outside_nodes(&HashSet::new()))
+        topo_order(&nodes, &self.defined_outside_nodes(&Set::default()))
             .map_err(|e| Error::graph(self.name(), e))
     }
 
-    fn defined_outside_nodes<'s>(&'s self, outer: &HashSet<&'s str>) -> HashSet<&'s str> {
-        let mut avail: HashSet<&str> = outer.clone();
+    fn defined_outside_nodes<'s>(&'s self, outer: &Set<&'s str>) -> Set<&'s str> {
+        let mut avail: Set<&str> = outer.clone();
         avail.extend(self.inputs.iter().copied());
         avail.extend(self.initializers.keys().copied());
         avail.extend(
@@ -388,10 +404,10 @@ impl<'a> Graph<'a> {
     /// Checks the graph: one producer per value, no dangling input, graph outputs defined,
     /// unique node names, nodes in topological order; subgraphs recursively.
     pub fn check(&self) -> Result<()> {
-        self.check_scoped(&HashSet::new())
+        self.check_scoped(&Set::default())
     }
 
-    fn check_scoped(&self, outer: &HashSet<&str>) -> Result<()> {
+    fn check_scoped(&self, outer: &Set<&str>) -> Result<()> {
         let gname = if self.name().is_empty() {
             "main"
         } else {
@@ -399,7 +415,7 @@ impl<'a> Graph<'a> {
         };
         let err = |r: String| Error::graph(gname, r);
         let avail = self.defined_outside_nodes(outer);
-        let mut names = HashSet::new();
+        let mut names = Set::default();
         for n in &self.proto.node {
             if !n.name.is_empty() && !names.insert(n.name.as_str()) {
                 return Err(err(format!("two nodes are named '{}'", n.name)));

@@ -1,6 +1,6 @@
 //! Unique, deterministic names for new nodes and tensors.
 
-use std::collections::HashSet;
+use super::Set;
 
 use crate::onnx::proto::GraphProto;
 
@@ -8,7 +8,7 @@ use crate::onnx::proto::GraphProto;
 /// generator of new ones: `base`, then `base_1`, `base_2`... whichever is free first.
 #[derive(Debug, Default)]
 pub struct Names {
-    used: HashSet<String>,
+    used: Set<String>,
     /// Names handed out by `fresh`, in order, so a discarded rewrite can give them back.
     journal: Vec<String>,
 }

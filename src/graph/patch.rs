@@ -3,9 +3,9 @@
 //! After applying, nodes are re-sorted topologically and unused initializers, Constant nodes and
 //! value_info entries are swept.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::{node_uses, topo_order, Graph};
+use super::{node_uses, topo_order, Graph, Map, Set};
 use crate::error::{Error, Result};
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
 
@@ -97,6 +97,20 @@ impl Patch {
             && self.replaced_initializers.is_empty()
     }
 
+    /// True when the patch only replaces nodes by nodes of the same name, inputs and outputs
+    /// (attribute or metadata edits), so the graph's structure does not change.
+    fn edits_in_place(&self, g: &GraphProto) -> bool {
+        self.removed.is_empty()
+            && self.added.is_empty()
+            && self.initializers.is_empty()
+            && self.replaced_initializers.is_empty()
+            && self.replaced.iter().all(|(&i, new)| {
+                g.node.get(i).is_some_and(|old| {
+                    old.name == new.name && old.input == new.input && old.output == new.output
+                })
+            })
+    }
+
     fn err(&self, reason: impl Into<String>) -> Error {
         Error::Patch {
             patch: self.name.clone(),
@@ -121,6 +135,13 @@ impl Patch {
                 g.node[i].name
             )));
         }
+        if self.edits_in_place(g) {
+            // Same nodes reading and writing the same values: order and uses are unchanged.
+            for (i, node) in std::mem::take(&mut self.replaced) {
+                g.node[i] = node;
+            }
+            return Ok(());
+        }
         let mut srcs = Vec::with_capacity(n + self.added.len());
         for i in 0..n {
             if self.replaced.contains_key(&i) {
@@ -141,14 +162,14 @@ impl Patch {
                     Src::Added(k) => &self.added[*k],
                 })
                 .collect();
-            let mut avail: HashSet<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
+            let mut avail: Set<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
             avail.extend(g.initializer.iter().map(|t| t.name.as_str()));
             avail.extend(
                 g.sparse_initializer
                     .iter()
                     .filter_map(|s| s.values.as_ref().map(|t| t.name.as_str())),
             );
-            let mut produced: HashSet<&str> = HashSet::new();
+            let mut produced: Set<&str> = Set::default();
             for v in &view {
                 produced.extend(v.output.iter().map(String::as_str));
             }
@@ -158,13 +179,13 @@ impl Patch {
                 }
                 avail.insert(t.name.as_str());
             }
-            let existing: HashMap<&str, usize> = g
+            let existing: Map<&str, usize> = g
                 .initializer
                 .iter()
                 .enumerate()
                 .map(|(i, t)| (t.name.as_str(), i))
                 .collect();
-            let mut seen = HashSet::new();
+            let mut seen = Set::default();
             for t in &self.replaced_initializers {
                 let Some(&i) = existing.get(t.name.as_str()) else {
                     return Err(self.err(format!("no initializer '{}' to replace", t.name)));
@@ -174,7 +195,7 @@ impl Patch {
                 }
                 replaced_at.push(i);
             }
-            let mut names = HashSet::new();
+            let mut names = Set::default();
             for v in &view {
                 if !v.name.is_empty() && !names.insert(v.name.as_str()) {
                     return Err(self.err(format!("two nodes would be named '{}'", v.name)));
@@ -228,25 +249,56 @@ impl Patch {
 /// Removes initializers, Constant nodes and value_info entries nothing uses any more. Graph
 /// inputs that only existed to carry a removed initializer (IR < 4 style) go with it.
 pub fn sweep(g: &mut GraphProto) {
-    let mut used: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
-    for n in &g.node {
-        used.extend(node_uses(n));
-    }
-    g.node.retain(|n| {
-        !(n.op_type == "Constant"
-            && n.domain.is_empty()
-            && n.output.iter().all(|o| !used.contains(o)))
-    });
-    let before: HashSet<String> = g.initializer.iter().map(|t| t.name.clone()).collect();
-    g.initializer.retain(|t| used.contains(&t.name));
-    let kept: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
-    g.input.retain(|v| {
-        !(before.contains(&v.name) && !kept.contains(v.name.as_str()) && !used.contains(&v.name))
-    });
-    let produced: HashSet<&str> = g
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().map(String::as_str))
-        .collect();
-    g.value_info.retain(|v| produced.contains(v.name.as_str()));
+    let (keep_node, keep_init, keep_input, keep_vi) = {
+        let mut used: Set<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
+        for n in &g.node {
+            used.extend(node_uses(n));
+        }
+        let keep_node: Vec<bool> = g
+            .node
+            .iter()
+            .map(|n| {
+                !(n.op_type == "Constant"
+                    && n.domain.is_empty()
+                    && n.output.iter().all(|o| !used.contains(o.as_str())))
+            })
+            .collect();
+        let keep_init: Vec<bool> = g
+            .initializer
+            .iter()
+            .map(|t| used.contains(t.name.as_str()))
+            .collect();
+        let initializers: Set<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+        let keep_input: Vec<bool> = g
+            .input
+            .iter()
+            .map(|v| {
+                let name = v.name.as_str();
+                // a graph input that only carried a removed initializer (IR < 4) goes with it
+                !initializers.contains(name) || used.contains(name)
+            })
+            .collect();
+        let produced: Set<&str> = g
+            .node
+            .iter()
+            .zip(&keep_node)
+            .filter(|(_, &k)| k)
+            .flat_map(|(n, _)| n.output.iter().map(String::as_str))
+            .collect();
+        let keep_vi: Vec<bool> = g
+            .value_info
+            .iter()
+            .map(|v| produced.contains(v.name.as_str()))
+            .collect();
+        (keep_node, keep_init, keep_input, keep_vi)
+    };
+    retain_marked(&mut g.node, &keep_node);
+    retain_marked(&mut g.initializer, &keep_init);
+    retain_marked(&mut g.input, &keep_input);
+    retain_marked(&mut g.value_info, &keep_vi);
+}
+
+fn retain_marked<T>(items: &mut Vec<T>, keep: &[bool]) {
+    let mut k = keep.iter();
+    items.retain(|_| k.next().copied().unwrap_or(true));
 }
