@@ -147,6 +147,24 @@ pub(crate) fn topo_order(
             producer.insert(o, i);
         }
     }
+    // Already in order (every value read is produced earlier or outside): the stable order is
+    // the given one, found in one pass without building the dependency lists.
+    let mut in_order = true;
+    'check: for (i, n) in nodes.iter().enumerate() {
+        for name in node_uses(n) {
+            match producer.get(name) {
+                Some(&p) if p < i => {}
+                None if available.contains(name) => {}
+                _ => {
+                    in_order = false;
+                    break 'check;
+                }
+            }
+        }
+    }
+    if in_order {
+        return Ok((0..nodes.len()).collect());
+    }
     let mut pending = vec![0usize; nodes.len()];
     let mut users: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
     // The last node that counted `p` as a dependency: each dependency is counted once per node.

@@ -3,8 +3,6 @@
 //! After applying, nodes are re-sorted topologically and unused initializers, Constant nodes and
 //! value_info entries are swept.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use super::{node_uses, topo_order, Graph, Map, Set};
 use crate::error::{Error, Result};
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
@@ -15,8 +13,8 @@ use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
 pub struct Patch {
     /// What the patch does, for messages (`fold conv1+bn1`).
     pub name: String,
-    removed: BTreeSet<usize>,
-    replaced: BTreeMap<usize, NodeProto>,
+    removed: Set<usize>,
+    replaced: Map<usize, NodeProto>,
     added: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
     replaced_initializers: Vec<TensorProto>,

@@ -143,7 +143,7 @@ impl QuantizeOptions {
         }
     }
 
-    fn qdq_options(&self) -> QdqOptions {
+    pub fn qdq_options(&self) -> QdqOptions {
         QdqOptions {
             activation: self.activation,
             weight: self.weight,
