@@ -8,6 +8,7 @@ mod patch;
 pub mod spec;
 #[cfg(test)]
 pub mod testing;
+pub mod types;
 
 use std::cell::RefCell;
 use std::cmp::Reverse;

@@ -23,7 +23,7 @@ use crate::fusion::patterns;
 use crate::fusion::rules::{label, single_use};
 use crate::graph::{spec, Graph};
 use crate::onnx::attr::{self, defaults};
-use crate::onnx::Model;
+use crate::onnx::{ElemType, Model};
 
 use super::params::QType;
 
@@ -182,6 +182,50 @@ fn excluded(g: &Graph, opts: &PlanOptions) -> Result<BTreeSet<usize>> {
     Ok(out)
 }
 
+/// Why node `i` stays float on its own terms (exclusions, domain, spec, op type, element type),
+/// or `None`.
+fn op_float_reason(
+    g: &Graph,
+    i: usize,
+    excl: &BTreeSet<usize>,
+    opts: &PlanOptions,
+    types: &crate::graph::Map<String, ElemType>,
+) -> Option<String> {
+    let n = g.node(i);
+    if excl.contains(&i) {
+        return Some("excluded by --exclude".into());
+    }
+    if opts.exclude_op_types.iter().any(|t| t == &n.op_type) {
+        return Some(format!("op type {} excluded", n.op_type));
+    }
+    if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+        return Some(format!("domain {}", n.domain));
+    }
+    if let Err(r) = spec::check(n) {
+        return Some(format!("malformed {}: {r}", n.op_type));
+    }
+    let op = n.op_type.as_str();
+    if !QUANTIZED_OPS.contains(&op) && !SHARING_OPS.contains(&op) {
+        return Some(format!("no quantized form for {op}"));
+    }
+    match types.get(n.output[0].as_str()) {
+        Some(ElemType::F32) => None,
+        Some(t) => Some(format!(
+            "its output is {}: only float32 tensors are quantized",
+            t.name()
+        )),
+        // Conv, pooling and Gemm only compute on floats.
+        None if matches!(
+            op,
+            "Conv" | "ConvTranspose" | "Gemm" | "AveragePool" | "GlobalAveragePool"
+        ) =>
+        {
+            None
+        }
+        None => Some("the element type of its output is not known".into()),
+    }
+}
+
 /// Whether a Relu (or Clip with min 0) after a quantized producer can be absorbed exactly.
 fn absorbable(g: &Graph, act: usize, opts: &PlanOptions) -> Result<Option<(usize, Option<f32>)>> {
     let n = g.node(act);
@@ -240,27 +284,28 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
     let g = Graph::of_model(model);
     let excl = excluded(&g, opts)?;
     let mut plan = QuantPlan::default();
-    let quantizable = |i: usize| -> Option<String> {
+    let types = crate::graph::types::elem_types(model);
+    // Why each node stays float (None: it is quantized), decided once.
+    let mut float_reason: Vec<Option<String>> = (0..g.len())
+        .map(|i| op_float_reason(&g, i, &excl, opts, &types))
+        .collect();
+    // A data-movement op is quantized only where a quantized op reads its output (directly or
+    // through more data movement): otherwise its Q/DQ pair would only cost.
+    let order = g.topo_order()?;
+    for &i in order.iter().rev() {
         let n = g.node(i);
-        if excl.contains(&i) {
-            return Some("excluded by --exclude".into());
+        if float_reason[i].is_some() || !SHARING_OPS.contains(&n.op_type.as_str()) {
+            continue;
         }
-        if opts.exclude_op_types.iter().any(|t| t == &n.op_type) {
-            return Some(format!("op type {} excluded", n.op_type));
+        let read = g
+            .consumers(&n.output[0])
+            .iter()
+            .any(|&c| float_reason[c].is_none());
+        if !read {
+            float_reason[i] = Some("no quantized op reads its output".into());
         }
-        if !(n.domain.is_empty() || n.domain == "ai.onnx") {
-            return Some(format!("domain {}", n.domain));
-        }
-        if let Err(r) = spec::check(n) {
-            return Some(format!("malformed {}: {r}", n.op_type));
-        }
-        if !QUANTIZED_OPS.contains(&n.op_type.as_str())
-            && !SHARING_OPS.contains(&n.op_type.as_str())
-        {
-            return Some(format!("no quantized form for {}", n.op_type));
-        }
-        None
-    };
+    }
+    let quantizable = |i: usize| -> Option<String> { float_reason[i].clone() };
     // Absorb activations first, so their producers' outputs are calibrated after the activation.
     let mut absorbed_by_producer = BTreeMap::new();
     let mut absorbed_nodes = HashSet::new();
@@ -276,7 +321,7 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
             }
         }
     }
-    for i in g.topo_order()? {
+    for i in order {
         let n = g.node(i);
         if n.op_type == "Constant" {
             continue;
