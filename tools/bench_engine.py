@@ -17,7 +17,8 @@ opset 13, reused when already there):
   DequantizeLinear) -> Relu -> QuantizeLinear (uint8, zero point 0) -> DequantizeLinear] repeated:
   6 nodes per block plus the first Q/DQ pair. Valid input for ``qfold convert``.
 
-Measured commands, each in its own process (peak RSS from ``os.wait4``'s rusage of that child):
+Measured commands, each in its own process (peak RSS from ``/usr/bin/time``'s %M, else from
+``os.wait4``, which also counts this Python process's own peak):
 
 * ``qfold fuse chain_N.onnx -o out.onnx``
 * ``qfold quantize chain_N.onnx -o out.onnx --calib-random 2``
@@ -25,7 +26,7 @@ Measured commands, each in its own process (peak RSS from ``os.wait4``'s rusage 
 
 Each runs ``--runs`` times (default 3; once when the first run takes over 60 s) with a
 ``--timeout`` (default 300 s, recorded as ">300 s"). The markdown table gives the median wall
-time and peak RSS, and for each command the time ratio of every size to the previous one
+time and peak RSS, and for each command the time ratio of every size to the smallest one
 (10x the nodes should cost about 10x the time: a ratio near 100 means quadratic work).
 
 Usage (onnx + numpy, e.g. /work/venv from tools/requirements.txt)::
@@ -188,30 +189,48 @@ def generate(out: Path, kind: str, n: int) -> tuple[Path, int]:
 # measuring
 
 
+TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+
+
 def measure(argv: list[str], timeout: float, mem_bytes: int | None, cwd: Path):
-    """Runs argv once; returns (seconds or None on timeout, peak RSS MiB, exit code, stderr tail)."""
+    """Runs argv once; returns (seconds or None on timeout, peak RSS MiB, exit code, stderr tail).
+
+    Peak RSS comes from /usr/bin/time (GNU time's %M) when it is there: a child forked straight
+    from this Python process would report Python's own peak too (Linux carries the pre-exec
+    high-water mark into ru_maxrss), which after generating a 100k-node graph is hundreds of MiB.
+    Without /usr/bin/time it falls back to os.wait4's rusage, and says so."""
     def limits():
         if mem_bytes:
             resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
     errf = open(cwd / "stderr.txt", "w+b")
+    rfile = cwd / "rusage.txt"
+    full = [TIME, "-f", "%e %M", "-o", str(rfile)] + argv if TIME else argv
     t0 = time.monotonic()
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errf, preexec_fn=limits, cwd=cwd)
+    p = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=errf, preexec_fn=limits, cwd=cwd,
+                         start_new_session=True)
     while True:
         pid, status, ru = os.wait4(p.pid, os.WNOHANG)
         if pid == p.pid:
             secs = time.monotonic() - t0
             break
         if time.monotonic() - t0 > timeout:
-            p.send_signal(signal.SIGKILL)
+            os.killpg(p.pid, signal.SIGKILL)
             _, status, ru = os.wait4(p.pid, 0)
             secs = None
             break
         time.sleep(0.01 if time.monotonic() - t0 < 2 else 0.1)
     p.returncode = os.waitstatus_to_exitcode(status)
+    peak = ru.ru_maxrss / 1024.0
+    if TIME and secs is not None and rfile.exists():
+        lines = rfile.read_text().strip().splitlines()
+        if lines and len(lines[-1].split()) == 2:
+            peak = int(lines[-1].split()[1]) / 1024.0
+        if lines and lines[0].startswith("Command terminated by signal"):
+            p.returncode = -int(lines[0].split()[-1])
     errf.seek(0)
     tail = errf.read().decode("utf-8", "replace").strip().splitlines()[-3:]
     errf.close()
-    return secs, ru.ru_maxrss / 1024.0, p.returncode, " / ".join(tail)
+    return secs, peak, p.returncode, " / ".join(tail)
 
 
 def default_bin() -> tuple[str, str]:
@@ -284,7 +303,7 @@ def main():
         times, rss, codes, note = [], [], [], ""
         for r in range(args.runs):
             for f in work.iterdir():
-                if f.name != "stderr.txt":
+                if f.name not in ("stderr.txt", "rusage.txt"):
                     f.unlink()
             secs, peak, code, tail = measure(argv, args.timeout, mem, work)
             times.append(secs)
@@ -306,10 +325,10 @@ def main():
 
     lines = [f"### qfold engine benchmark ({label} build: {bin_path})", "",
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores; "
-             f"timeout {args.timeout:.0f} s", "",
-             "| command | model | nodes | MiB | runs | median wall s | peak RSS MiB | x time vs previous size |",
+             f"timeout {args.timeout:.0f} s; peak RSS from {'/usr/bin/time' if TIME else 'os.wait4 (includes Python)'}", "",
+             "| command | model | nodes | MiB | runs | median wall s | peak RSS MiB | time vs smallest graph |",
              "|---|---|---|---|---|---|---|---|"]
-    prev = {}
+    prev = {}  # the smallest size of each command: ratios are against it (10x nodes: ~10x time?)
     for r in rows:
         p = prev.get(r["command"])
         ratio = ""
@@ -320,7 +339,7 @@ def main():
         med = fmt_secs(r["median_s"], args.timeout) if r["note"] in ("", "timeout") else f"failed ({r['note'][:60]})"
         lines.append(f"| {r['command']} | {r['model']} | {r['nodes']} | {r['bytes'] / 2**20:.1f} | {r['runs']} | "
                      f"{med} | {r['peak_rss_mib']:.0f} | {ratio} |")
-        prev[r["command"]] = r
+        prev.setdefault(r["command"], r)
     report = "\n".join(lines)
     print("\n" + report)
     (out / f"results-{label}.md").write_text(report + "\n")
