@@ -246,18 +246,18 @@ pub const MAX_TENSOR_ELEMENTS: usize = 1 << 31;
 
 /// Refuses a model whose value shapes, for the run's inputs, would need absurd memory (a pad
 /// or a dim of 2^16 and more), naming the node, before tract allocates anything.
-fn check_sizes(typed: &TypedModel) -> Result<()> {
+fn check_sizes(typed: &TypedModel, max_elements: usize) -> Result<()> {
     for node in typed.nodes() {
         for o in &node.outputs {
             let Some(shape) = o.fact.shape.as_concrete() else {
                 continue;
             };
             let volume = shape.iter().try_fold(1usize, |v, &d| v.checked_mul(d));
-            if volume.is_none_or(|v| v > MAX_TENSOR_ELEMENTS) {
+            if volume.is_none_or(|v| v > max_elements) {
                 return Err(Error::Runtime {
                     context: format!("node '{}'", node.name),
                     reason: format!(
-                        "its output would have shape {shape:?}, more than {MAX_TENSOR_ELEMENTS} elements"
+                        "its output would have shape {shape:?}, more than {max_elements} elements"
                     ),
                 });
             }
@@ -270,6 +270,16 @@ impl Runner {
     /// Prepares `model` for inputs shaped like `sample`. The model's outputs come first, then
     /// `extra_outputs` (any value names of the main graph).
     pub fn new(model: &Model, sample: &Sample, extra_outputs: &[String]) -> Result<Runner> {
+        Runner::with_limit(model, sample, extra_outputs, MAX_TENSOR_ELEMENTS)
+    }
+
+    /// [`Runner::new`] refusing any value of more than `max_elements` elements.
+    pub fn with_limit(
+        model: &Model,
+        sample: &Sample,
+        extra_outputs: &[String],
+        max_elements: usize,
+    ) -> Result<Runner> {
         let graph = Graph::of_model(model);
         graph.check()?;
         // tract reports bad tensor data without naming the tensor, or not at all.
@@ -324,7 +334,7 @@ impl Runner {
             m.select_outputs_by_name(&outputs)?;
             m.into_typed()
         })?;
-        check_sizes(&typed)?;
+        check_sizes(&typed, max_elements)?;
         let plan = guarded("optimizing the model", || {
             typed.into_optimized()?.into_runnable()
         })?;

@@ -22,6 +22,10 @@ pub struct Args {
     /// QAT fusion: find and record the groups, fold nothing.
     #[arg(long)]
     qat: bool,
+    /// Keep constant subgraphs, Identity and inference Dropout nodes as they are (by default
+    /// they are folded into initializers and removed before fusing).
+    #[arg(long)]
+    no_constant_folding: bool,
     /// Run original and fused models in tract and refuse to write when they differ.
     #[arg(long)]
     check: bool,
@@ -56,6 +60,17 @@ pub fn print_report(r: &FuseReport) {
         r.nodes_before,
         r.nodes_after
     );
+    if r.constants.folded_nodes > 0 || !r.removed.is_empty() {
+        println!(
+            "constants: {} nodes folded into {} initializers; {} Identity/Dropout removed",
+            r.constants.folded_nodes,
+            r.constants.initializers.len(),
+            r.removed.len()
+        );
+    }
+    for note in &r.constants.skipped {
+        println!("  constants: {note}");
+    }
     for g in &r.groups {
         let how = match (&g.fuser, g.folded) {
             (Some(f), _) => format!("custom fuser {f}"),
@@ -92,6 +107,7 @@ pub fn run(args: Args) -> Result<i32> {
             .collect(),
         qat: args.qat,
         fusers: vec![],
+        no_constant_folding: args.no_constant_folding,
     };
     if opts.only.iter().any(Vec::is_empty) {
         return Err(Error::Usage("--only needs at least one name".into()));

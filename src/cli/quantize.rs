@@ -78,6 +78,10 @@ pub struct Args {
     /// Do not fuse before quantizing.
     #[arg(long)]
     no_fuse: bool,
+    /// Keep constant subgraphs, Identity and inference Dropout nodes as they are (by default
+    /// fusion folds and removes them first).
+    #[arg(long)]
+    no_constant_folding: bool,
     /// Save the calibrated ranges to this JSON file.
     #[arg(long, value_name = "FILE")]
     save_ranges: Option<PathBuf>,
@@ -181,6 +185,7 @@ fn options(a: &Args) -> Result<QuantizeOptions> {
         .filter(|s| !s.is_empty())
         .collect();
     o.fuse = !a.no_fuse;
+    o.no_constant_folding = a.no_constant_folding;
     o.threads = a.threads;
     Ok(o)
 }

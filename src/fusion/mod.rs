@@ -18,6 +18,7 @@ pub use patterns::{Fuser, FuserRef, GroupKind};
 use rules::{label, single_use};
 
 use crate::error::{Error, Result};
+use crate::graph::constants::ConstantReport;
 use crate::graph::engine::{self, Outcome, Rule};
 use crate::graph::{spec, Graph, Names, Patch};
 use crate::onnx::proto::{NodeProto, StringStringEntryProto};
@@ -35,6 +36,9 @@ pub struct FuseOptions {
     pub qat: bool,
     /// Custom fusers, tried before the built-in patterns.
     pub fusers: Vec<FuserRef>,
+    /// Keep constant subgraphs, Identity and inference Dropout nodes as they are (by default
+    /// they are folded and removed first, so BN parameters behind them fold).
+    pub no_constant_folding: bool,
 }
 
 /// One fusion group.
@@ -72,6 +76,10 @@ pub struct FuseReport {
     /// Engine sweeps (automatic mode).
     #[serde(skip)]
     pub sweeps: usize,
+    /// What constant folding did (before fusing).
+    pub constants: ConstantReport,
+    /// Identity and inference Dropout nodes removed.
+    pub removed: Vec<String>,
 }
 
 fn count_op(model: &Model, op: &str) -> usize {
@@ -365,6 +373,19 @@ fn fuse_lists(model: &mut Model, opts: &FuseOptions, report: &mut FuseReport) ->
     Ok(())
 }
 
+/// Folds constant subgraphs into initializers and removes Identity and inference Dropout
+/// nodes, so the fold rules see plain constants and direct producers.
+fn simplify(model: &mut Model, report: &mut FuseReport) -> Result<()> {
+    report.constants = crate::graph::constants::fold_constants(model)?;
+    let run = engine::run(
+        model,
+        &[Rule::new("identity", crate::graph::constants::identity)],
+        true,
+    )?;
+    report.removed = run.applied.into_iter().map(|a| a.record).collect();
+    Ok(())
+}
+
 /// Fuses `model` in place. Automatic mode finds every pattern; explicit mode (`only`) fuses
 /// exactly the given chains and fails, leaving the model unchanged, when one is not fusable.
 pub fn fuse(model: &mut Model, opts: &FuseOptions) -> Result<FuseReport> {
@@ -373,6 +394,9 @@ pub fn fuse(model: &mut Model, opts: &FuseOptions) -> Result<FuseReport> {
         nodes_before: model.graph().node.len(),
         ..FuseReport::default()
     };
+    if !opts.no_constant_folding && !opts.qat {
+        simplify(model, &mut report)?;
+    }
     if opts.only.is_empty() {
         fuse_auto(model, opts, &mut report)?;
         rules::relu::relu_groups(&Graph::of_model(model), &mut report);

@@ -1,6 +1,7 @@
 //! The editable graph: a read-only index over a `GraphProto` that every rule queries, and
 //! [`Patch`], the only way a rule changes the graph.
 
+pub mod constants;
 pub mod engine;
 pub mod guard;
 mod names;

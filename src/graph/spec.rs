@@ -138,6 +138,15 @@ pub const SPECS: &[OpSpec] = &[
     spec("Relu", (1, 1), (1, 1), &[]),
     spec("Sigmoid", (1, 1), (1, 1), &[]),
     spec("Identity", (1, 1), (1, 1), &[]),
+    spec(
+        "Dropout",
+        (1, 3),
+        (1, 2),
+        &[
+            AttrSpec::Float("ratio", 0.0),
+            AttrSpec::Int("seed", i64::MIN, i64::MAX),
+        ],
+    ),
     spec("Softmax", (1, 1), (1, 1), AXIS_ATTR),
     spec(
         "Clip",

@@ -71,6 +71,7 @@ impl Preset {
             int32_bias: true,
             method: Method::MinMax,
             fuse: true,
+            no_constant_folding: false,
             per_tensor_min_sqnr: None,
             exclude: vec![],
             exclude_op_types: vec![],
@@ -113,6 +114,8 @@ pub struct QuantizeOptions {
     pub method: Method,
     /// Run automatic fusion first.
     pub fuse: bool,
+    /// Keep constant subgraphs, Identity and Dropout nodes (by default fusion folds them first).
+    pub no_constant_folding: bool,
     /// With per-channel weights: weights that quantize per tensor with at least this SQNR
     /// (dB) stay per tensor (the tract preset: its per-tensor integer kernels are faster).
     pub per_tensor_min_sqnr: Option<f64>,
@@ -234,7 +237,13 @@ pub fn quantize(
     check_quantizable(model)?;
     let mut float = model.clone();
     let fusion = if opts.fuse {
-        Some(fuse(&mut float, &FuseOptions::default())?)
+        Some(fuse(
+            &mut float,
+            &FuseOptions {
+                no_constant_folding: opts.no_constant_folding,
+                ..FuseOptions::default()
+            },
+        )?)
     } else {
         None
     };
