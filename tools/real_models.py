@@ -500,6 +500,21 @@ def cmd_ort(args):
             except Exception as e:
                 info["run_error"] = str(e).strip().splitlines()[0][:400]
         result["ort_quantize"] = info
+        if info.get("run_error"):
+            # ORT 1.20 writes per-axis DequantizeLinear into opset 11/12 models, which it then cannot
+            # load: measure its per-tensor result as well, so these models still have a reference.
+            pt = dict(prep=info["prep"])
+            out_pt = args.ort_out.replace(".onnx", ".per_tensor.onnx")
+            try:
+                quantize_static(src, out_pt, Reader(), quant_format=QuantFormat.QDQ, per_channel=False,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.MinMax)
+                pt["quantize_ok"] = True
+                pt["outputs"] = sqnr(ref, run_model(out_pt))
+            except Exception as e:
+                pt.setdefault("quantize_ok", False)
+                pt["error"] = (type(e).__name__ + ": " + (str(e).strip().splitlines() or [""])[0])[:400]
+            result["ort_quantize_per_tensor"] = pt
     print(json.dumps(result))
 
 
@@ -580,6 +595,14 @@ def score_one(name, folder, qfold, timeout):
             q["error"] = first_error(err)
             q["cmd"] = entry["cmd"]
         res[fmt] = q
+        if fmt == "qdq" and "--per-tensor" in q.get("error", ""):
+            # qfold refuses per-axis Q/DQ below opset 13 and suggests --per-tensor: measure that too
+            outp = os.path.join(work, "qfold_qdq_per_tensor.onnx")
+            rc, out, err, entry = run([qfold, "quantize", model, "-o", outp, "--calib", calib, "--eval", evald,
+                                       "--per-tensor", "--json"] + shapes, timeout, log)
+            j = parse_json(out) if rc == 0 else None
+            res["qdq_per_tensor"] = dict(rc=rc, sqnr_tract=worst(((j or {}).get("evaluation") or {}).get(
+                "comparison", {}).get("outputs")) if j else None, error=None if j else first_error(err))
 
     # ONNX Runtime
     ort_out = os.path.join(work, "ort_qdq.onnx")
@@ -640,10 +663,18 @@ def table(results):
         q = r.get("qdq") or {}
         qd = fmt_db(q.get("sqnr_tract")) if q.get("rc") == 0 else f"exit {q.get('rc')}"
         qd += " / " + (fmt_db(worst(qo.get("outputs"))) if qo.get("ok") else ("no" if qo else "-"))
+        if r.get("qdq_per_tensor"):
+            qp = r["qdq_per_tensor"]
+            qd += "; `--per-tensor` " + (fmt_db(qp.get("sqnr_tract")) if qp.get("rc") == 0 else f"exit {qp.get('rc')}")
         qop = r.get("qoperator") or {}
         qq = fmt_db(qop.get("sqnr_tract")) if qop.get("rc") == 0 else f"exit {qop.get('rc')}"
         oqs = (fmt_db(worst(oq.get("outputs"))) + ("" if oq.get("prep") else " (raw)")) if oq.get("quantize_ok") \
             else ("fail" if oq else "-")
+        if oq.get("run_error"):
+            oqs = "invalid model"
+        pt = ort_.get("ort_quantize_per_tensor")
+        if pt:
+            oqs += "; per-tensor " + (fmt_db(worst(pt.get("outputs"))) if pt.get("outputs") else "fail")
         ins = "; ".join(f"{i['name']} {'x'.join(map(str, i['shape'])) or 'scalar'}" for i in r.get("inputs", []))
         err = "<br>".join(e.replace("|", "\\|")[:160] for e in errs) or ""
         rows.append(f"| {r['name']} | {r['package']} | {opset} | {r.get('nodes', '-')} | {ins} | {fc} | {chk} | {qd} "
