@@ -94,6 +94,7 @@ fn count_op(model: &Model, op: &str) -> usize {
 /// The fold rules, in the order they are tried at each node.
 fn fold_rules() -> Vec<Rule<'static, FusedGroup>> {
     vec![
+        Rule::new("conv_affine", rules::conv_affine::conv_affine),
         Rule::new("conv_bn", rules::conv_bn::conv_bn),
         Rule::new("gemm_bn", rules::gemm_bn::gemm_bn),
         Rule::new("matmul_bn", rules::matmul_bn::matmul_bn),

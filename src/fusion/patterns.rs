@@ -9,6 +9,7 @@
 //! | Gemm / MatMul [-> Add] -> Relu | LinearReLU             | unchanged, grouped        |
 //! | BN -> Relu                    | BNReLU2d/3d             | unchanged, grouped        |
 //! | BN -> Conv (no pads, group 1) | (none)                  | folded forward into Conv  |
+//! | Conv / Gemm -> Add/Sub/Mul/Div by a per-channel constant | (exporter decompositions) | folded into W, b |
 
 use std::sync::Arc;
 
@@ -28,6 +29,9 @@ pub enum GroupKind {
     BnRelu,
     /// BN -> unpadded Conv, folded forward (ONNX-only; PyTorch has no such module).
     BnConv,
+    /// Conv / ConvTranspose / Gemm -> Add, Sub, Mul or Div by a per-channel constant (exporter
+    /// decompositions: Paddle's bias Add, TF's BN as Sub / Mul / Add).
+    ConvAffine,
     Custom,
 }
 
@@ -43,6 +47,7 @@ impl GroupKind {
             GroupKind::LinearRelu => "LinearReLU",
             GroupKind::BnRelu => "BNReLU",
             GroupKind::BnConv => "BnConv",
+            GroupKind::ConvAffine => "ConvAffine",
             GroupKind::Custom => "Custom",
         }
     }

@@ -6,10 +6,11 @@
 //! | [`gemm_bn`] | Gemm -> BN on a rank-2 output |
 //! | [`matmul_bn`] | MatMul [-> Add] -> BN with a constant 2-D weight |
 //! | [`bn_conv`] | BN -> unpadded, one-group Conv (forward fold) |
+//! | [`conv_affine`] | Conv / ConvTranspose / Gemm -> Add, Sub, Mul, Div by a per-channel constant |
 //! | [`unfoldable`] | no rewrite: says why a BN with no foldable neighbour stays |
 //! | [`relu`] | no rewrite: the Conv/Linear/BN + Relu groups |
 //!
-//! Each rule is anchored at a BatchNormalization node and returns `Ok(None)` when its pattern
+//! Each rule is anchored at a BatchNormalization node (`conv_affine` at the Add / Sub / Mul / Div) and returns `Ok(None)` when its pattern
 //! is not there, a decline with the reason when folding would not be exact, or the patch.
 //!
 //! Conditions shared by every fold (DESIGN §3):
@@ -22,6 +23,7 @@
 //! The fused node keeps the producer's name and inputs and produces the BN's output name.
 
 pub mod bn_conv;
+pub mod conv_affine;
 pub mod conv_bn;
 pub mod gemm_bn;
 pub mod matmul_bn;
