@@ -83,7 +83,11 @@ pub fn run(a: Args) -> Result<i32> {
         ConvertOptions {
             allow_contrib_ops: a.allow_contrib_ops,
         },
-    )?;
+    )
+    .map_err(|e| match e {
+        Error::Usage(m) => Error::Usage(format!("{}: {m}", a.model.display())),
+        other => other,
+    })?;
     if report.converted.is_empty() {
         let why: Vec<String> = report
             .skipped

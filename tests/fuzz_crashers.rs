@@ -1,0 +1,83 @@
+//! Every input the mutation fuzzer (`tools/fuzz_pipeline.py`) ever crashed qfold with stays here
+//! as a regression test: `tests/crashers/<command>-<signature>.onnx`, each run through inspect,
+//! fuse, quantize (2 random calibration samples) and convert. None may panic, abort, be killed
+//! by a signal or run past the time limit; a refusal exits 2 with an `error: ` line.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn crashers() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("tests/crashers"))
+        .expect("tests/crashers")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Runs qfold with `args` under the time limit: exit code and stderr.
+fn run_limited(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qfold"))
+        .args(args)
+        .current_dir(root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qfold");
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code(), err);
+        }
+        if start.elapsed() > LIMIT {
+            let _ = child.kill();
+            panic!("{args:?} ran past {LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn every_fuzz_crasher_is_refused_cleanly() {
+    let all = crashers();
+    assert!(all.len() >= 15, "the crasher corpus is missing");
+    let tmp = TempDir::new("crashers");
+    let out = tmp.join("out.onnx");
+    let o = out.to_str().unwrap();
+    for path in &all {
+        let m = path.to_str().unwrap();
+        for args in [
+            vec!["inspect", m],
+            vec!["fuse", m, "-o", o],
+            vec!["quantize", m, "-o", o, "--calib-random", "2"],
+            vec!["convert", m, "-o", o],
+        ] {
+            let (code, err) = run_limited(&args);
+            assert!(
+                matches!(code, Some(0..=2)),
+                "{args:?}: exit {code:?} (killed by a signal?)\n{err}"
+            );
+            assert!(!err.contains("panicked"), "{args:?}: {err}");
+            if code == Some(2) {
+                assert!(err.starts_with("error: "), "{args:?}: {err}");
+            }
+            let _ = std::fs::remove_file(&out);
+        }
+    }
+}
