@@ -18,6 +18,7 @@ use crate::onnx::Model;
 /// Ops whose output has the rank of their first input.
 const SAME_RANK: &[&str] = &[
     "Abs",
+    "Split",
     "BatchNormalization",
     "Cast",
     "Ceil",
@@ -108,6 +109,28 @@ pub fn ranks(model: &Model, input_ranks: &[(String, usize)]) -> HashMap<String, 
                     _ => None,
                 },
                 "Concat" => r(0),
+                "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd"
+                | "ReduceL1" | "ReduceL2" | "ReduceLogSum" | "ReduceLogSumExp"
+                | "ReduceSumSquare" => {
+                    let keep = attr::int(n, "keepdims", 1).unwrap_or(1) != 0;
+                    let axes = attr::ints(n, "axes")
+                        .ok()
+                        .flatten()
+                        .map(|a| a.len())
+                        .or_else(|| {
+                            n.input
+                                .get(1)
+                                .filter(|s| !s.is_empty())
+                                .and_then(|s| g.constant(s).ok().flatten())
+                                .map(|t| t.len())
+                        });
+                    match (r(0), keep, axes) {
+                        (Some(x), true, _) => Some(x),
+                        (Some(x), false, Some(k)) => x.checked_sub(k),
+                        (Some(_), false, None) => Some(0),
+                        _ => None,
+                    }
+                }
                 "Reshape" => n
                     .input
                     .get(1)
@@ -134,8 +157,16 @@ pub fn ranks(model: &Model, input_ranks: &[(String, usize)]) -> HashMap<String, 
                 _ => None,
             }
         };
-        if let (Some(o), Some(name)) = (out, n.output.first()) {
-            rank.insert(name.clone(), o);
+        if let Some(o) = out {
+            // Split's outputs all have its input's rank; every other op here has one output.
+            let outputs = if op == "Split" {
+                &n.output[..]
+            } else {
+                &n.output[..n.output.len().min(1)]
+            };
+            for name in outputs.iter().filter(|s| !s.is_empty()) {
+                rank.insert(name.clone(), o);
+            }
         }
     }
     rank

@@ -10,6 +10,7 @@ pub mod spec;
 #[cfg(test)]
 pub mod testing;
 pub mod types;
+pub mod upgrade;
 
 use std::cell::RefCell;
 use std::cmp::Reverse;

@@ -71,6 +71,8 @@ pub struct QdqReport {
     /// Bias channels whose int32 range forced a wider weight scale.
     pub bias_adjustments: Vec<String>,
     pub opset: Option<(i64, i64)>,
+    /// Nodes rewritten into their opset-13 form when the opset was raised to 13.
+    pub upgraded: Vec<String>,
     /// Activation parameters by value name.
     pub activation_params: BTreeMap<String, (f32, i32)>,
 }
@@ -160,23 +162,9 @@ struct QuantizedBias {
     scales: Vec<f32>,
 }
 
-/// Ops whose inputs or attributes changed meaning at an opset version up to 13: raising a
-/// model's opset past that version would change what they compute.
-const CHANGED_UP_TO_13: &[(&str, i64)] = &[
-    ("BatchNormalization", 9),
-    ("Upsample", 10),
-    ("Clip", 11),
-    ("Pad", 11),
-    ("Resize", 11),
-    ("Dropout", 12),
-    ("Squeeze", 13),
-    ("Unsqueeze", 13),
-    ("Split", 13),
-    ("ReduceSum", 13),
-];
-
 /// The opset the QDQ form of `plan` needs when the model's is lower (10 for QuantizeLinear, 13
-/// for per-axis parameters), or an error when raising it would change what some node computes.
+/// for per-axis parameters), or an error naming the node when raising it would change what that
+/// node computes (see [`crate::graph::upgrade`] for the ops rewritten on the way to 13).
 pub fn opset_upgrade(model: &Model, plan: &QuantPlan) -> Result<Option<(i64, i64)>> {
     let per_axis = plan.weights.iter().any(|w| w.axis.is_some());
     let opset = model.opset().unwrap_or(0);
@@ -184,21 +172,11 @@ pub fn opset_upgrade(model: &Model, plan: &QuantPlan) -> Result<Option<(i64, i64
     if opset >= needed {
         return Ok(None);
     }
-    let blocker = model
-        .graph()
-        .node
-        .iter()
-        .map(|n| n.op_type.as_str())
-        .find(|o| {
-            CHANGED_UP_TO_13
-                .iter()
-                .any(|(op, v)| op == o && opset < *v && *v <= needed)
-        });
-    match blocker {
-        Some(op) => Err(Error::Usage(format!(
-            "the model imports opset {opset}; {} needs opset {needed}, and raising it would change the meaning of its {op} nodes: re-export at opset 13{}",
+    match crate::graph::upgrade::blocker(model, opset, needed) {
+        Some((node, reason)) => Err(Error::Usage(format!(
+            "the model imports opset {opset}; {} needs opset {needed}, and raising it would change what node '{node}' computes ({reason}){}",
             if per_axis { "per-axis QuantizeLinear" } else { "QuantizeLinear" },
-            if per_axis { " or use --per-tensor" } else { "" }
+            if per_axis { "; use --per-tensor" } else { "" }
         ))),
         None => Ok(Some((opset, needed))),
     }
@@ -213,9 +191,13 @@ pub fn materialize(
 ) -> Result<QdqReport> {
     let mut report = QdqReport::default();
     if let Some((from, to)) = opset_upgrade(model, plan)? {
-        for o in &mut model.proto.opset_import {
-            if o.domain.is_empty() || o.domain == "ai.onnx" {
-                o.version = to;
+        if to == 13 {
+            report.upgraded = crate::graph::upgrade::upgrade_to_13(model)?;
+        } else {
+            for o in &mut model.proto.opset_import {
+                if o.domain.is_empty() || o.domain == "ai.onnx" {
+                    o.version = to;
+                }
             }
         }
         report.opset = Some((from, to));
