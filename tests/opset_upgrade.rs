@@ -137,3 +137,39 @@ fn per_channel_quantization_of_an_opset_11_model() {
     let sqnr = sqnr.expect("quantization moves the outputs");
     assert!(sqnr > 25.0, "SQNR {sqnr}");
 }
+
+#[test]
+fn per_tensor_below_opset_13_writes_biases_without_an_axis() {
+    // Softmax over axis 1 of a rank-3 value blocks the upgrade; per tensor needs no upgrade.
+    let m = model(1, 11);
+    let case = sample();
+    let samples: Vec<qfold::runtime::Sample> = (0..4).map(|_| case.inputs.clone()).collect();
+    let opts = qfold::quant::QuantizeOptions {
+        per_channel: false,
+        ..Default::default()
+    };
+    let (q, _, report) =
+        qfold::quant::quantize(&m, qfold::quant::Calibration::Samples(&samples), &opts).unwrap();
+    assert_eq!(report.qdq.opset, None);
+    assert_eq!(q.opset(), Some(11));
+    let dqs: Vec<_> = q
+        .graph()
+        .node
+        .iter()
+        .filter(|n| n.op_type == "DequantizeLinear")
+        .collect();
+    assert!(!dqs.is_empty());
+    for n in dqs {
+        assert!(
+            n.attribute.iter().all(|a| a.name != "axis"),
+            "opset 11 DequantizeLinear '{}' has an axis",
+            n.name
+        );
+    }
+    let c = compare(
+        &run(&m, &case),
+        &run(&q, &case),
+        qfold::verify::Criterion::MinSqnr { db: 0.0 },
+    );
+    assert!(c.outputs[0].sqnr_db.expect("quantized") > 25.0, "{c:?}");
+}

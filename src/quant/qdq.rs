@@ -396,7 +396,9 @@ pub fn materialize(
         let out = weight_outputs[&(w.tensor.clone(), w.axis)].clone();
         edit(&mut modified, &g, ni).input[w.slot] = out;
     }
-    // Emit biases.
+    // Emit biases. Below opset 13 DequantizeLinear has no axis: the weights are then per tensor,
+    // so every channel of a bias has the same scale, written as one value.
+    let per_axis_biases = model.opset().unwrap_or(0) >= 13;
     for QuantizedBias {
         node: ni,
         slot,
@@ -413,15 +415,25 @@ pub fn materialize(
         patch.add_initializer(
             TensorData::I32(ArrayD::from_shape_vec(IxDyn(&[m]), q).expect("m")).to_proto(&qname),
         );
-        patch.add_initializer(scale_tensor(&scales, true).to_proto(&sname));
-        patch.add_initializer(TensorData::I32(ArrayD::zeros(IxDyn(&[m]))).to_proto(&zname));
+        let per_axis =
+            per_axis_biases || scales.is_empty() || scales.iter().any(|&s| s != scales[0]);
+        let zshape: &[usize] = if per_axis { &[m] } else { &[] };
+        let scales = if per_axis {
+            &scales[..]
+        } else {
+            &scales[..1.min(scales.len())]
+        };
+        patch.add_initializer(scale_tensor(scales, per_axis).to_proto(&sname));
+        patch.add_initializer(TensorData::I32(ArrayD::zeros(IxDyn(zshape))).to_proto(&zname));
         let mut dq = new_node(
             "DequantizeLinear",
             names.fresh(&format!("{tensor}_DequantizeLinear")),
             vec![qname, sname, zname],
             out.clone(),
         );
-        attr::set(&mut dq, attr::make_int("axis", 0));
+        if per_axis {
+            attr::set(&mut dq, attr::make_int("axis", 0));
+        }
         patch.add_node(dq);
         edit(&mut modified, &g, ni).input[slot] = out;
         report.biases += 1;
