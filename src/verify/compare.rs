@@ -41,7 +41,10 @@ pub fn compare_models(
     Ok(cmp.finish())
 }
 
-fn shapes(s: &Sample) -> Vec<(String, ElemType, Vec<usize>)> {
+/// The names, types and shapes of a sample's inputs.
+type Shapes = Vec<(String, ElemType, Vec<usize>)>;
+
+fn shapes(s: &Sample) -> Shapes {
     s.iter()
         .map(|(n, t)| (n.clone(), t.elem_type(), t.shape().to_vec()))
         .collect()
@@ -58,9 +61,22 @@ pub fn compare_expected(model: &Model, cases: &[Case], criterion: Criterion) -> 
     let first = cases
         .first()
         .ok_or_else(|| Error::Usage("no input samples to compare on".into()))?;
-    let mut runner = Runner::new(model, &first.inputs, &[])?;
-    let mut shape_of = shapes(&first.inputs);
+    let params = parameter_inputs(model);
+    // tract wants some parameters constant (BatchNormalization's statistics, Q/DQ scales and
+    // zero points): when the model does not load with them as inputs and the data set gives
+    // their values, each case runs with them bound as initializers.
+    let bind = match Runner::new(model, &first.inputs, &[]) {
+        Ok(_) => false,
+        Err(e @ Error::Runtime { .. }) if !params.is_empty() => {
+            if bound(model, &params, first).is_none() {
+                return Err(e);
+            }
+            true
+        }
+        Err(e) => return Err(e),
+    };
     let mut cmp = Comparer::new(&names, criterion);
+    let mut runner: Option<(Runner, Shapes)> = None;
     for c in cases {
         if c.expected.is_empty() {
             return Err(Error::Usage(format!(
@@ -68,11 +84,19 @@ pub fn compare_expected(model: &Model, cases: &[Case], criterion: Criterion) -> 
                 c.source
             )));
         }
-        if shapes(&c.inputs) != shape_of {
-            runner = Runner::new(model, &c.inputs, &[])?;
-            shape_of = shapes(&c.inputs);
-        }
-        let out = runner.run(&c.inputs)?;
+        let out = if bind {
+            let (m, inputs) = bound(model, &params, c).ok_or_else(|| {
+                Error::Usage(format!("{}: a parameter input is missing", c.source))
+            })?;
+            Runner::new(&m, &inputs, &[])?.run(&inputs)?
+        } else {
+            let shape_of = shapes(&c.inputs);
+            if runner.as_ref().is_none_or(|(_, s)| *s != shape_of) {
+                runner = Some((Runner::new(model, &c.inputs, &[])?, shape_of));
+            }
+            let (r, _) = runner.as_ref().expect("set above");
+            r.run(&c.inputs)?
+        };
         let expected: Vec<TensorData> = names
             .iter()
             .map(|n| {
@@ -88,4 +112,40 @@ pub fn compare_expected(model: &Model, cases: &[Case], criterion: Criterion) -> 
         cmp.add(&expected, &out);
     }
     Ok(cmp.finish())
+}
+
+/// Graph inputs that no node reads as its first (data) input: parameters such as BN statistics
+/// or Q/DQ scales and zero points, which tract wants constant.
+fn parameter_inputs(model: &Model) -> Vec<String> {
+    let g = crate::graph::Graph::of_model(model);
+    g.real_inputs()
+        .into_iter()
+        .map(|v| v.name.clone())
+        .filter(|name| {
+            let readers = g.consumers(name);
+            !readers.is_empty()
+                && readers
+                    .iter()
+                    .all(|&c| g.nodes()[c].input.first() != Some(name))
+        })
+        .collect()
+}
+
+/// `model` with the parameter inputs bound to the case's values (as initializers), and the
+/// case's remaining inputs; `None` when the case lacks a parameter.
+fn bound(model: &Model, params: &[String], case: &Case) -> Option<(Model, Sample)> {
+    let mut m = model.clone();
+    let g = m.graph_mut();
+    for p in params {
+        let (_, t) = case.inputs.iter().find(|(n, _)| n == p)?;
+        g.initializer.push(t.to_proto(p));
+    }
+    g.input.retain(|v| !params.contains(&v.name));
+    let rest = case
+        .inputs
+        .iter()
+        .filter(|(n, _)| !params.contains(n))
+        .cloned()
+        .collect();
+    Some((m, rest))
 }
