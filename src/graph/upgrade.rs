@@ -12,7 +12,7 @@
 //! computes the same thing), with `axis` written out; another axis on an input of known rank is
 //! not upgraded and [`upgrade_to_13`] names the node. The other ops whose meaning changed below
 //! 13 (BatchNormalization 9, Upsample 10, Clip, Pad and Resize 11, Dropout 12) have no adapter
-//! here and are named too.
+//! here and are named too, as are Slice and TopK below 10 (attributes that became inputs).
 
 use ndarray::{ArrayD, IxDyn};
 
@@ -29,6 +29,8 @@ pub const CHANGED_UP_TO_13: &[(&str, i64)] = &[
     ("Clip", 11),
     ("Pad", 11),
     ("Resize", 11),
+    ("Slice", 10),
+    ("TopK", 10),
     ("Dropout", 12),
     ("Squeeze", 13),
     ("Unsqueeze", 13),
@@ -39,7 +41,7 @@ pub const CHANGED_UP_TO_13: &[(&str, i64)] = &[
     ("Hardmax", 13),
 ];
 
-/// Adapters this module has, from any opset >= 11 to 13.
+/// Adapters this module has, from any opset to 13.
 const ADAPTED: &[&str] = &[
     "Squeeze",
     "Unsqueeze",
@@ -64,7 +66,9 @@ pub fn blocker(model: &Model, from: i64, to: i64) -> Option<(String, String)> {
         if !changed {
             continue;
         }
-        let adapted = from >= 11 && to == 13 && ADAPTED.contains(&n.op_type.as_str());
+        // The adapted ops only changed at 13 (their earlier versions only widened what they
+        // accept), so the adapters apply from any opset.
+        let adapted = to == 13 && ADAPTED.contains(&n.op_type.as_str());
         if !adapted {
             return Some((
                 super::engine::label(n),
@@ -118,7 +122,7 @@ fn softmax_axis_kept(
     }
 }
 
-/// Rewrites every adapted node of `model` (at opset >= 11) into its opset-13 form and raises the
+/// Rewrites every adapted node of `model` into its opset-13 form and raises the
 /// default-domain opset to 13. Returns the nodes rewritten. Fails, naming the node, when a node
 /// cannot be upgraded (see [`blocker`]); the model is then unchanged.
 pub fn upgrade_to_13(model: &mut Model) -> Result<Vec<String>> {
