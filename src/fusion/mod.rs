@@ -165,8 +165,16 @@ fn custom_rule(fuser: &FuserRef) -> Result<Rule<'_, FusedGroup>> {
 }
 
 /// Automatic mode: custom fusers first, then every fold rule, through the engine.
-fn fuse_auto(model: &mut Model, opts: &FuseOptions, report: &mut FuseReport) -> Result<()> {
+fn fuse_auto(
+    model: &mut Model,
+    opts: &FuseOptions,
+    remove_identities: bool,
+    report: &mut FuseReport,
+) -> Result<()> {
     let mut all = Vec::new();
+    if remove_identities {
+        all.push(identity_rule());
+    }
     for f in &opts.fusers {
         all.push(custom_rule(f)?);
     }
@@ -179,6 +187,10 @@ fn fuse_auto(model: &mut Model, opts: &FuseOptions, report: &mut FuseReport) -> 
         });
     }
     for a in run.applied {
+        if a.rule == IDENTITY {
+            report.removed.extend(a.record.nodes);
+            continue;
+        }
         let mut group = a.record;
         group.folded = group.folded && !opts.qat;
         report.groups.push(group);
@@ -374,16 +386,38 @@ fn fuse_lists(model: &mut Model, opts: &FuseOptions, report: &mut FuseReport) ->
     Ok(())
 }
 
-/// Folds constant subgraphs into initializers and removes Identity and inference Dropout
-/// nodes, so the fold rules see plain constants and direct producers.
-fn simplify(model: &mut Model, report: &mut FuseReport) -> Result<()> {
-    report.constants = crate::graph::constants::fold_constants(model)?;
-    let run = engine::run(
-        model,
-        &[Rule::new("identity", crate::graph::constants::identity)],
-        true,
-    )?;
-    report.removed = run.applied.into_iter().map(|a| a.record).collect();
+/// The rule that removes Identity and inference Dropout nodes, so the fold rules see direct
+/// producers (constant folding, before it, makes their parameters plain constants).
+const IDENTITY: &str = "identity";
+
+/// Identity and inference Dropout removal as a fusion rule, so it runs in the same sweeps as the
+/// fold rules (its records go to `FuseReport::removed`).
+fn identity_rule() -> Rule<'static, FusedGroup> {
+    Rule::new(IDENTITY, |g: &Graph, i: usize, names: &mut Names| {
+        Ok(
+            crate::graph::constants::identity(g, i, names)?.map(|o| match o {
+                Outcome::Rewrite(p, node) => Outcome::Rewrite(
+                    p,
+                    FusedGroup {
+                        kind: GroupKind::Custom,
+                        nodes: vec![node],
+                        folded: true,
+                        fuser: Some(IDENTITY.into()),
+                        output: String::new(),
+                    },
+                ),
+                Outcome::Decline(nodes, reason) => Outcome::Decline(nodes, reason),
+            }),
+        )
+    })
+}
+
+/// Explicit mode: Identity and inference Dropout removed first, on their own.
+fn remove_identities(model: &mut Model, report: &mut FuseReport) -> Result<()> {
+    let run = engine::run(model, &[identity_rule()], true)?;
+    report
+        .removed
+        .extend(run.applied.into_iter().flat_map(|a| a.record.nodes));
     Ok(())
 }
 
@@ -395,13 +429,17 @@ pub fn fuse(model: &mut Model, opts: &FuseOptions) -> Result<FuseReport> {
         nodes_before: model.graph().node.len(),
         ..FuseReport::default()
     };
-    if !opts.no_constant_folding && !opts.qat {
-        simplify(model, &mut report)?;
+    let simplify = !opts.no_constant_folding && !opts.qat;
+    if simplify {
+        report.constants = crate::graph::constants::fold_constants(model)?;
     }
     if opts.only.is_empty() {
-        fuse_auto(model, opts, &mut report)?;
+        fuse_auto(model, opts, simplify, &mut report)?;
         rules::relu::relu_groups(&Graph::of_model(model), &mut report);
     } else {
+        if simplify {
+            remove_identities(model, &mut report)?;
+        }
         fuse_lists(model, opts, &mut report)?;
     }
     let groups = std::mem::take(&mut report.groups);

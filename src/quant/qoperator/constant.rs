@@ -53,7 +53,8 @@ pub fn quantize_constant(g: &Graph, n: &NodeProto) -> Result<Option<TensorData>>
         axis
     };
     let axis_ok = axis >= 0 && (axis as usize) < x.ndim() && x.shape()[axis as usize] == s.len();
-    if (s.len() > 1 && !axis_ok)
+    if s.is_empty()
+        || (s.len() > 1 && !axis_ok)
         || (z.len() != 1 && z.len() != s.len())
         || s.iter().any(|v| !(v.is_finite() && *v > 0.0))
     {
