@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use qfold::verify::{self, tolerance, Case, Comparison, Criterion};
+use qfold::commands::{check_files, Inputs};
+use qfold::verify::{tolerance, Comparison, Criterion};
 use qfold::{Error, Result};
 
 #[derive(clap::Args)]
@@ -71,23 +72,18 @@ fn criterion(args: &Args) -> Result<Criterion> {
     }
 }
 
-fn cases(args: &Args, model: &qfold::onnx::Model) -> Result<Vec<Case>> {
-    if let Some(n) = args.random {
-        verify::check_random_count("--random", n)?;
-    }
+fn inputs(args: &Args) -> Inputs {
     if let Some(dir) = &args.inputs {
-        return verify::read_dataset(model, dir);
+        return Inputs::Dir(dir.clone());
     }
     if !args.npy.is_empty() {
-        return Ok(vec![verify::read_npy_sample(model, &args.npy)?]);
+        return Inputs::Npy(args.npy.clone());
     }
-    verify::dataset_or_random(
-        model,
-        None,
-        args.random.unwrap_or(1),
-        args.seed,
-        &args.input_shape,
-    )
+    Inputs::Random {
+        count: args.random.unwrap_or(1),
+        seed: args.seed,
+        shapes: args.input_shape.clone(),
+    }
 }
 
 /// Prints a comparison as text.
@@ -126,37 +122,19 @@ pub fn print_comparison(c: &Comparison) {
 }
 
 pub fn run(args: Args) -> Result<i32> {
-    let mut crit = criterion(&args)?;
-    let a = qfold::onnx::load(&args.a)?;
-    if args.min_sqnr.is_none()
-        && args.tolerance.is_none()
-        && args.atol.is_none()
-        && args.rtol.is_none()
-    {
-        crit = tolerance::for_model(&a);
-    }
-    let comparison = match &args.b {
-        Some(bp) => {
-            let b = qfold::onnx::load(bp)?;
-            let cases = cases(&args, &a)?;
-            verify::compare_models(&a, &b, &cases, crit)?
-        }
-        None => {
-            if args.inputs.is_none() {
-                return Err(Error::Usage(
-                    "check with one model needs --inputs DIR holding expected output_K.pb files"
-                        .into(),
-                ));
-            }
-            let cases = cases(&args, &a)?;
-            verify::compare_expected(&a, &cases, crit)?
-        }
-    };
+    let explicit = args.min_sqnr.is_some()
+        || args.tolerance.is_some()
+        || args.atol.is_some()
+        || args.rtol.is_some();
+    let crit = criterion(&args)?;
+    let comparison = check_files(
+        &args.a,
+        args.b.as_deref(),
+        inputs(&args),
+        explicit.then_some(crit),
+    )?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&comparison).expect("report serializes")
-        );
+        super::print_json(&comparison);
     } else {
         print_comparison(&comparison);
     }
