@@ -312,6 +312,39 @@ pub fn convert_file(
     })
 }
 
+/// The criterion `qfold check` judges by: `min_sqnr` (dB), else a named `tolerance` (exact,
+/// float, half, loose), else `atol` / `rtol` (either may be left out, meaning 0); `None`
+/// when none is given (the model's default applies).
+pub fn criterion(
+    min_sqnr: Option<f64>,
+    tolerance: Option<&str>,
+    atol: Option<f64>,
+    rtol: Option<f64>,
+) -> Result<Option<Criterion>> {
+    if let Some(db) = min_sqnr {
+        return Ok(Some(Criterion::MinSqnr { db }));
+    }
+    if let Some(name) = tolerance {
+        return tolerance::by_name(name).map(Some).ok_or_else(|| {
+            Error::Usage(format!(
+                "--tolerance {name}: use exact, float, half or loose"
+            ))
+        });
+    }
+    match (atol, rtol) {
+        (None, None) => Ok(None),
+        (a, r) => {
+            let (atol, rtol) = (a.unwrap_or(0.0), r.unwrap_or(0.0));
+            if !(atol >= 0.0 && rtol >= 0.0) {
+                return Err(Error::Usage(
+                    "--atol and --rtol must be non-negative".into(),
+                ));
+            }
+            Ok(Some(Criterion::Tolerance { atol, rtol }))
+        }
+    }
+}
+
 /// `qfold check`: runs `b` against `a` in tract on `inputs`, or, without `b`, `a` against the
 /// expected outputs stored with the inputs (which must then be a folder). `criterion`
 /// defaults to the float tolerance (half for float16 models).

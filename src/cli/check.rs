@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use qfold::commands::{check_files, Inputs};
-use qfold::verify::{tolerance, Comparison, Criterion};
-use qfold::{Error, Result};
+use qfold::commands::{check_files, criterion, Inputs};
+use qfold::verify::{Comparison, Criterion};
+use qfold::Result;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,31 +45,6 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-}
-
-fn criterion(args: &Args) -> Result<Criterion> {
-    if let Some(db) = args.min_sqnr {
-        return Ok(Criterion::MinSqnr { db });
-    }
-    if let Some(name) = &args.tolerance {
-        return tolerance::by_name(name).ok_or_else(|| {
-            Error::Usage(format!(
-                "--tolerance {name}: use exact, float, half or loose"
-            ))
-        });
-    }
-    match (args.atol, args.rtol) {
-        (None, None) => Ok(tolerance::FLOAT),
-        (a, r) => {
-            let (atol, rtol) = (a.unwrap_or(0.0), r.unwrap_or(0.0));
-            if !(atol >= 0.0 && rtol >= 0.0) {
-                return Err(Error::Usage(
-                    "--atol and --rtol must be non-negative".into(),
-                ));
-            }
-            Ok(Criterion::Tolerance { atol, rtol })
-        }
-    }
 }
 
 fn inputs(args: &Args) -> Inputs {
@@ -122,17 +97,13 @@ pub fn print_comparison(c: &Comparison) {
 }
 
 pub fn run(args: Args) -> Result<i32> {
-    let explicit = args.min_sqnr.is_some()
-        || args.tolerance.is_some()
-        || args.atol.is_some()
-        || args.rtol.is_some();
-    let crit = criterion(&args)?;
-    let comparison = check_files(
-        &args.a,
-        args.b.as_deref(),
-        inputs(&args),
-        explicit.then_some(crit),
+    let crit = criterion(
+        args.min_sqnr,
+        args.tolerance.as_deref(),
+        args.atol,
+        args.rtol,
     )?;
+    let comparison = check_files(&args.a, args.b.as_deref(), inputs(&args), crit)?;
     if args.json {
         super::print_json(&comparison);
     } else {

@@ -304,7 +304,8 @@ pub fn label_rows(cases: &mut [Case], labels: &[i64], what: &str) -> Result<()> 
 /// Samples from arrays held in memory (one array per model input, by name): arrays one rank
 /// above the input's declared rank hold samples stacked on a new leading axis, one sample
 /// each; otherwise, with `batch`, axis 0 holds the samples and they are grouped `batch` rows
-/// per run of the model, and without it the arrays are one sample. `source` names them in
+/// per run of the model (or as many as a fixed declared first dim says), and without it the
+/// arrays are one sample. `source` names them in
 /// messages.
 pub fn cases_from_arrays(
     model: &Model,
@@ -385,6 +386,23 @@ fn split_samples(
             ),
         ));
     }
+    // A first dim the model fixes is the batch, whatever was asked.
+    let fixed = arrays.iter().find_map(|(n, t)| {
+        decl.iter()
+            .find(|(d, _, dims)| d == n && dims.len() == t.shape().len())
+            .and_then(|(_, _, dims)| dims.first().copied().flatten())
+            .map(|d| (n, d))
+    });
+    let batch = match fixed {
+        Some((n, d)) if d == 0 || !count.is_multiple_of(d) => {
+            return Err(Error::input(
+                n,
+                format!("{source}: {count} rows do not split into batches of {d}, the input's declared first dim"),
+            ))
+        }
+        Some((_, d)) => d,
+        None => batch,
+    };
     Ok((0..count)
         .step_by(batch)
         .map(|k| {
