@@ -10,6 +10,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod commands;
 pub mod error;
 pub mod files;
 pub mod fusion;

@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
-use qfold::verify::{self, tolerance, Case, Comparison, Criterion};
-use qfold::{Error, Result};
+use qfold::commands::{check_files, criterion, Inputs};
+use qfold::verify::{Comparison, Criterion};
+use qfold::Result;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -46,48 +47,18 @@ pub struct Args {
     json: bool,
 }
 
-fn criterion(args: &Args) -> Result<Criterion> {
-    if let Some(db) = args.min_sqnr {
-        return Ok(Criterion::MinSqnr { db });
-    }
-    if let Some(name) = &args.tolerance {
-        return tolerance::by_name(name).ok_or_else(|| {
-            Error::Usage(format!(
-                "--tolerance {name}: use exact, float, half or loose"
-            ))
-        });
-    }
-    match (args.atol, args.rtol) {
-        (None, None) => Ok(tolerance::FLOAT),
-        (a, r) => {
-            let (atol, rtol) = (a.unwrap_or(0.0), r.unwrap_or(0.0));
-            if !(atol >= 0.0 && rtol >= 0.0) {
-                return Err(Error::Usage(
-                    "--atol and --rtol must be non-negative".into(),
-                ));
-            }
-            Ok(Criterion::Tolerance { atol, rtol })
-        }
-    }
-}
-
-fn cases(args: &Args, model: &qfold::onnx::Model) -> Result<Vec<Case>> {
-    if let Some(n) = args.random {
-        verify::check_random_count("--random", n)?;
-    }
+fn inputs(args: &Args) -> Inputs {
     if let Some(dir) = &args.inputs {
-        return verify::read_dataset(model, dir);
+        return Inputs::Dir(dir.clone());
     }
     if !args.npy.is_empty() {
-        return Ok(vec![verify::read_npy_sample(model, &args.npy)?]);
+        return Inputs::Npy(args.npy.clone());
     }
-    verify::dataset_or_random(
-        model,
-        None,
-        args.random.unwrap_or(1),
-        args.seed,
-        &args.input_shape,
-    )
+    Inputs::Random {
+        count: args.random.unwrap_or(1),
+        seed: args.seed,
+        shapes: args.input_shape.clone(),
+    }
 }
 
 /// Prints a comparison as text.
@@ -126,37 +97,15 @@ pub fn print_comparison(c: &Comparison) {
 }
 
 pub fn run(args: Args) -> Result<i32> {
-    let mut crit = criterion(&args)?;
-    let a = qfold::onnx::load(&args.a)?;
-    if args.min_sqnr.is_none()
-        && args.tolerance.is_none()
-        && args.atol.is_none()
-        && args.rtol.is_none()
-    {
-        crit = tolerance::for_model(&a);
-    }
-    let comparison = match &args.b {
-        Some(bp) => {
-            let b = qfold::onnx::load(bp)?;
-            let cases = cases(&args, &a)?;
-            verify::compare_models(&a, &b, &cases, crit)?
-        }
-        None => {
-            if args.inputs.is_none() {
-                return Err(Error::Usage(
-                    "check with one model needs --inputs DIR holding expected output_K.pb files"
-                        .into(),
-                ));
-            }
-            let cases = cases(&args, &a)?;
-            verify::compare_expected(&a, &cases, crit)?
-        }
-    };
+    let crit = criterion(
+        args.min_sqnr,
+        args.tolerance.as_deref(),
+        args.atol,
+        args.rtol,
+    )?;
+    let comparison = check_files(&args.a, args.b.as_deref(), inputs(&args), crit)?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&comparison).expect("report serializes")
-        );
+        super::print_json(&comparison);
     } else {
         print_comparison(&comparison);
     }

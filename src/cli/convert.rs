@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use qfold::quant::qoperator::{convert_with, ConvertOptions, ConvertReport};
-use qfold::verify::{self, Criterion};
-use qfold::{Error, Result};
+use qfold::commands::{convert_file, Inputs};
+use qfold::quant::qoperator::{ConvertOptions, ConvertReport};
+use qfold::Result;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -73,56 +73,30 @@ pub fn print_report(r: &ConvertReport) {
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    let target = a.out.target(&a.model, a.output.as_deref())?;
-    verify::check_random_count("--random", a.random)?;
-    let qdq = qfold::onnx::load(&a.model)?;
-    a.out.check_against(&qdq, &target)?;
-    let mut q = qdq.clone();
-    let report = convert_with(
-        &mut q,
-        ConvertOptions {
-            allow_contrib_ops: a.allow_contrib_ops,
-        },
-    )
-    .map_err(|e| match e {
-        Error::Usage(m) => Error::Usage(format!("{}: {m}", a.model.display())),
-        other => other,
-    })?;
-    if report.converted.is_empty() {
-        let why: Vec<String> = report
-            .skipped
-            .iter()
-            .take(5)
-            .map(|(node, reason)| format!("node '{node}': {reason}"))
-            .collect();
-        return Err(Error::Usage(format!(
-            "{}: no QDQ pattern to convert (is it a QDQ model?){}",
-            a.model.display(),
-            if why.is_empty() {
-                String::new()
-            } else {
-                format!("; left alone: {}", why.join("; "))
-            }
-        )));
-    }
-    let comparison = if a.check {
-        let cases =
-            verify::dataset_or_random(&qdq, a.inputs.as_deref(), a.random, 0, &a.input_shape)?;
-        Some(verify::compare_models(
-            &qdq,
-            &q,
-            &cases,
-            Criterion::MinSqnr { db: a.min_sqnr },
-        )?)
-    } else {
-        None
+    let dest = a.out.destination(&a.model, a.output.as_deref())?;
+    qfold::verify::check_random_count("--random", a.random)?;
+    let check = a.check.then(|| {
+        let inputs = match &a.inputs {
+            Some(dir) => Inputs::Dir(dir.clone()),
+            None => Inputs::Random {
+                count: a.random,
+                seed: 0,
+                shapes: a.input_shape.clone(),
+            },
+        };
+        (inputs, a.min_sqnr)
+    });
+    let opts = ConvertOptions {
+        allow_contrib_ops: a.allow_contrib_ops,
     };
-    super::Outcome {
-        key: "convert",
-        report: &report,
-        print: &print_report,
-        check: comparison.as_ref(),
-        against: "the QDQ model",
-    }
-    .finish(&q, &target, &a.out, a.json)
+    let out = convert_file(&a.model, &dest, opts, check)?;
+    Ok(super::finish(
+        a.json,
+        &out,
+        || print_report(&out.convert),
+        out.check.as_ref(),
+        "the QDQ model",
+        out.written.as_deref(),
+        out.failure(),
+    ))
 }

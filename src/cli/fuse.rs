@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use qfold::fusion::{fuse, FuseOptions, FuseReport};
-use qfold::verify::{self, tolerance, Criterion};
-use qfold::{Error, Result};
+use qfold::commands::{fuse_file, FuseCheck, Inputs};
+use qfold::fusion::{FuseOptions, FuseReport};
+use qfold::Result;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -90,10 +90,7 @@ pub fn print_report(r: &FuseReport) {
 }
 
 pub fn run(args: Args) -> Result<i32> {
-    let target = args.out.target(&args.model, args.output.as_deref())?;
-    verify::check_random_count("--random", args.random)?;
-    let original = qfold::onnx::load(&args.model)?;
-    args.out.check_against(&original, &target)?;
+    let dest = args.out.destination(&args.model, args.output.as_deref())?;
     let opts = FuseOptions {
         only: args
             .only
@@ -109,37 +106,26 @@ pub fn run(args: Args) -> Result<i32> {
         fusers: vec![],
         no_constant_folding: args.no_constant_folding,
     };
-    if opts.only.iter().any(Vec::is_empty) {
-        return Err(Error::Usage("--only needs at least one name".into()));
-    }
-    let mut fused = original.clone();
-    let report = fuse(&mut fused, &opts)?;
-    let comparison = if args.check {
-        let criterion: Criterion = match &args.tolerance {
-            None => tolerance::for_model(&original),
-            Some(t) => tolerance::by_name(t).ok_or_else(|| {
-                Error::Usage(format!("--tolerance {t}: use exact, float, half or loose"))
-            })?,
-        };
-        let cases = verify::dataset_or_random(
-            &original,
-            args.inputs.as_deref(),
-            args.random,
-            args.seed,
-            &args.input_shape,
-        )?;
-        Some(verify::compare_models(
-            &original, &fused, &cases, criterion,
-        )?)
-    } else {
-        None
-    };
-    super::Outcome {
-        key: "fusion",
-        report: &report,
-        print: &print_report,
-        check: comparison.as_ref(),
-        against: "the original",
-    }
-    .finish(&fused, &target, &args.out, args.json)
+    let check = args.check.then(|| FuseCheck {
+        inputs: match &args.inputs {
+            Some(dir) => Inputs::Dir(dir.clone()),
+            None => Inputs::Random {
+                count: args.random,
+                seed: args.seed,
+                shapes: args.input_shape.clone(),
+            },
+        },
+        tolerance: args.tolerance.clone(),
+    });
+    qfold::verify::check_random_count("--random", args.random)?;
+    let out = fuse_file(&args.model, &dest, &opts, check)?;
+    Ok(super::finish(
+        args.json,
+        &out,
+        || print_report(&out.fusion),
+        out.check.as_ref(),
+        "the original",
+        out.written.as_deref(),
+        out.failure(),
+    ))
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use qfold::inspect::{summarize, ValueSummary};
+use qfold::inspect::ValueSummary;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,13 +23,9 @@ fn value_line(v: &ValueSummary) -> String {
 }
 
 pub fn run(args: Args) -> qfold::Result<i32> {
-    let model = qfold::onnx::load(&args.model)?;
-    let s = summarize(&model);
+    let s = qfold::commands::inspect_file(&args.model)?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&s).expect("summary serializes")
-        );
+        super::print_json(&s);
         return Ok(super::OK);
     }
     println!("{}", args.model.display());

@@ -6,7 +6,7 @@ mod fuse;
 mod inspect;
 mod quantize;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use clap::{Parser, Subcommand};
 
@@ -69,94 +69,54 @@ impl OutputArgs {
         }
     }
 
-    /// Saves `model` to `target` (from [`OutputArgs::target`]).
-    pub fn save(&self, model: &qfold::onnx::Model, target: &Path) -> qfold::Result<()> {
-        if self.in_place {
-            qfold::onnx::save_in_place(model, target, &self.save_options())
-        } else {
-            qfold::onnx::save(model, target, &self.save_options())
-        }
-    }
-
-    /// Where to write, checked before anything is loaded: `-o` (or, with --in-place and no
-    /// `-o`, the input model) in an existing folder, not a directory, FIFO or device, and not
-    /// the input model unless --in-place. With --in-place, an output naming the input through a
-    /// symbolic link resolves to the input itself, so the link is not replaced.
-    pub fn target(&self, model: &Path, output: Option<&Path>) -> qfold::Result<PathBuf> {
-        let out = match output {
-            Some(o) => o.to_path_buf(),
-            None if self.in_place => model.to_path_buf(),
-            None => return Err(qfold::Error::Usage("give -o OUTPUT or --in-place".into())),
-        };
-        qfold::files::check_output(model, &out, self.in_place)?;
-        qfold::files::check_data_destination(&out)?;
-        if self.in_place && qfold::files::same_file(&out, model) {
-            return out.canonicalize().map_err(|e| qfold::Error::Io {
-                path: out.clone(),
-                source: e,
-            });
-        }
-        Ok(out)
-    }
-
-    /// Once the input is loaded and before any work: refuses an output that is, or whose
-    /// `.data` is, one of the input's external data files.
-    pub fn check_against(&self, input: &qfold::onnx::Model, target: &Path) -> qfold::Result<()> {
-        qfold::files::check_output_against(&input.files, target, self.in_place)
+    /// Where to write, checked before anything is loaded (see
+    /// [`qfold::commands::Destination::new`]).
+    pub fn destination(
+        &self,
+        model: &Path,
+        output: Option<&Path>,
+    ) -> qfold::Result<qfold::commands::Destination> {
+        qfold::commands::Destination::new(model, output, self.in_place, self.save_options())
     }
 }
 
-/// How a rewriting command ends: print its report (JSON under `key`, or text), then write the
-/// model, unless its check against the input failed (exit 1, nothing written).
-pub struct Outcome<'a, R: serde::Serialize> {
-    pub key: &'a str,
-    pub report: &'a R,
-    pub print: &'a dyn Fn(&R),
-    pub check: Option<&'a qfold::verify::Comparison>,
-    /// What the check compared against, for messages ("the original", "the QDQ model").
-    pub against: &'a str,
+/// Prints a report as pretty JSON.
+pub fn print_json<R: serde::Serialize>(report: &R) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(report).expect("report serializes")
+    );
 }
 
-impl<R: serde::Serialize> Outcome<'_, R> {
-    /// Prints, then saves `model` to `path` when the check passed (or there was none).
-    pub fn finish(
-        self,
-        model: &qfold::onnx::Model,
-        path: &std::path::Path,
-        out: &OutputArgs,
-        json: bool,
-    ) -> qfold::Result<i32> {
-        let passed = self.check.is_none_or(|c| c.passed);
-        if json {
-            let v = serde_json::json!({
-                self.key: self.report,
-                "check": self.check,
-                "written": passed.then(|| path.display().to_string()),
-            });
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&v).expect("report serializes")
-            );
-        } else {
-            (self.print)(self.report);
-            if let Some(c) = self.check {
-                println!("check against {} in tract:", self.against);
-                check::print_comparison(c);
-            }
+/// How a rewriting command ends once the library has run it: the report as JSON or text
+/// (with the check against `against`), then the exit code: 1 with `failure` on stderr when the
+/// check failed (nothing was written).
+pub fn finish<R: serde::Serialize>(
+    json: bool,
+    output: &R,
+    print: impl FnOnce(),
+    check: Option<&qfold::verify::Comparison>,
+    against: &str,
+    written: Option<&str>,
+    failure: Option<String>,
+) -> i32 {
+    if json {
+        print_json(output);
+    } else {
+        print();
+        if let Some(c) = check {
+            println!("check against {against} in tract:");
+            check::print_comparison(c);
         }
-        if !passed {
-            eprintln!(
-                "error: the result does not match {}; nothing written",
-                self.against
-            );
-            return Ok(CHECK_FAILED);
-        }
-        out.save(model, path)?;
-        if !json {
-            println!("wrote {}", path.display());
-        }
-        Ok(OK)
     }
+    if let Some(f) = failure {
+        eprintln!("error: {f}");
+        return CHECK_FAILED;
+    }
+    if let (false, Some(w)) = (json, written) {
+        println!("wrote {w}");
+    }
+    OK
 }
 
 /// On SIGINT, SIGTERM or SIGHUP: remove the temporary files being written and exit 128 +

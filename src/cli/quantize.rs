@@ -2,15 +2,12 @@
 
 use std::path::PathBuf;
 
-use qfold::onnx::Model;
-use qfold::quant::calibrate::Ranges;
-use qfold::quant::observe::Method;
-use qfold::quant::params::QType;
-use qfold::quant::{quantize, Calibration, Preset, QuantizeOptions, QuantizeReport};
-use qfold::runtime::Runner;
-use qfold::verify::{self, Case, Comparer, Comparison, Criterion};
+use qfold::commands::{
+    quantize_file, CalibrationData, EvalData, Evaluation, Inputs, QuantizeJob, QuantizeSettings,
+};
+use qfold::quant::QuantizeReport;
+use qfold::verify;
 use qfold::{Error, Result};
-use serde::Serialize;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -112,149 +109,28 @@ pub struct Args {
     json: bool,
 }
 
-fn qtype(s: &str, what: &str) -> Result<QType> {
-    match s {
-        "u8" | "uint8" => Ok(QType::U8),
-        "i8" | "int8" => Ok(QType::I8),
-        _ => Err(Error::Usage(format!("--{what} {s}: use u8 or i8"))),
+fn settings(a: &Args) -> QuantizeSettings {
+    QuantizeSettings {
+        preset: a.preset.clone(),
+        format: a.format.clone(),
+        method: a.method.clone(),
+        percentile: a.percentile,
+        activation: a.activation.clone(),
+        weight: a.weight.clone(),
+        symmetric_activations: a.symmetric_activations,
+        per_channel: match (a.per_channel, a.per_tensor) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
+        per_tensor_min_sqnr: a.per_tensor_min_sqnr,
+        reduce_range: a.reduce_range,
+        exclude: a.exclude.clone(),
+        op_types: a.op_types.iter().cloned().collect(),
+        fuse: !a.no_fuse,
+        no_constant_folding: a.no_constant_folding,
+        threads: a.threads,
     }
-}
-
-fn method(s: &str, percentile: f64) -> Result<Method> {
-    Ok(match s {
-        "minmax" => Method::MinMax,
-        "moving-average" | "moving_average" => Method::MovingAverage { constant: 0.01 },
-        "percentile" => {
-            if !(percentile > 50.0 && percentile <= 100.0) {
-                return Err(Error::Usage(format!(
-                    "--percentile {percentile}: use a value in (50, 100]"
-                )));
-            }
-            Method::Percentile { percentile }
-        }
-        "entropy" => Method::Entropy,
-        "l2" => Method::L2,
-        _ => {
-            return Err(Error::Usage(format!(
-                "--method {s}: use minmax, moving-average, percentile, entropy or l2"
-            )))
-        }
-    })
-}
-
-fn options(a: &Args) -> Result<QuantizeOptions> {
-    let preset = Preset::by_name(&a.preset).ok_or_else(|| {
-        Error::Usage(format!(
-            "--preset {}: use qfold, ort, fbgemm, x86, qnnpack, tensorrt or tract",
-            a.preset
-        ))
-    })?;
-    let mut o = preset.options();
-    if let Some(m) = &a.method {
-        o.method = method(m, a.percentile)?;
-    }
-    if let Some(t) = &a.activation {
-        o.activation = qtype(t, "activation")?;
-    }
-    if let Some(t) = &a.weight {
-        o.weight = qtype(t, "weight")?;
-        o.symmetric_weights = o.weight == QType::I8;
-    }
-    if a.symmetric_activations {
-        o.symmetric_activations = true;
-    }
-    if a.per_channel {
-        o.per_channel = true;
-    }
-    if a.per_tensor {
-        o.per_channel = false;
-    }
-    if a.reduce_range {
-        o.reduce_range = true;
-    }
-    if let Some(db) = a.per_tensor_min_sqnr {
-        o.per_tensor_min_sqnr = Some(db);
-        o.per_channel = true;
-    }
-    o.exclude = a.exclude.clone();
-    o.exclude_op_types = a
-        .op_types
-        .iter()
-        .flat_map(|s| s.split(','))
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
-    o.fuse = !a.no_fuse;
-    o.no_constant_folding = a.no_constant_folding;
-    o.threads = a.threads;
-    Ok(o)
-}
-
-/// Float vs quantized on the evaluation set.
-#[derive(Debug, Clone, Serialize)]
-pub struct Evaluation {
-    pub source: String,
-    pub comparison: Comparison,
-    pub float_accuracy: Option<f64>,
-    pub quantized_accuracy: Option<f64>,
-    pub labelled: usize,
-}
-
-fn evaluate(
-    float: &Model,
-    quantized: &Model,
-    cases: &[Case],
-    min_sqnr: f64,
-    source: String,
-) -> Result<Evaluation> {
-    let names: Vec<String> = float
-        .graph()
-        .output
-        .iter()
-        .map(|o| o.name.clone())
-        .collect();
-    let mut cmp = Comparer::new(&names, Criterion::MinSqnr { db: min_sqnr });
-    let (mut fc, mut qc, mut total) = (0, 0, 0);
-    let mut runners: Option<(Runner, Runner)> = None;
-    let mut shapes: Vec<Vec<usize>> = vec![];
-    for c in cases {
-        let s: Vec<Vec<usize>> = c.inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
-        if runners.is_none() || s != shapes {
-            runners = Some((
-                Runner::new(float, &c.inputs, &[])?,
-                Runner::new(quantized, &c.inputs, &[])?,
-            ));
-            shapes = s;
-        }
-        let (rf, rq) = runners.as_ref().expect("set above");
-        let of = rf.run(&c.inputs)?;
-        let oq = rq.run(&c.inputs)?;
-        if let Some(l) = &c.labels {
-            let (a, n) = verify::accuracy(&of, l);
-            let (b, _) = verify::accuracy(&oq, l);
-            fc += a;
-            qc += b;
-            total += n;
-        }
-        cmp.add(&of, &oq);
-    }
-    Ok(Evaluation {
-        source,
-        comparison: cmp.finish(),
-        float_accuracy: (total > 0).then(|| fc as f64 / total as f64),
-        quantized_accuracy: (total > 0).then(|| qc as f64 / total as f64),
-        labelled: total,
-    })
-}
-
-#[derive(Serialize)]
-struct Output<'a> {
-    quantization: &'a QuantizeReport,
-    evaluation: &'a Evaluation,
-    size_before: u64,
-    size_after: u64,
-    conversion: Option<&'a qfold::quant::qoperator::ConvertReport>,
-    written: Option<String>,
 }
 
 fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
@@ -340,134 +216,64 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    let default_format = if a.preset == "tract" {
-        "qoperator"
-    } else {
-        "qdq"
-    };
-    let qoperator = match a.format.as_deref().unwrap_or(default_format) {
-        "qdq" => false,
-        "qoperator" => true,
-        other => {
-            return Err(Error::Usage(format!(
-                "--format {other}: use qdq or qoperator"
-            )))
-        }
-    };
-    let opts = options(&a)?;
-    let target = a.out.target(&a.model, a.output.as_deref())?;
-    if let Some(n) = a.calib_random {
-        verify::check_random_count("--calib-random", n)?;
-    }
-    let model = qfold::onnx::load(&a.model)?;
-    a.out.check_against(&model, &target)?;
-    if let Some(p) = &a.save_ranges {
-        qfold::files::check_side_output("--save-ranges", p, &model.files, &target)?;
-    }
-    let shapes = verify::parse_input_shapes(&a.input_shape)?;
-    let mut calib = match (&a.calib, a.calib_random) {
-        (Some(dir), _) => verify::read_dataset(&model, dir)?,
-        (None, Some(n)) => verify::random_cases(&model, n, a.seed, &shapes)?,
-        (None, None) if a.ranges.is_some() => vec![],
-        (None, None) => {
+    let settings = settings(&a);
+    let qoperator = settings.qoperator()?;
+    let opts = settings.options()?;
+    let dest = a.out.destination(&a.model, a.output.as_deref())?;
+    verify::parse_input_shapes(&a.input_shape)?;
+    let calibration = match (&a.calib, a.calib_random, &a.ranges) {
+        (Some(dir), _, _) => CalibrationData::Inputs(Inputs::Dir(dir.clone())),
+        (None, Some(count), _) => CalibrationData::Inputs(Inputs::Random {
+            count,
+            seed: a.seed,
+            shapes: a.input_shape.clone(),
+        }),
+        (None, None, Some(p)) => CalibrationData::Ranges(p.clone()),
+        (None, None, None) => {
             return Err(Error::Usage(
                 "give calibration data: --calib DIR, --calib-random N, or --ranges FILE".into(),
             ))
         }
     };
-    let (eval_cases, eval_source) = if let Some(dir) = &a.eval {
-        (
-            verify::read_dataset(&model, dir)?,
-            dir.display().to_string(),
-        )
-    } else if a.calib_random.is_some() || a.calib.is_none() {
-        let n = (calib.len() / 5).max(2);
-        let cases = verify::random_cases(&model, n, a.seed.wrapping_add(1), &shapes)?;
-        (cases, format!("{n} fresh random samples"))
-    } else if calib.len() >= 2 {
-        let held = (calib.len() / 5).max(1);
-        let cases = calib.split_off(calib.len() - held);
-        (
-            cases,
-            format!("the last {held} calibration samples, held out"),
-        )
-    } else {
-        (
-            calib.clone(),
-            "the calibration sample (too few to hold any out)".into(),
-        )
+    let eval = match (&a.eval, &a.calib) {
+        (Some(dir), _) => EvalData::Inputs {
+            inputs: Inputs::Dir(dir.clone()),
+            source: dir.display().to_string(),
+        },
+        (None, Some(_)) if a.calib_random.is_none() => EvalData::HeldOut,
+        (None, _) => EvalData::Random {
+            seed: a.seed,
+            shapes: a.input_shape.clone(),
+        },
     };
-    let samples: Vec<_> = calib.iter().map(|c| c.inputs.clone()).collect();
-    let loaded;
-    let calibration = match &a.ranges {
-        Some(p) => {
-            loaded = Ranges::load(p)?;
-            Calibration::Ranges(&loaded)
-        }
-        None => Calibration::Samples(&samples),
+    let job = QuantizeJob {
+        options: opts,
+        qoperator,
+        allow_contrib_ops: a.allow_contrib_ops,
+        calibration,
+        eval,
+        save_ranges: a.save_ranges.clone(),
+        check: a.check,
+        min_sqnr: a.min_sqnr,
     };
-    let (mut quantized, ranges, report) = quantize(&model, calibration, &opts)?;
-    let mut conversion = if qoperator {
-        Some(qfold::quant::qoperator::convert(&mut quantized)?)
-    } else {
-        None
-    };
-    if let Some(p) = &a.save_ranges {
-        ranges.save(p)?;
-    }
-    let evaluation = evaluate(&model, &quantized, &eval_cases, a.min_sqnr, eval_source)?;
-    if a.allow_contrib_ops {
-        if !qoperator {
-            return Err(Error::Usage(
-                "--allow-contrib-ops needs --format qoperator".into(),
-            ));
-        }
-        // evaluated above on the standard-domain model tract can run; now the contrib islands
-        let extra = qfold::quant::qoperator::convert_with(
-            &mut quantized,
-            qfold::quant::qoperator::ConvertOptions {
-                allow_contrib_ops: true,
-            },
-        )?;
-        if let Some(c) = conversion.as_mut() {
-            c.converted.extend(extra.converted);
-            c.float_islands = extra.float_islands;
-            c.quantize_linear_left = extra.quantize_linear_left;
-            c.dequantize_linear_left = extra.dequantize_linear_left;
-        }
-    }
-    let before = model.to_bytes()?.len() as u64;
-    let after = quantized.to_bytes()?.len() as u64;
-    let passed = !a.check || evaluation.comparison.passed;
-    if a.json {
-        let out = Output {
-            quantization: &report,
-            evaluation: &evaluation,
-            size_before: before,
-            size_after: after,
-            conversion: conversion.as_ref(),
-            written: passed.then(|| target.display().to_string()),
-        };
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).expect("report serializes")
-        );
-    } else {
-        print(&report, &evaluation, before, after);
-        if let Some(c) = &conversion {
-            super::convert::print_report(c);
-        }
-    }
-    if !passed {
-        eprintln!(
-            "error: SQNR below {} dB against the float model; nothing written",
-            a.min_sqnr
-        );
-        return Ok(super::CHECK_FAILED);
-    }
-    a.out.save(&quantized, &target)?;
-    if !a.json {
-        println!("wrote {}", target.display());
-    }
-    Ok(super::OK)
+    let out = quantize_file(&a.model, &dest, job)?;
+    Ok(super::finish(
+        a.json,
+        &out,
+        || {
+            print(
+                &out.quantization,
+                &out.evaluation,
+                out.size_before,
+                out.size_after,
+            );
+            if let Some(c) = &out.conversion {
+                super::convert::print_report(c);
+            }
+        },
+        None,
+        "the float model",
+        out.written.as_deref(),
+        out.failure(),
+    ))
 }

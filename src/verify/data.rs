@@ -265,55 +265,159 @@ pub fn read_dataset(model: &Model, dir: &Path) -> Result<Vec<Case>> {
                 ));
             }
         }
-        let stacked = arrays.iter().all(|(n, t)| {
-            decl.iter()
-                .find(|(d, _, _)| d == n)
-                .is_some_and(|(_, _, dims)| !dims.is_empty() && t.shape().len() == dims.len() + 1)
-        });
-        if stacked {
-            let count = arrays[0].1.shape()[0];
-            for k in 0..count {
-                let sample = arrays
-                    .iter()
-                    .map(|(n, t)| (n.clone(), index_axis0(t, k)))
-                    .collect();
-                cases.push(Case {
-                    source: format!("{}[{k}]", f.display()),
-                    inputs: sample,
-                    expected: vec![],
-                    labels: None,
-                });
-            }
-        } else {
-            cases.push(Case {
-                source: f.display().to_string(),
-                inputs: arrays,
-                expected: vec![],
-                labels: None,
-            });
-        }
+        cases.extend(split_samples(
+            &decl,
+            arrays,
+            &f.display().to_string(),
+            None,
+        )?);
     }
     let labels_path = dir.join("labels.npy");
     if labels_path.exists() {
         let labels = read_labels_in(&labels_path, Some(&root))?;
-        let mut at = 0;
-        for c in &mut cases {
-            let rows = c
-                .inputs
-                .first()
-                .map_or(0, |(_, t)| t.shape().first().copied().unwrap_or(1));
-            if at + rows > labels.len() {
-                return Err(Error::Usage(format!(
-                    "{}: {} labels for more rows than that",
-                    labels_path.display(),
-                    labels.len()
-                )));
-            }
-            c.labels = Some(labels[at..at + rows].to_vec());
-            at += rows;
-        }
+        label_rows(&mut cases, &labels, &labels_path.display().to_string())?;
     }
     Ok(cases)
+}
+
+/// Labels the rows of `cases` in order with `labels`, for accuracy; `what` names the labels
+/// in messages. Each case takes as many labels as its first input has rows (axis 0).
+pub fn label_rows(cases: &mut [Case], labels: &[i64], what: &str) -> Result<()> {
+    let mut at = 0;
+    for c in cases.iter_mut() {
+        let rows = c
+            .inputs
+            .first()
+            .map_or(0, |(_, t)| t.shape().first().copied().unwrap_or(1));
+        if at + rows > labels.len() {
+            return Err(Error::Usage(format!(
+                "{what}: {} labels for more rows than that",
+                labels.len()
+            )));
+        }
+        c.labels = Some(labels[at..at + rows].to_vec());
+        at += rows;
+    }
+    Ok(())
+}
+
+/// Samples from arrays held in memory (one array per model input, by name): arrays one rank
+/// above the input's declared rank hold samples stacked on a new leading axis, one sample
+/// each; otherwise, with `batch`, axis 0 holds the samples and they are grouped `batch` rows
+/// per run of the model (or as many as a fixed declared first dim says), and without it the
+/// arrays are one sample. `source` names them in
+/// messages.
+pub fn cases_from_arrays(
+    model: &Model,
+    arrays: Sample,
+    source: &str,
+    batch: Option<usize>,
+) -> Result<Vec<Case>> {
+    let decl = declared_inputs(model)?;
+    for (name, _) in &arrays {
+        if !decl.iter().any(|(d, _, _)| d == name) {
+            return Err(Error::input(
+                name,
+                format!("{source}: the model has no input of this name"),
+            ));
+        }
+    }
+    for (name, _, _) in &decl {
+        if !arrays.iter().any(|(n, _)| n == name) {
+            return Err(Error::input(
+                name,
+                format!("{source}: no array for this input"),
+            ));
+        }
+    }
+    split_samples(&decl, arrays, source, batch)
+}
+
+/// See [`cases_from_arrays`]; every declared input is known to have an array.
+fn split_samples(
+    decl: &[DeclaredInput],
+    arrays: Sample,
+    source: &str,
+    batch: Option<usize>,
+) -> Result<Vec<Case>> {
+    let stacked = arrays.iter().all(|(n, t)| {
+        decl.iter()
+            .find(|(d, _, _)| d == n)
+            .is_some_and(|(_, _, dims)| !dims.is_empty() && t.shape().len() == dims.len() + 1)
+    });
+    let rows = |t: &TensorData| t.shape().first().copied();
+    if stacked {
+        let count = arrays[0].1.shape()[0];
+        if let Some((n, _)) = arrays.iter().find(|(_, t)| rows(t) != Some(count)) {
+            return Err(Error::input(
+                n,
+                format!("{source}: stacked arrays hold different numbers of samples"),
+            ));
+        }
+        return Ok((0..count)
+            .map(|k| Case {
+                source: format!("{source}[{k}]"),
+                inputs: arrays
+                    .iter()
+                    .map(|(n, t)| (n.clone(), index_axis0(t, k)))
+                    .collect(),
+                expected: vec![],
+                labels: None,
+            })
+            .collect());
+    }
+    let Some(batch) = batch else {
+        return Ok(vec![Case {
+            source: source.to_string(),
+            inputs: arrays,
+            expected: vec![],
+            labels: None,
+        }]);
+    };
+    if batch == 0 {
+        return Err(Error::Usage(format!("{source}: a batch size of 0")));
+    }
+    let count = arrays.first().and_then(|(_, t)| rows(t)).unwrap_or(0);
+    if let Some((n, _)) = arrays.iter().find(|(_, t)| rows(t) != Some(count)) {
+        return Err(Error::input(
+            n,
+            format!(
+                "{source}: the arrays' first axes (the samples) differ in length, or one is a scalar"
+            ),
+        ));
+    }
+    // A first dim the model fixes is the batch, whatever was asked.
+    let fixed = arrays.iter().find_map(|(n, t)| {
+        decl.iter()
+            .find(|(d, _, dims)| d == n && dims.len() == t.shape().len())
+            .and_then(|(_, _, dims)| dims.first().copied().flatten())
+            .map(|d| (n, d))
+    });
+    let batch = match fixed {
+        Some((n, d)) if d == 0 || !count.is_multiple_of(d) => {
+            return Err(Error::input(
+                n,
+                format!("{source}: {count} rows do not split into batches of {d}, the input's declared first dim"),
+            ))
+        }
+        Some((_, d)) => d,
+        None => batch,
+    };
+    Ok((0..count)
+        .step_by(batch)
+        .map(|k| {
+            let end = (k + batch).min(count);
+            Case {
+                source: format!("{source}[{k}:{end}]"),
+                inputs: arrays
+                    .iter()
+                    .map(|(n, t)| (n.clone(), slice_axis0(t, k, end)))
+                    .collect(),
+                expected: vec![],
+                labels: None,
+            }
+        })
+        .collect())
 }
 
 fn has_test_data_sets(dir: &Path) -> bool {
@@ -324,6 +428,32 @@ fn has_test_data_sets(dir: &Path) -> bool {
                 .starts_with("test_data_set_")
         })
     })
+}
+
+fn slice_axis0(t: &TensorData, from: usize, to: usize) -> TensorData {
+    macro_rules! pick {
+        ($v:ident, $a:expr) => {
+            TensorData::$v(
+                $a.slice_axis(ndarray::Axis(0), ndarray::Slice::from(from..to))
+                    .to_owned(),
+            )
+        };
+    }
+    match t {
+        TensorData::F32(a) => pick!(F32, a),
+        TensorData::F64(a) => pick!(F64, a),
+        TensorData::F16(a) => pick!(F16, a),
+        TensorData::BF16(a) => pick!(BF16, a),
+        TensorData::I8(a) => pick!(I8, a),
+        TensorData::U8(a) => pick!(U8, a),
+        TensorData::I16(a) => pick!(I16, a),
+        TensorData::U16(a) => pick!(U16, a),
+        TensorData::I32(a) => pick!(I32, a),
+        TensorData::I64(a) => pick!(I64, a),
+        TensorData::U32(a) => pick!(U32, a),
+        TensorData::U64(a) => pick!(U64, a),
+        TensorData::Bool(a) => pick!(Bool, a),
+    }
 }
 
 fn index_axis0(t: &TensorData, k: usize) -> TensorData {

@@ -15,9 +15,9 @@ pub mod metrics;
 
 pub use compare::{compare_expected, compare_models};
 pub use data::{
-    check_random_count, dataset_or_random, declared_inputs, parse_input_shape, parse_input_shapes,
-    random_cases, read_cases, read_dataset, read_labels, read_npy_sample, read_tensor_pb,
-    read_test_data_set, Case, DeclaredInput, MAX_RANDOM_BYTES, MAX_RANDOM_ELEMENTS,
-    MAX_RANDOM_SAMPLES,
+    cases_from_arrays, check_random_count, dataset_or_random, declared_inputs, label_rows,
+    parse_input_shape, parse_input_shapes, random_cases, read_cases, read_dataset, read_labels,
+    read_npy_sample, read_tensor_pb, read_test_data_set, Case, DeclaredInput, MAX_RANDOM_BYTES,
+    MAX_RANDOM_ELEMENTS, MAX_RANDOM_SAMPLES,
 };
 pub use metrics::{accuracy, tolerance, Comparer, Comparison, Criterion, OutputMetrics};

@@ -1,0 +1,748 @@
+//! The commands as library functions: each runs what `qfold <command>` runs, writes what it
+//! writes, and returns the report `qfold <command> --json` prints. The CLI prints these
+//! reports; the Python package returns them as dicts.
+//!
+//! A rewriting command whose check fails writes nothing and returns its report with
+//! `written: None`; [`FuseOutput::failure`] (and its siblings) give the message to show.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::fusion::{fuse, FuseOptions, FuseReport};
+use crate::inspect::{summarize, ModelSummary};
+use crate::onnx::{Model, SaveOptions};
+use crate::quant::calibrate::Ranges;
+use crate::quant::observe::Method;
+use crate::quant::params::QType;
+use crate::quant::qoperator::{convert_with, ConvertOptions, ConvertReport};
+use crate::quant::Preset;
+use crate::quant::{quantize, Calibration, QuantizeOptions, QuantizeReport};
+use crate::runtime::{Runner, Sample};
+use crate::verify::{self, tolerance, Case, Comparer, Comparison, Criterion};
+
+/// Where a command's input samples come from.
+#[derive(Debug, Clone)]
+pub enum Inputs {
+    /// A data set folder: `test_data_set_N` folders, `input_K.pb` files, `.npy` / `.npz`
+    /// files ([`verify::read_dataset`]).
+    Dir(PathBuf),
+    /// One sample from `.npy` files: `name=path` pairs, or plain paths in input order.
+    Npy(Vec<String>),
+    /// `count` random samples from the declared input shapes (symbolic dims from `shapes`,
+    /// `name:1,3,224,224`).
+    Random {
+        count: usize,
+        seed: u64,
+        shapes: Vec<String>,
+    },
+    /// Samples already in memory.
+    Cases(Vec<Case>),
+    /// Arrays held in memory, one run of the model or several per feed
+    /// ([`verify::cases_from_arrays`] with `batch`), rows labelled in order by `labels`
+    /// (for accuracy); `source` names them in messages.
+    Arrays {
+        feeds: Vec<Sample>,
+        batch: Option<usize>,
+        labels: Option<Vec<i64>>,
+        source: String,
+    },
+}
+
+impl Inputs {
+    /// Refuses a random sample count over the limit before any model is loaded; `what` names
+    /// the count in the message (`--random`).
+    fn check_count(&self, what: &str) -> Result<()> {
+        match self {
+            Inputs::Random { count, .. } => verify::check_random_count(what, *count),
+            _ => Ok(()),
+        }
+    }
+
+    /// The samples, read or generated for `model`.
+    pub fn resolve(self, model: &Model) -> Result<Vec<Case>> {
+        match self {
+            Inputs::Dir(d) => verify::read_dataset(model, &d),
+            Inputs::Npy(specs) => Ok(vec![verify::read_npy_sample(model, &specs)?]),
+            Inputs::Random {
+                count,
+                seed,
+                shapes,
+            } => verify::random_cases(model, count, seed, &verify::parse_input_shapes(&shapes)?),
+            Inputs::Cases(c) => Ok(c),
+            Inputs::Arrays {
+                feeds,
+                batch,
+                labels,
+                source,
+            } => {
+                let many = feeds.len() > 1;
+                let mut cases = Vec::new();
+                for (k, feed) in feeds.into_iter().enumerate() {
+                    let name = if many {
+                        format!("{source}[{k}]")
+                    } else {
+                        source.clone()
+                    };
+                    cases.extend(verify::cases_from_arrays(model, feed, &name, batch)?);
+                }
+                if cases.is_empty() {
+                    return Err(Error::Usage(format!("{source}: no samples")));
+                }
+                if let Some(l) = labels {
+                    verify::label_rows(&mut cases, &l, &format!("{source} labels"))?;
+                }
+                Ok(cases)
+            }
+        }
+    }
+}
+
+/// Where a rewriting command writes its model, checked before anything is loaded.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub path: PathBuf,
+    pub save: SaveOptions,
+    /// Replace the input model (its external data file included) once the new one is complete.
+    pub in_place: bool,
+}
+
+impl Destination {
+    /// `output` (or, with `in_place` and no output, the input model) in an existing folder,
+    /// not a directory, FIFO or device, and not the input model unless `in_place`. With
+    /// `in_place`, an output naming the input through a symbolic link resolves to the input
+    /// itself, so the link is not replaced.
+    pub fn new(
+        model: &Path,
+        output: Option<&Path>,
+        in_place: bool,
+        save: SaveOptions,
+    ) -> Result<Destination> {
+        let out = match output {
+            Some(o) => o.to_path_buf(),
+            None if in_place => model.to_path_buf(),
+            None => return Err(Error::Usage("give -o OUTPUT or --in-place".into())),
+        };
+        crate::files::check_output(model, &out, in_place)?;
+        crate::files::check_data_destination(&out)?;
+        let path = if in_place && crate::files::same_file(&out, model) {
+            out.canonicalize().map_err(|e| Error::Io {
+                path: out.clone(),
+                source: e,
+            })?
+        } else {
+            out
+        };
+        Ok(Destination {
+            path,
+            save,
+            in_place,
+        })
+    }
+
+    /// Once the input is loaded and before any work: refuses an output that is, or whose
+    /// `.data` is, one of the input's external data files.
+    pub fn check_against(&self, input: &Model) -> Result<()> {
+        crate::files::check_output_against(&input.files, &self.path, self.in_place)
+    }
+
+    /// Saves `model` here.
+    pub fn save(&self, model: &Model) -> Result<()> {
+        if self.in_place {
+            crate::onnx::save_in_place(model, &self.path, &self.save)
+        } else {
+            crate::onnx::save(model, &self.path, &self.save)
+        }
+    }
+
+    fn written(&self, passed: bool) -> Option<String> {
+        passed.then(|| self.path.display().to_string())
+    }
+}
+
+/// `qfold inspect`: what is inside a model.
+pub fn inspect_file(model: &Path) -> Result<ModelSummary> {
+    Ok(summarize(&crate::onnx::load(model)?))
+}
+
+/// How `fuse_file` checks the fused model against the original in tract.
+#[derive(Debug, Clone)]
+pub struct FuseCheck {
+    pub inputs: Inputs,
+    /// A named tolerance (exact, float, half, loose); `None`: half for float16 models, float
+    /// otherwise.
+    pub tolerance: Option<String>,
+}
+
+/// The report of `qfold fuse --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FuseOutput {
+    pub fusion: FuseReport,
+    pub check: Option<Comparison>,
+    /// The path written, `None` when the check failed.
+    pub written: Option<String>,
+}
+
+impl FuseOutput {
+    /// The error to show when the check failed (nothing was written).
+    pub fn failure(&self) -> Option<String> {
+        check_failure(self.check.as_ref(), "the original")
+    }
+}
+
+fn check_failure(check: Option<&Comparison>, against: &str) -> Option<String> {
+    check
+        .filter(|c| !c.passed)
+        .map(|_| format!("the result does not match {against}; nothing written"))
+}
+
+/// `qfold fuse`: fuses `model`, checks the result when asked, and writes it to `dest` unless
+/// the check failed.
+pub fn fuse_file(
+    model: &Path,
+    dest: &Destination,
+    opts: &FuseOptions,
+    check: Option<FuseCheck>,
+) -> Result<FuseOutput> {
+    if let Some(c) = &check {
+        c.inputs.check_count("--random")?;
+    }
+    let original = crate::onnx::load(model)?;
+    dest.check_against(&original)?;
+    if opts.only.iter().any(Vec::is_empty) {
+        return Err(Error::Usage("--only needs at least one name".into()));
+    }
+    let mut fused = original.clone();
+    let report = fuse(&mut fused, opts)?;
+    let comparison = match check {
+        Some(c) => {
+            let criterion: Criterion = match &c.tolerance {
+                None => tolerance::for_model(&original),
+                Some(t) => tolerance::by_name(t).ok_or_else(|| {
+                    Error::Usage(format!("--tolerance {t}: use exact, float, half or loose"))
+                })?,
+            };
+            let cases = c.inputs.resolve(&original)?;
+            Some(verify::compare_models(
+                &original, &fused, &cases, criterion,
+            )?)
+        }
+        None => None,
+    };
+    let passed = comparison.as_ref().is_none_or(|c| c.passed);
+    if passed {
+        dest.save(&fused)?;
+    }
+    Ok(FuseOutput {
+        fusion: report,
+        check: comparison,
+        written: dest.written(passed),
+    })
+}
+
+/// The report of `qfold convert --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvertOutput {
+    pub convert: ConvertReport,
+    pub check: Option<Comparison>,
+    /// The path written, `None` when the check failed.
+    pub written: Option<String>,
+}
+
+impl ConvertOutput {
+    /// The error to show when the check failed (nothing was written).
+    pub fn failure(&self) -> Option<String> {
+        check_failure(self.check.as_ref(), "the QDQ model")
+    }
+}
+
+/// `qfold convert`: rewrites a QDQ model into QOperator form, checks it against the QDQ model
+/// (SQNR of at least `check.1` dB) when asked, and writes it unless the check failed.
+pub fn convert_file(
+    model: &Path,
+    dest: &Destination,
+    opts: ConvertOptions,
+    check: Option<(Inputs, f64)>,
+) -> Result<ConvertOutput> {
+    if let Some((inputs, _)) = &check {
+        inputs.check_count("--random")?;
+    }
+    let qdq = crate::onnx::load(model)?;
+    dest.check_against(&qdq)?;
+    let mut q = qdq.clone();
+    let report = convert_with(&mut q, opts).map_err(|e| match e {
+        Error::Usage(m) => Error::Usage(format!("{}: {m}", model.display())),
+        other => other,
+    })?;
+    if report.converted.is_empty() {
+        let why: Vec<String> = report
+            .skipped
+            .iter()
+            .take(5)
+            .map(|(node, reason)| format!("node '{node}': {reason}"))
+            .collect();
+        return Err(Error::Usage(format!(
+            "{}: no QDQ pattern to convert (is it a QDQ model?){}",
+            model.display(),
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!("; left alone: {}", why.join("; "))
+            }
+        )));
+    }
+    let comparison = match check {
+        Some((inputs, db)) => {
+            let cases = inputs.resolve(&qdq)?;
+            Some(verify::compare_models(
+                &qdq,
+                &q,
+                &cases,
+                Criterion::MinSqnr { db },
+            )?)
+        }
+        None => None,
+    };
+    let passed = comparison.as_ref().is_none_or(|c| c.passed);
+    if passed {
+        dest.save(&q)?;
+    }
+    Ok(ConvertOutput {
+        convert: report,
+        check: comparison,
+        written: dest.written(passed),
+    })
+}
+
+/// The criterion `qfold check` judges by: `min_sqnr` (dB), else a named `tolerance` (exact,
+/// float, half, loose), else `atol` / `rtol` (either may be left out, meaning 0); `None`
+/// when none is given (the model's default applies).
+pub fn criterion(
+    min_sqnr: Option<f64>,
+    tolerance: Option<&str>,
+    atol: Option<f64>,
+    rtol: Option<f64>,
+) -> Result<Option<Criterion>> {
+    if let Some(db) = min_sqnr {
+        return Ok(Some(Criterion::MinSqnr { db }));
+    }
+    if let Some(name) = tolerance {
+        return tolerance::by_name(name).map(Some).ok_or_else(|| {
+            Error::Usage(format!(
+                "--tolerance {name}: use exact, float, half or loose"
+            ))
+        });
+    }
+    match (atol, rtol) {
+        (None, None) => Ok(None),
+        (a, r) => {
+            let (atol, rtol) = (a.unwrap_or(0.0), r.unwrap_or(0.0));
+            if !(atol >= 0.0 && rtol >= 0.0) {
+                return Err(Error::Usage(
+                    "--atol and --rtol must be non-negative".into(),
+                ));
+            }
+            Ok(Some(Criterion::Tolerance { atol, rtol }))
+        }
+    }
+}
+
+/// `qfold check`: runs `b` against `a` in tract on `inputs`, or, without `b`, `a` against the
+/// expected outputs stored with the inputs (which must then be a folder). `criterion`
+/// defaults to the float tolerance (half for float16 models).
+pub fn check_files(
+    a: &Path,
+    b: Option<&Path>,
+    inputs: Inputs,
+    criterion: Option<Criterion>,
+) -> Result<Comparison> {
+    let model_a = crate::onnx::load(a)?;
+    let crit = criterion.unwrap_or_else(|| tolerance::for_model(&model_a));
+    inputs.check_count("--random")?;
+    match b {
+        Some(bp) => {
+            let model_b = crate::onnx::load(bp)?;
+            let cases = inputs.resolve(&model_a)?;
+            verify::compare_models(&model_a, &model_b, &cases, crit)
+        }
+        None => {
+            if !matches!(inputs, Inputs::Dir(_)) {
+                return Err(Error::Usage(
+                    "check with one model needs --inputs DIR holding expected output_K.pb files"
+                        .into(),
+                ));
+            }
+            let cases = inputs.resolve(&model_a)?;
+            verify::compare_expected(&model_a, &cases, crit)
+        }
+    }
+}
+
+/// Where `quantize_file` takes its activation ranges from.
+#[derive(Debug, Clone)]
+pub enum CalibrationData {
+    /// Calibrate on these samples.
+    Inputs(Inputs),
+    /// Ranges saved by an earlier run (`--save-ranges`).
+    Ranges(PathBuf),
+}
+
+/// What `quantize_file` evaluates the quantized model on.
+#[derive(Debug, Clone)]
+pub enum EvalData {
+    /// These samples; `source` describes them in the report.
+    Inputs { inputs: Inputs, source: String },
+    /// The last fifth of the calibration samples, held out of the calibration (the only sample
+    /// itself when there is just one).
+    HeldOut,
+    /// Fresh random samples: a fifth as many as the calibration samples, at least 2.
+    Random { seed: u64, shapes: Vec<String> },
+}
+
+/// Everything `qfold quantize` needs besides the model and where to write it.
+#[derive(Debug, Clone)]
+pub struct QuantizeJob {
+    pub options: QuantizeOptions,
+    /// Rewrite the QDQ model into QOperator form.
+    pub qoperator: bool,
+    /// With `qoperator`: also emit ONNX Runtime's com.microsoft operators (evaluated before
+    /// they are added, as tract cannot run them).
+    pub allow_contrib_ops: bool,
+    pub calibration: CalibrationData,
+    pub eval: EvalData,
+    /// Save the calibrated ranges to this JSON file.
+    pub save_ranges: Option<PathBuf>,
+    /// Write nothing when an output's SQNR against the float model is below `min_sqnr`.
+    pub check: bool,
+    pub min_sqnr: f64,
+}
+
+/// The quantization settings as the command line spells them: a preset and overrides.
+#[derive(Debug, Clone)]
+pub struct QuantizeSettings {
+    /// qfold, ort, fbgemm (x86), qnnpack, tensorrt, tract.
+    pub preset: String,
+    /// qdq or qoperator; `None`: qoperator for the tract preset, qdq otherwise.
+    pub format: Option<String>,
+    /// minmax, moving-average, percentile, entropy, l2; `None`: the preset's.
+    pub method: Option<String>,
+    /// For the percentile method, in (50, 100].
+    pub percentile: f64,
+    /// u8 or i8.
+    pub activation: Option<String>,
+    /// i8 or u8.
+    pub weight: Option<String>,
+    pub symmetric_activations: bool,
+    /// Per-channel (`Some(true)`) or per-tensor (`Some(false)`) weight scales; `None`: the
+    /// preset's.
+    pub per_channel: Option<bool>,
+    pub per_tensor_min_sqnr: Option<f64>,
+    pub reduce_range: bool,
+    pub exclude: Vec<String>,
+    pub op_types: Vec<String>,
+    pub fuse: bool,
+    /// Keep constant subgraphs, Identity and inference Dropout nodes as they are.
+    pub no_constant_folding: bool,
+    pub threads: usize,
+}
+
+impl Default for QuantizeSettings {
+    fn default() -> Self {
+        QuantizeSettings {
+            preset: "qfold".into(),
+            format: None,
+            method: None,
+            percentile: 99.999,
+            activation: None,
+            weight: None,
+            symmetric_activations: false,
+            per_channel: None,
+            per_tensor_min_sqnr: None,
+            reduce_range: false,
+            exclude: vec![],
+            op_types: vec![],
+            fuse: true,
+            no_constant_folding: false,
+            threads: 0,
+        }
+    }
+}
+
+fn qtype(s: &str, what: &str) -> Result<QType> {
+    match s {
+        "u8" | "uint8" => Ok(QType::U8),
+        "i8" | "int8" => Ok(QType::I8),
+        _ => Err(Error::Usage(format!("--{what} {s}: use u8 or i8"))),
+    }
+}
+
+fn method(s: &str, percentile: f64) -> Result<Method> {
+    Ok(match s {
+        "minmax" => Method::MinMax,
+        "moving-average" | "moving_average" => Method::MovingAverage { constant: 0.01 },
+        "percentile" => {
+            if !(percentile > 50.0 && percentile <= 100.0) {
+                return Err(Error::Usage(format!(
+                    "--percentile {percentile}: use a value in (50, 100]"
+                )));
+            }
+            Method::Percentile { percentile }
+        }
+        "entropy" => Method::Entropy,
+        "l2" => Method::L2,
+        _ => {
+            return Err(Error::Usage(format!(
+                "--method {s}: use minmax, moving-average, percentile, entropy or l2"
+            )))
+        }
+    })
+}
+
+impl QuantizeSettings {
+    /// Whether the output is QOperator (else QDQ).
+    pub fn qoperator(&self) -> Result<bool> {
+        let default_format = if self.preset == "tract" {
+            "qoperator"
+        } else {
+            "qdq"
+        };
+        match self.format.as_deref().unwrap_or(default_format) {
+            "qdq" => Ok(false),
+            "qoperator" => Ok(true),
+            other => Err(Error::Usage(format!(
+                "--format {other}: use qdq or qoperator"
+            ))),
+        }
+    }
+
+    /// The preset's options with the overrides applied.
+    pub fn options(&self) -> Result<QuantizeOptions> {
+        let preset = Preset::by_name(&self.preset).ok_or_else(|| {
+            Error::Usage(format!(
+                "--preset {}: use qfold, ort, fbgemm, x86, qnnpack, tensorrt or tract",
+                self.preset
+            ))
+        })?;
+        let mut o = preset.options();
+        if let Some(m) = &self.method {
+            o.method = method(m, self.percentile)?;
+        }
+        if let Some(t) = &self.activation {
+            o.activation = qtype(t, "activation")?;
+        }
+        if let Some(t) = &self.weight {
+            o.weight = qtype(t, "weight")?;
+            o.symmetric_weights = o.weight == QType::I8;
+        }
+        if self.symmetric_activations {
+            o.symmetric_activations = true;
+        }
+        if let Some(pc) = self.per_channel {
+            o.per_channel = pc;
+        }
+        if self.reduce_range {
+            o.reduce_range = true;
+        }
+        if let Some(db) = self.per_tensor_min_sqnr {
+            o.per_tensor_min_sqnr = Some(db);
+            o.per_channel = true;
+        }
+        o.exclude = self.exclude.clone();
+        o.exclude_op_types = self
+            .op_types
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        o.fuse = self.fuse;
+        o.no_constant_folding = self.no_constant_folding;
+        o.threads = self.threads;
+        Ok(o)
+    }
+}
+
+/// Float vs quantized on the evaluation set.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub source: String,
+    pub comparison: Comparison,
+    pub float_accuracy: Option<f64>,
+    pub quantized_accuracy: Option<f64>,
+    pub labelled: usize,
+}
+
+/// The report of `qfold quantize --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizeOutput {
+    pub quantization: QuantizeReport,
+    pub evaluation: Evaluation,
+    pub size_before: u64,
+    pub size_after: u64,
+    pub conversion: Option<ConvertReport>,
+    /// The path written, `None` when the check failed.
+    pub written: Option<String>,
+    /// The SQNR threshold the evaluation was judged by.
+    #[serde(skip)]
+    pub min_sqnr: f64,
+}
+
+impl QuantizeOutput {
+    /// The error to show when the check failed (nothing was written).
+    pub fn failure(&self) -> Option<String> {
+        self.written.is_none().then(|| {
+            format!(
+                "SQNR below {} dB against the float model; nothing written",
+                self.min_sqnr
+            )
+        })
+    }
+}
+
+fn evaluate(
+    float: &Model,
+    quantized: &Model,
+    cases: &[Case],
+    min_sqnr: f64,
+    source: String,
+) -> Result<Evaluation> {
+    let names: Vec<String> = float
+        .graph()
+        .output
+        .iter()
+        .map(|o| o.name.clone())
+        .collect();
+    let mut cmp = Comparer::new(&names, Criterion::MinSqnr { db: min_sqnr });
+    let (mut fc, mut qc, mut total) = (0, 0, 0);
+    let mut runners: Option<(Runner, Runner)> = None;
+    let mut shapes: Vec<Vec<usize>> = vec![];
+    for c in cases {
+        let s: Vec<Vec<usize>> = c.inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
+        if runners.is_none() || s != shapes {
+            runners = Some((
+                Runner::new(float, &c.inputs, &[])?,
+                Runner::new(quantized, &c.inputs, &[])?,
+            ));
+            shapes = s;
+        }
+        let (rf, rq) = runners.as_ref().expect("set above");
+        let of = rf.run(&c.inputs)?;
+        let oq = rq.run(&c.inputs)?;
+        if let Some(l) = &c.labels {
+            let (a, n) = verify::accuracy(&of, l);
+            let (b, _) = verify::accuracy(&oq, l);
+            fc += a;
+            qc += b;
+            total += n;
+        }
+        cmp.add(&of, &oq);
+    }
+    Ok(Evaluation {
+        source,
+        comparison: cmp.finish(),
+        float_accuracy: (total > 0).then(|| fc as f64 / total as f64),
+        quantized_accuracy: (total > 0).then(|| qc as f64 / total as f64),
+        labelled: total,
+    })
+}
+
+/// `qfold quantize`: fuses, calibrates on tract, emits QDQ (or QOperator), evaluates against
+/// the float model and writes the result unless `job.check` is set and the SQNR is too low.
+pub fn quantize_file(
+    model_path: &Path,
+    dest: &Destination,
+    job: QuantizeJob,
+) -> Result<QuantizeOutput> {
+    if let CalibrationData::Inputs(i) = &job.calibration {
+        i.check_count("--calib-random")?;
+    }
+    if job.allow_contrib_ops && !job.qoperator {
+        return Err(Error::Usage(
+            "--allow-contrib-ops needs --format qoperator".into(),
+        ));
+    }
+    let model = crate::onnx::load(model_path)?;
+    dest.check_against(&model)?;
+    if let Some(p) = &job.save_ranges {
+        crate::files::check_side_output("--save-ranges", p, &model.files, &dest.path)?;
+    }
+    let (mut calib, loaded) = match job.calibration {
+        CalibrationData::Inputs(i) => (i.resolve(&model)?, None),
+        CalibrationData::Ranges(p) => (vec![], Some(p)),
+    };
+    let (eval_cases, eval_source) = match job.eval {
+        EvalData::Inputs { inputs, source } => (inputs.resolve(&model)?, source),
+        EvalData::Random { seed, shapes } => {
+            let n = (calib.len() / 5).max(2);
+            let cases = verify::random_cases(
+                &model,
+                n,
+                seed.wrapping_add(1),
+                &verify::parse_input_shapes(&shapes)?,
+            )?;
+            (cases, format!("{n} fresh random samples"))
+        }
+        EvalData::HeldOut if calib.len() >= 2 => {
+            let held = (calib.len() / 5).max(1);
+            let cases = calib.split_off(calib.len() - held);
+            (
+                cases,
+                format!("the last {held} calibration samples, held out"),
+            )
+        }
+        EvalData::HeldOut => (
+            calib.clone(),
+            "the calibration sample (too few to hold any out)".into(),
+        ),
+    };
+    let samples: Vec<_> = calib.iter().map(|c| c.inputs.clone()).collect();
+    let ranges_file;
+    let calibration = match &loaded {
+        Some(p) => {
+            ranges_file = Ranges::load(p)?;
+            Calibration::Ranges(&ranges_file)
+        }
+        None => Calibration::Samples(&samples),
+    };
+    let (mut quantized, ranges, report) = quantize(&model, calibration, &job.options)?;
+    let mut conversion = if job.qoperator {
+        Some(crate::quant::qoperator::convert(&mut quantized)?)
+    } else {
+        None
+    };
+    if let Some(p) = &job.save_ranges {
+        ranges.save(p)?;
+    }
+    let evaluation = evaluate(&model, &quantized, &eval_cases, job.min_sqnr, eval_source)?;
+    if job.allow_contrib_ops {
+        // evaluated above on the standard-domain model tract can run; now the contrib islands
+        let extra = convert_with(
+            &mut quantized,
+            ConvertOptions {
+                allow_contrib_ops: true,
+            },
+        )?;
+        if let Some(c) = conversion.as_mut() {
+            c.converted.extend(extra.converted);
+            c.float_islands = extra.float_islands;
+            c.quantize_linear_left = extra.quantize_linear_left;
+            c.dequantize_linear_left = extra.dequantize_linear_left;
+        }
+    }
+    let size_before = model.to_bytes()?.len() as u64;
+    let size_after = quantized.to_bytes()?.len() as u64;
+    let passed = !job.check || evaluation.comparison.passed;
+    if passed {
+        dest.save(&quantized)?;
+    }
+    Ok(QuantizeOutput {
+        quantization: report,
+        evaluation,
+        size_before,
+        size_after,
+        conversion,
+        written: dest.written(passed),
+        min_sqnr: job.min_sqnr,
+    })
+}
