@@ -258,6 +258,7 @@ impl From<Settings> for QuantizeSettings {
             exclude: s.exclude,
             op_types: s.op_types,
             fuse: s.fuse,
+            no_constant_folding: false,
             threads: s.threads,
         }
     }
