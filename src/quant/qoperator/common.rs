@@ -211,6 +211,32 @@ pub fn zero_points_input(
     n
 }
 
+/// The common ending of the rules that replace node `i` by a QLinear node: the QuantizeLinear
+/// after it (and the Relu it absorbs) go, and so do the DequantizeLinear nodes (of `inputs`,
+/// the node's inputs) that only node `i` read. Returns the converted outcome, with the labels of
+/// node `i` and the absorbed Relu.
+pub fn finish_qlinear(
+    g: &Graph,
+    mut patch: Patch,
+    i: usize,
+    q: &Q,
+    relu: Option<usize>,
+    inputs: &[String],
+) -> Outcome {
+    let mut nodes = vec![label(g.node(i))];
+    patch.remove_node(q.node);
+    if let Some(r) = relu {
+        patch.remove_node(r);
+        nodes.push(label(g.node(r)));
+    }
+    for x in inputs.iter().filter(|x| !x.is_empty()) {
+        if let Some(dq) = dq_of(g, x) {
+            drop_private_dq(g, &mut patch, &dq, i);
+        }
+    }
+    converted(patch, nodes)
+}
+
 /// Removes DQ nodes whose only reader is the rewritten node.
 pub fn drop_private_dq(g: &Graph, patch: &mut Patch, dq: &Dq, reader: usize) {
     let out = &g.node(dq.node).output[0];

@@ -74,18 +74,8 @@ pub fn conv(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Outcome>> {
         q.output.clone(),
     );
     qc.attribute = c.attribute.clone();
-    let mut nodes = vec![label(c)];
-    patch.replace_node(i, qc).remove_node(q.node);
-    if let Some(r) = relu {
-        patch.remove_node(r);
-        nodes.push(label(g.node(r)));
-    }
-    drop_private_dq(g, &mut patch, &x, i);
-    drop_private_dq(g, &mut patch, &w, i);
-    if let Some(b) = c.input.get(2).and_then(|b| dq_of(g, b)) {
-        drop_private_dq(g, &mut patch, &b, i);
-    }
-    Ok(Some(converted(patch, nodes)))
+    patch.replace_node(i, qc);
+    Ok(Some(finish_qlinear(g, patch, i, &q, relu, &c.input)))
 }
 
 #[cfg(test)]

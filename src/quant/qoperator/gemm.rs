@@ -183,22 +183,8 @@ pub fn gemm(g: &Graph, i: usize, names: &mut Names, opset: i64) -> Result<Option
         q.output.clone(),
     );
     axes_input(&mut patch, names, &mut sq, &[2], opset);
-    patch
-        .replace_node(i, conv)
-        .add_node(un)
-        .add_node(sq)
-        .remove_node(q.node);
-    let mut nodes = vec![label(n)];
-    if let Some(r) = relu {
-        patch.remove_node(r);
-        nodes.push(label(g.node(r)));
-    }
-    drop_private_dq(g, &mut patch, &a, i);
-    drop_private_dq(g, &mut patch, &b, i);
-    if let Some(cq) = n.input.get(2).and_then(|c| dq_of(g, c)) {
-        drop_private_dq(g, &mut patch, &cq, i);
-    }
-    Ok(Some(converted(patch, nodes)))
+    patch.replace_node(i, conv).add_node(un).add_node(sq);
+    Ok(Some(finish_qlinear(g, patch, i, &q, relu, &n.input)))
 }
 
 #[cfg(test)]

@@ -63,15 +63,8 @@ pub fn matmul(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Outcome>>
         ],
         q.output.clone(),
     );
-    let mut nodes = vec![label(m)];
-    patch.replace_node(i, qm).remove_node(q.node);
-    if let Some(r) = relu {
-        patch.remove_node(r);
-        nodes.push(label(g.node(r)));
-    }
-    drop_private_dq(g, &mut patch, &a, i);
-    drop_private_dq(g, &mut patch, &b, i);
-    Ok(Some(converted(patch, nodes)))
+    patch.replace_node(i, qm);
+    Ok(Some(finish_qlinear(g, patch, i, &q, relu, &m.input)))
 }
 
 #[cfg(test)]
