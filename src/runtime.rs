@@ -307,7 +307,7 @@ impl Runner {
             .iter()
             .map(|(n, t)| (n.clone(), t.shape().len()))
             .collect();
-        crate::graph::guard::check_for_tract(model, &ranks)?;
+        crate::graph::guard::check_for_tract(&graph, &ranks)?;
         for name in extra_outputs {
             if graph.producer(name).is_none() && !graph.is_input(name) {
                 return Err(Error::Usage(format!(

@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use super::{spec, Graph};
 use crate::error::{Error, Result};
 use crate::onnx::attr;
-use crate::onnx::Model;
 
 /// Ops whose output has the rank of their first input.
 const SAME_RANK: &[&str] = &[
@@ -71,8 +70,7 @@ const BROADCAST: &[&str] = &[
 ];
 
 /// The rank of every value whose rank follows from the inputs' `input_ranks`.
-pub fn ranks(model: &Model, input_ranks: &[(String, usize)]) -> HashMap<String, usize> {
-    let g = Graph::of_model(model);
+pub fn ranks(g: &Graph, input_ranks: &[(String, usize)]) -> HashMap<String, usize> {
     let mut rank: HashMap<String, usize> = input_ranks.iter().cloned().collect();
     for t in &g.proto().initializer {
         rank.entry(t.name.clone()).or_insert(t.dims.len());
@@ -174,16 +172,18 @@ pub fn ranks(model: &Model, input_ranks: &[(String, usize)]) -> HashMap<String, 
 
 /// Refuses, by node name, what tract must not be given: nodes that fail their spec, and input
 /// ranks it mishandles.
-pub fn check_for_tract(model: &Model, input_ranks: &[(String, usize)]) -> Result<()> {
-    if let Some(m) = super::engine::malformed_nodes(model).into_iter().next() {
-        return Err(Error::Node {
-            node: m.node,
-            op_type: m.op_type,
-            reason: m.reason,
-        });
+pub fn check_for_tract(g: &Graph, input_ranks: &[(String, usize)]) -> Result<()> {
+    for n in g.nodes() {
+        if let Err(reason) = spec::check(n) {
+            return Err(Error::Node {
+                node: super::engine::label(n),
+                op_type: n.op_type.clone(),
+                reason,
+            });
+        }
     }
-    let ranks = ranks(model, input_ranks);
-    for n in &model.graph().node {
+    let ranks = ranks(g, input_ranks);
+    for n in g.nodes() {
         let x = n.input.first().and_then(|x| ranks.get(x)).copied();
         let min = match n.op_type.as_str() {
             "BatchNormalization" | "InstanceNormalization" => 2,

@@ -10,7 +10,7 @@
 use super::{Graph, Map};
 use crate::onnx::attr;
 use crate::onnx::proto::{type_proto, TypeProto};
-use crate::onnx::{ElemType, Model};
+use crate::onnx::ElemType;
 
 fn declared(t: &TypeProto) -> Option<ElemType> {
     match t.value.as_ref()? {
@@ -20,8 +20,7 @@ fn declared(t: &TypeProto) -> Option<ElemType> {
 }
 
 /// The element type of every value whose type is known.
-pub fn elem_types(model: &Model) -> Map<String, ElemType> {
-    let g = Graph::of_model(model);
+pub fn elem_types(g: &Graph) -> Map<String, ElemType> {
     let proto = g.proto();
     let mut ty: Map<String, ElemType> = Map::default();
     for v in proto

@@ -92,7 +92,9 @@ fn input_ranks(model: &Model) -> super::Map<String, usize> {
             _ => None,
         })
         .collect();
-    guard::ranks(model, &declared).into_iter().collect()
+    guard::ranks(&Graph::of_model(model), &declared)
+        .into_iter()
+        .collect()
 }
 
 /// For Softmax-like nodes: `Ok(axis)` when the opset-13 form computes the same thing (the axis

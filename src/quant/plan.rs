@@ -284,7 +284,7 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
     let g = Graph::of_model(model);
     let excl = excluded(&g, opts)?;
     let mut plan = QuantPlan::default();
-    let types = crate::graph::types::elem_types(model);
+    let types = crate::graph::types::elem_types(&g);
     // Why each node stays float (None: it is quantized), decided once.
     let mut float_reason: Vec<Option<String>> = (0..g.len())
         .map(|i| op_float_reason(&g, i, &excl, opts, &types))
