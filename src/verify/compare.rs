@@ -65,18 +65,21 @@ pub fn compare_expected(model: &Model, cases: &[Case], criterion: Criterion) -> 
     // tract wants some parameters constant (BatchNormalization's statistics, Q/DQ scales and
     // zero points): when the model does not load with them as inputs and the data set gives
     // their values, each case runs with them bound as initializers.
-    let bind = match Runner::new(model, &first.inputs, &[]) {
-        Ok(_) => false,
-        Err(e @ Error::Runtime { .. }) if !params.is_empty() => {
-            if bound(model, &params, first).is_none() {
-                return Err(e);
-            }
-            true
+    let mut runner: Option<(Runner, Shapes)> = None;
+    let mut bound: Option<Model> = None;
+    match Runner::new(model, &first.inputs, &[]) {
+        Ok(r) => runner = Some((r, shapes(&first.inputs))),
+        Err(Error::Runtime { .. })
+            if !params.is_empty()
+                && params
+                    .iter()
+                    .all(|p| first.inputs.iter().any(|(n, _)| n == p)) =>
+        {
+            bound = Some(with_parameters_bound(model, &params));
         }
         Err(e) => return Err(e),
-    };
+    }
     let mut cmp = Comparer::new(&names, criterion);
-    let mut runner: Option<(Runner, Shapes)> = None;
     for c in cases {
         if c.expected.is_empty() {
             return Err(Error::Usage(format!(
@@ -84,18 +87,21 @@ pub fn compare_expected(model: &Model, cases: &[Case], criterion: Criterion) -> 
                 c.source
             )));
         }
-        let out = if bind {
-            let (m, inputs) = bound(model, &params, c).ok_or_else(|| {
-                Error::Usage(format!("{}: a parameter input is missing", c.source))
-            })?;
-            Runner::new(&m, &inputs, &[])?.run(&inputs)?
-        } else {
-            let shape_of = shapes(&c.inputs);
-            if runner.as_ref().is_none_or(|(_, s)| *s != shape_of) {
-                runner = Some((Runner::new(model, &c.inputs, &[])?, shape_of));
+        let out = match bound.as_mut() {
+            Some(m) => {
+                let inputs = set_parameters(m, &params, c).ok_or_else(|| {
+                    Error::Usage(format!("{}: a parameter input is missing", c.source))
+                })?;
+                Runner::new(m, &inputs, &[])?.run(&inputs)?
             }
-            let (r, _) = runner.as_ref().expect("set above");
-            r.run(&c.inputs)?
+            None => {
+                let shape_of = shapes(&c.inputs);
+                if runner.as_ref().is_none_or(|(_, s)| *s != shape_of) {
+                    runner = Some((Runner::new(model, &c.inputs, &[])?, shape_of));
+                }
+                let (r, _) = runner.as_ref().expect("set above");
+                r.run(&c.inputs)?
+            }
         };
         let expected: Vec<TensorData> = names
             .iter()
@@ -131,21 +137,31 @@ fn parameter_inputs(model: &Model) -> Vec<String> {
         .collect()
 }
 
-/// `model` with the parameter inputs bound to the case's values (as initializers), and the
-/// case's remaining inputs; `None` when the case lacks a parameter.
-fn bound(model: &Model, params: &[String], case: &Case) -> Option<(Model, Sample)> {
+/// `model` with the parameter inputs removed from its inputs; [`set_parameters`] writes each
+/// case's values as initializers. One copy serves every case.
+fn with_parameters_bound(model: &Model, params: &[String]) -> Model {
     let mut m = model.clone();
+    m.graph_mut().input.retain(|v| !params.contains(&v.name));
+    m
+}
+
+/// Writes the case's parameter values into `m`'s initializers and returns the case's other
+/// inputs; `None` when the case lacks a parameter.
+fn set_parameters(m: &mut Model, params: &[String], case: &Case) -> Option<Sample> {
     let g = m.graph_mut();
     for p in params {
         let (_, t) = case.inputs.iter().find(|(n, _)| n == p)?;
-        g.initializer.push(t.to_proto(p));
+        let proto = t.to_proto(p);
+        match g.initializer.iter_mut().find(|x| x.name == *p) {
+            Some(slot) => *slot = proto,
+            None => g.initializer.push(proto),
+        }
     }
-    g.input.retain(|v| !params.contains(&v.name));
-    let rest = case
-        .inputs
-        .iter()
-        .filter(|(n, _)| !params.contains(n))
-        .cloned()
-        .collect();
-    Some((m, rest))
+    Some(
+        case.inputs
+            .iter()
+            .filter(|(n, _)| !params.contains(n))
+            .cloned()
+            .collect(),
+    )
 }
