@@ -13,14 +13,36 @@ use crate::error::{Error, Result};
 use crate::fusion::{fuse, FuseOptions, FuseReport};
 use crate::inspect::{summarize, ModelSummary};
 use crate::onnx::{Model, SaveOptions};
+use crate::progress;
 use crate::quant::calibrate::Ranges;
 use crate::quant::observe::Method;
 use crate::quant::params::QType;
 use crate::quant::qoperator::{convert_with, ConvertOptions, ConvertReport};
 use crate::quant::Preset;
 use crate::quant::{quantize, Calibration, QuantizeOptions, QuantizeReport};
+use crate::report::Report;
 use crate::runtime::{Runner, Sample};
 use crate::verify::{self, tolerance, Case, Comparer, Comparison, Criterion};
+
+impl Report for ModelSummary {
+    const SCHEMA: &'static str = "qfold.inspect/1";
+}
+
+impl Report for FuseOutput {
+    const SCHEMA: &'static str = "qfold.fuse/1";
+}
+
+impl Report for ConvertOutput {
+    const SCHEMA: &'static str = "qfold.convert/1";
+}
+
+impl Report for Comparison {
+    const SCHEMA: &'static str = "qfold.check/1";
+}
+
+impl Report for QuantizeOutput {
+    const SCHEMA: &'static str = "qfold.quantize/1";
+}
 
 /// Where a command's input samples come from.
 #[derive(Debug, Clone)]
@@ -149,6 +171,7 @@ impl Destination {
 
     /// Saves `model` here.
     pub fn save(&self, model: &Model) -> Result<()> {
+        let _p = progress::phase(format!("saving {}", self.path.display()));
         if self.in_place {
             crate::onnx::save_in_place(model, &self.path, &self.save)
         } else {
@@ -161,9 +184,15 @@ impl Destination {
     }
 }
 
+/// Loads a model, showing progress.
+fn load(path: &Path) -> Result<Model> {
+    let _p = progress::phase(format!("loading {}", path.display()));
+    crate::onnx::load(path)
+}
+
 /// `qfold inspect`: what is inside a model.
 pub fn inspect_file(model: &Path) -> Result<ModelSummary> {
-    Ok(summarize(&crate::onnx::load(model)?))
+    Ok(summarize(&load(model)?))
 }
 
 /// How `fuse_file` checks the fused model against the original in tract.
@@ -208,13 +237,16 @@ pub fn fuse_file(
     if let Some(c) = &check {
         c.inputs.check_count("--random")?;
     }
-    let original = crate::onnx::load(model)?;
+    let original = load(model)?;
     dest.check_against(&original)?;
     if opts.only.iter().any(Vec::is_empty) {
         return Err(Error::Usage("--only needs at least one name".into()));
     }
     let mut fused = original.clone();
-    let report = fuse(&mut fused, opts)?;
+    let report = {
+        let _p = progress::phase("fusing");
+        fuse(&mut fused, opts)?
+    };
     let comparison = match check {
         Some(c) => {
             let criterion: Criterion = match &c.tolerance {
@@ -268,13 +300,15 @@ pub fn convert_file(
     if let Some((inputs, _)) = &check {
         inputs.check_count("--random")?;
     }
-    let qdq = crate::onnx::load(model)?;
+    let qdq = load(model)?;
     dest.check_against(&qdq)?;
     let mut q = qdq.clone();
+    let p = progress::phase("converting to QOperator form");
     let report = convert_with(&mut q, opts).map_err(|e| match e {
         Error::Usage(m) => Error::Usage(format!("{}: {m}", model.display())),
         other => other,
     })?;
+    drop(p);
     if report.converted.is_empty() {
         let why: Vec<String> = report
             .skipped
@@ -357,12 +391,12 @@ pub fn check_files(
     inputs: Inputs,
     criterion: Option<Criterion>,
 ) -> Result<Comparison> {
-    let model_a = crate::onnx::load(a)?;
+    let model_a = load(a)?;
     let crit = criterion.unwrap_or_else(|| tolerance::for_model(&model_a));
     inputs.check_count("--random")?;
     match b {
         Some(bp) => {
-            let model_b = crate::onnx::load(bp)?;
+            let model_b = load(bp)?;
             let cases = inputs.resolve(&model_a)?;
             verify::compare_models(&model_a, &model_b, &cases, crit)
         }
@@ -470,7 +504,7 @@ impl Default for QuantizeSettings {
 }
 
 fn qtype(s: &str, what: &str) -> Result<QType> {
-    match s {
+    match s.to_ascii_lowercase().as_str() {
         "u8" | "uint8" => Ok(QType::U8),
         "i8" | "int8" => Ok(QType::I8),
         _ => Err(Error::Usage(format!("--{what} {s}: use u8 or i8"))),
@@ -478,7 +512,7 @@ fn qtype(s: &str, what: &str) -> Result<QType> {
 }
 
 fn method(s: &str, percentile: f64) -> Result<Method> {
-    Ok(match s {
+    Ok(match s.to_ascii_lowercase().as_str() {
         "minmax" => Method::MinMax,
         "moving-average" | "moving_average" => Method::MovingAverage { constant: 0.01 },
         "percentile" => {
@@ -502,12 +536,18 @@ fn method(s: &str, percentile: f64) -> Result<Method> {
 impl QuantizeSettings {
     /// Whether the output is QOperator (else QDQ).
     pub fn qoperator(&self) -> Result<bool> {
-        let default_format = if self.preset == "tract" {
+        let default_format = if self.preset.eq_ignore_ascii_case("tract") {
             "qoperator"
         } else {
             "qdq"
         };
-        match self.format.as_deref().unwrap_or(default_format) {
+        match self
+            .format
+            .as_deref()
+            .unwrap_or(default_format)
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "qdq" => Ok(false),
             "qoperator" => Ok(true),
             other => Err(Error::Usage(format!(
@@ -589,14 +629,25 @@ pub struct QuantizeOutput {
 }
 
 impl QuantizeOutput {
-    /// The error to show when the check failed (nothing was written).
+    /// The error to show when the evaluation missed the criterion: nothing was written with
+    /// `--check`; without it the model was written, and the run still fails (exit 1), so a
+    /// model below the criterion never reads as success.
     pub fn failure(&self) -> Option<String> {
-        self.written.is_none().then(|| {
-            format!(
+        if self.written.is_none() {
+            Some(format!(
                 "SQNR below {} dB against the float model; nothing written",
                 self.min_sqnr
-            )
-        })
+            ))
+        } else if !self.evaluation.comparison.passed {
+            Some(format!(
+                "SQNR below {} dB against the float model (see the evaluation above); the model \
+                 was written all the same: use --check to write nothing in that case, or \
+                 --min-sqnr to change the criterion",
+                self.min_sqnr
+            ))
+        } else {
+            None
+        }
     }
 }
 
@@ -614,6 +665,10 @@ fn evaluate(
         .map(|o| o.name.clone())
         .collect();
     let mut cmp = Comparer::new(&names, Criterion::MinSqnr { db: min_sqnr });
+    let mut p = progress::counted(
+        format!("evaluating on {} samples", cases.len()),
+        cases.len(),
+    );
     let (mut fc, mut qc, mut total) = (0, 0, 0);
     let mut runners: Option<(Runner, Runner)> = None;
     let mut shapes: Vec<Vec<usize>> = vec![];
@@ -637,6 +692,7 @@ fn evaluate(
             total += n;
         }
         cmp.add(&of, &oq);
+        p.inc();
     }
     Ok(Evaluation {
         source,
@@ -662,7 +718,7 @@ pub fn quantize_file(
             "--allow-contrib-ops needs --format qoperator".into(),
         ));
     }
-    let model = crate::onnx::load(model_path)?;
+    let model = load(model_path)?;
     dest.check_against(&model)?;
     if let Some(p) = &job.save_ranges {
         crate::files::check_side_output("--save-ranges", p, &model.files, &dest.path)?;

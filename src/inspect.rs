@@ -24,6 +24,7 @@ pub struct ValueSummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelSummary {
     pub ir_version: i64,
+    #[serde(serialize_with = "crate::report::ser::opsets")]
     pub opsets: Vec<(String, i64)>,
     pub producer: String,
     pub producer_version: String,

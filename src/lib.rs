@@ -17,7 +17,9 @@ pub mod fusion;
 pub mod graph;
 pub mod inspect;
 pub mod onnx;
+pub mod progress;
 pub mod quant;
+pub mod report;
 pub mod runtime;
 pub mod verify;
 

@@ -79,7 +79,11 @@ fn inspect_text_reports_counts_and_bytes() {
 fn inspect_json_has_the_same_numbers() {
     let v = json(&["inspect", &model("external_data"), "--json"], 0);
     assert_eq!(v["ir_version"], 8);
-    assert_eq!(v["opsets"], serde_json::json!([["ai.onnx", 13]]));
+    assert_eq!(v["schema"], "qfold.inspect/1");
+    assert_eq!(
+        v["opsets"],
+        serde_json::json!([{"domain": "ai.onnx", "version": 13}])
+    );
     assert_eq!(v["nodes"], 3);
     assert_eq!(
         v["op_types"],
@@ -242,7 +246,11 @@ fn min_sqnr_passes_and_fails_on_the_threshold() {
     );
     let sqnr = v["outputs"][0]["sqnr_db"].as_f64().unwrap();
     assert!((sqnr - 60.0).abs() < 0.1, "{sqnr}");
-    assert_eq!(v["criterion"]["min_sqnr"]["db"], 55.0);
+    assert_eq!(v["schema"], "qfold.check/1");
+    assert_eq!(
+        v["criterion"],
+        serde_json::json!({"kind": "min_sqnr", "db": 55.0})
+    );
     let out = run(
         &["check", &a, s(&bp), "--random", "2", "--min-sqnr", "65"],
         1,

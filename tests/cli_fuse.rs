@@ -113,7 +113,7 @@ fn module_paths_and_json_report() {
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let groups = v["fusion"]["groups"].as_array().unwrap();
     assert_eq!(groups.len(), 2);
-    assert_eq!(groups[0]["kind"], "ConvBnRelu");
+    assert_eq!(groups[0]["kind"], "ConvBnReLU");
     assert_eq!(groups[1]["nodes"][0], "/sub1/conv/Conv");
     assert_eq!(v["fusion"]["bn_after"], 1);
 }

@@ -133,15 +133,15 @@ fn usage_errors_exit_2() {
             vec![
                 "quantize", &m, "-o", o, "--calib", &c, "--format", "qlinear",
             ],
-            "use qdq or qoperator",
+            "[possible values: qdq, qoperator]",
         ),
         (
             vec!["quantize", &m, "-o", o, "--calib", &c, "--preset", "nope"],
-            "--preset nope",
+            "invalid value 'nope' for '--preset <PRESET>'",
         ),
         (
             vec!["quantize", &m, "-o", o, "--calib", &c, "--method", "median"],
-            "--method median",
+            "invalid value 'median' for '--method <METHOD>'",
         ),
         (vec!["quantize", &m, "-o", o], "give calibration data"),
         (
@@ -156,6 +156,19 @@ fn usage_errors_exit_2() {
                 "nothere",
             ],
             "--exclude 'nothere'",
+        ),
+        (
+            vec![
+                "quantize",
+                &m,
+                "-o",
+                o,
+                "--calib",
+                &c,
+                "--op-types",
+                "conv,Attention",
+            ],
+            "--op-types Attention: no node of this op type in the model",
         ),
         (
             vec!["quantize", &m, "-o", o, "--calib", "/no/such/dir"],

@@ -327,8 +327,9 @@ def quantize(
     preset's); ``exclude``: node names or module paths left float; ``op_types``: op types
     left float. The quantized model is evaluated against the float model on ``eval``
     (samples; ``eval_labels`` gives accuracy), or else on the last fifth of the calibration
-    samples, held out (``labels`` labels the calibration rows). ``check``: raise
-    :class:`QfoldError` (writing nothing) when an output's SQNR is below ``min_sqnr`` dB.
+    samples, held out (``labels`` labels the calibration rows). An output SQNR below
+    ``min_sqnr`` dB raises :class:`QfoldError` (its ``report`` holds the figures): with
+    ``check`` nothing is written, without it the model is written first.
 
     Returns ``qfold quantize --json``'s report: ``quantization`` (options, fusion, plan,
     qdq), ``evaluation`` (``comparison`` with per-output ``sqnr_db``, accuracies),

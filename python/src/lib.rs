@@ -34,8 +34,8 @@ fn usage(msg: String) -> PyErr {
     NativeError::new_err(msg)
 }
 
-fn to_json<R: serde::Serialize>(r: &R) -> String {
-    serde_json::to_string(r).expect("report serializes")
+fn to_json<R: qfold::report::Report>(r: &R) -> String {
+    qfold::report::to_json(r, false)
 }
 
 /// An array as the Python side sends it.

@@ -121,13 +121,15 @@ def test_quantize_qoperator_then_convert_and_check(tmp_path, calib, evalset):
     x, _ = evalset
     qdq = tmp_path / "qdq.onnx"
     r = qfold.quantize(MODEL, qdq, {"input": calib}, format="qdq", exclude=["/fc2/Gemm"])
-    assert any(n == "/fc2/Gemm" for n, _ in r["quantization"]["plan"]["float"])
+    assert r["schema"] == "qfold.quantize/1"
+    assert any(f["node"] == "/fc2/Gemm" for f in r["quantization"]["plan"]["float"])
     assert r["conversion"] is None
 
     qop = tmp_path / "qop.onnx"
     r = qfold.convert(qdq, qop, check=True, inputs={"input": x[:64]})
     assert r["written"] == str(qop)
-    assert r["convert"]["converted"]
+    assert r["schema"] == "qfold.convert/1"
+    assert r["convert"]["converted"][0]["rule"]
     assert r["check"]["passed"]
 
     c = qfold.check(MODEL, qop, inputs={"input": x}, min_sqnr=30)

@@ -37,14 +37,14 @@ pub struct Args {
     rtol: Option<f64>,
     /// A named tolerance: exact, float (1e-5 abs / 1e-4 rel), half (1e-2), loose (1e-3 abs /
     /// 1e-2 rel). Default: half for float16 models, float otherwise.
-    #[arg(long, conflicts_with = "min_sqnr")]
-    tolerance: Option<String>,
+    #[arg(long, conflicts_with = "min_sqnr", value_enum, ignore_case = true)]
+    tolerance: Option<super::ToleranceArg>,
     /// Pass when every output's SQNR is at least this many dB.
     #[arg(long, value_name = "DB")]
     min_sqnr: Option<f64>,
     /// Print the report as JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 fn inputs(args: &Args) -> Inputs {
@@ -83,10 +83,13 @@ pub fn print_comparison(c: &Comparison) {
         let result = match (&o.mismatch, o.passed) {
             (Some(m), _) => format!("FAIL ({m})"),
             (None, true) => "ok".into(),
-            (None, false) if o.violations > 0 => {
-                format!("FAIL ({} elements out of tolerance)", o.violations)
-            }
-            (None, false) => "FAIL".into(),
+            (None, false) => match c.criterion {
+                Criterion::MinSqnr { db } => format!("FAIL (SQNR below {db} dB)"),
+                Criterion::Tolerance { .. } if o.violations > 0 => {
+                    format!("FAIL ({} elements out of tolerance)", o.violations)
+                }
+                Criterion::Tolerance { .. } => "FAIL".into(),
+            },
         };
         println!(
             "  {:<24} {:>11.3e} {:>11.3e} {:>10.7} {:>9} {:>7}  {}",
@@ -99,7 +102,7 @@ pub fn print_comparison(c: &Comparison) {
 pub fn run(args: Args) -> Result<i32> {
     let crit = criterion(
         args.min_sqnr,
-        args.tolerance.as_deref(),
+        args.tolerance.as_ref().map(super::spelling).as_deref(),
         args.atol,
         args.rtol,
     )?;

@@ -39,7 +39,7 @@ pub struct Args {
     allow_contrib_ops: bool,
     /// Print the report as JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 /// Prints a conversion report.

@@ -43,11 +43,11 @@ pub struct Args {
     input_shape: Vec<String>,
     /// Tolerance for --check: exact, float, half, loose (default: half for float16 models,
     /// float otherwise).
-    #[arg(long)]
-    tolerance: Option<String>,
+    #[arg(long, value_enum, ignore_case = true)]
+    tolerance: Option<super::ToleranceArg>,
     /// Print the report as JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 /// Prints a fusion report as text.
@@ -115,7 +115,7 @@ pub fn run(args: Args) -> Result<i32> {
                 shapes: args.input_shape.clone(),
             },
         },
-        tolerance: args.tolerance.clone(),
+        tolerance: args.tolerance.as_ref().map(super::spelling),
     });
     qfold::verify::check_random_count("--random", args.random)?;
     let out = fuse_file(&args.model, &dest, &opts, check)?;

@@ -10,7 +10,7 @@ pub struct Args {
     model: PathBuf,
     /// Print the report as JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 fn value_line(v: &ValueSummary) -> String {

@@ -26,6 +26,12 @@ pub const USAGE: i32 = 2;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Print nothing on stderr but errors (no progress, no notes).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Also print each phase's duration and details meant for debugging.
+    #[arg(short, long, global = true)]
+    verbose: bool,
 }
 
 #[derive(Subcommand)]
@@ -40,6 +46,76 @@ enum Command {
     Convert(convert::Args),
     /// Run two models (or one model against stored outputs) in tract and compare.
     Check(check::Args),
+}
+
+/// `--preset`: named settings.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum PresetArg {
+    /// uint8 asymmetric activations (MinMax), int8 symmetric per-channel weights, int32 bias.
+    Qfold,
+    /// ONNX Runtime quantize_static's defaults: as qfold, per-tensor weights.
+    Ort,
+    /// PyTorch's fbgemm (x86) qconfig: histogram (L2) activations with reduce-range.
+    Fbgemm,
+    /// Same as fbgemm.
+    X86,
+    /// PyTorch's qnnpack qconfig: histogram (L2) activations, per-tensor weights.
+    Qnnpack,
+    /// TensorRT: symmetric int8 activations (entropy), Relu kept, float bias.
+    Tensorrt,
+    /// tract: per-tensor weights, MinMax, QOperator output.
+    Tract,
+}
+
+/// `--method`: how a tensor's range is chosen from what calibration observed.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum MethodArg {
+    /// The observed minimum and maximum.
+    Minmax,
+    /// PyTorch's moving-average min/max (constant 0.01).
+    MovingAverage,
+    /// Clip the histogram's tails (--percentile).
+    Percentile,
+    /// Minimize the KL divergence (TensorRT / ORT entropy).
+    Entropy,
+    /// Minimize the expected L2 error (PyTorch's HistogramObserver).
+    L2,
+}
+
+/// `--format`: the quantized model's form.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FormatArg {
+    /// QuantizeLinear / DequantizeLinear pairs around float ops.
+    Qdq,
+    /// QLinearConv, QLinearMatMul and 8-bit data movement.
+    Qoperator,
+}
+
+/// `--activation`, `--weight`: an 8-bit integer type.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum QTypeArg {
+    U8,
+    I8,
+}
+
+/// `--tolerance`: named tolerance levels.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ToleranceArg {
+    /// Bit-identical.
+    Exact,
+    /// 1e-5 absolute, 1e-4 relative.
+    Float,
+    /// 1e-2 absolute and relative (float16).
+    Half,
+    /// 1e-3 absolute, 1e-2 relative.
+    Loose,
+}
+
+/// The command line's spelling of a value (what the library's settings take).
+pub fn spelling<E: clap::ValueEnum>(e: &E) -> String {
+    e.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
 }
 
 /// Where a written model keeps its tensors.
@@ -80,18 +156,16 @@ impl OutputArgs {
     }
 }
 
-/// Prints a report as pretty JSON.
-pub fn print_json<R: serde::Serialize>(report: &R) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(report).expect("report serializes")
-    );
+/// Prints a report as one pretty JSON object with its `"schema"` key.
+pub fn print_json<R: qfold::report::Report>(report: &R) {
+    println!("{}", qfold::report::to_json(report, true));
 }
 
 /// How a rewriting command ends once the library has run it: the report as JSON or text
 /// (with the check against `against`), then the exit code: 1 with `failure` on stderr when the
-/// check failed (nothing was written).
-pub fn finish<R: serde::Serialize>(
+/// check failed (nothing was written, or, for quantize without --check, the model was written
+/// but misses the criterion).
+pub fn finish<R: qfold::report::Report>(
     json: bool,
     output: &R,
     print: impl FnOnce(),
@@ -109,12 +183,12 @@ pub fn finish<R: serde::Serialize>(
             check::print_comparison(c);
         }
     }
+    if let (false, Some(w)) = (json, written) {
+        println!("wrote {w}");
+    }
     if let Some(f) = failure {
         eprintln!("error: {f}");
         return CHECK_FAILED;
-    }
-    if let (false, Some(w)) = (json, written) {
-        println!("wrote {w}");
     }
     OK
 }
@@ -151,6 +225,18 @@ pub fn main() -> i32 {
             return if e.use_stderr() { USAGE } else { OK };
         }
     };
+    qfold::progress::set_verbosity(match (cli.quiet, cli.verbose) {
+        (true, _) => qfold::progress::Verbosity::Quiet,
+        (_, true) => qfold::progress::Verbosity::Verbose,
+        _ => qfold::progress::Verbosity::Normal,
+    });
+    let (name, json) = match &cli.command {
+        Command::Inspect(a) => ("inspect", a.json),
+        Command::Check(a) => ("check", a.json),
+        Command::Fuse(a) => ("fuse", a.json),
+        Command::Quantize(a) => ("quantize", a.json),
+        Command::Convert(a) => ("convert", a.json),
+    };
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Check(a) => check::run(a),
@@ -161,6 +247,9 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
+            if json {
+                println!("{}", qfold::report::error_json(name, &e, USAGE));
+            }
             eprintln!("error: {e}");
             USAGE
         }

@@ -18,11 +18,9 @@ pub struct Args {
     output: Option<PathBuf>,
     #[command(flatten)]
     out: super::OutputArgs,
-    /// Output format: qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv,
-    /// QLinearMatMul and 8-bit data movement, the form tract runs on integer kernels).
-    /// Default: qoperator for the tract preset, qdq otherwise.
-    #[arg(long)]
-    format: Option<String>,
+    /// Output format (default: qoperator for the tract preset, qdq otherwise).
+    #[arg(long, value_enum, ignore_case = true)]
+    format: Option<super::FormatArg>,
     /// Calibration data: test_data_set_N folders, or .npy/.npz files.
     #[arg(long, conflicts_with_all = ["calib_random", "ranges"])]
     calib: Option<PathBuf>,
@@ -35,21 +33,21 @@ pub struct Args {
     /// Shape of an input with symbolic dims: `name:1,3,224,224` (repeatable).
     #[arg(long = "input-shape", value_name = "NAME:DIMS")]
     input_shape: Vec<String>,
-    /// Settings: qfold (default), ort, fbgemm (x86), qnnpack, tensorrt, tract.
-    #[arg(long, default_value = "qfold")]
-    preset: String,
-    /// Range method: minmax, moving-average, percentile, entropy, l2 (default: the preset's).
-    #[arg(long)]
-    method: Option<String>,
+    /// Named settings (the other options override them).
+    #[arg(long, value_enum, ignore_case = true, default_value = "qfold")]
+    preset: super::PresetArg,
+    /// How each activation's range is chosen (default: the preset's).
+    #[arg(long, value_enum, ignore_case = true)]
+    method: Option<super::MethodArg>,
     /// Percentile for --method percentile.
     #[arg(long, default_value_t = 99.999)]
     percentile: f64,
-    /// Activation type: u8 or i8.
-    #[arg(long)]
-    activation: Option<String>,
-    /// Weight type: i8 or u8.
-    #[arg(long)]
-    weight: Option<String>,
+    /// Activation type (default: the preset's).
+    #[arg(long, value_enum, ignore_case = true)]
+    activation: Option<super::QTypeArg>,
+    /// Weight type (default: the preset's).
+    #[arg(long, value_enum, ignore_case = true)]
+    weight: Option<super::QTypeArg>,
     /// Symmetric activations (zero point at the grid's middle; Relu is then kept).
     #[arg(long)]
     symmetric_activations: bool,
@@ -69,7 +67,8 @@ pub struct Args {
     /// Leave this node or PyTorch module path float (repeatable).
     #[arg(long, value_name = "NAME")]
     exclude: Vec<String>,
-    /// Leave these op types float: `--op-types Gemm,Add`.
+    /// Leave these op types float: `--op-types Gemm,Add` (case-insensitive; a type no node
+    /// has is an error).
     #[arg(long, value_name = "A,B")]
     op_types: Option<String>,
     /// Do not fuse before quantizing.
@@ -106,17 +105,17 @@ pub struct Args {
     threads: usize,
     /// Print the report as JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 fn settings(a: &Args) -> QuantizeSettings {
     QuantizeSettings {
-        preset: a.preset.clone(),
-        format: a.format.clone(),
-        method: a.method.clone(),
+        preset: super::spelling(&a.preset),
+        format: a.format.as_ref().map(super::spelling),
+        method: a.method.as_ref().map(super::spelling),
         percentile: a.percentile,
-        activation: a.activation.clone(),
-        weight: a.weight.clone(),
+        activation: a.activation.as_ref().map(super::spelling),
+        weight: a.weight.as_ref().map(super::spelling),
         symmetric_activations: a.symmetric_activations,
         per_channel: match (a.per_channel, a.per_tensor) {
             (true, _) => Some(true),
@@ -143,7 +142,7 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
     }
     let o = &r.options;
     println!(
-        "preset {:?}: activations {:?}{}{}, weights {:?} {}, method {:?}, bias {}",
+        "preset {}: activations {}{}{}, weights {} {}, method {}, bias {}",
         o.preset,
         o.activation,
         if o.symmetric_activations {
@@ -151,7 +150,7 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
         } else {
             " asymmetric"
         },
-        if o.reduce_range { " reduce_range" } else { "" },
+        if o.reduce_range { " reduce-range" } else { "" },
         o.weight,
         if o.per_channel {
             "per-channel"

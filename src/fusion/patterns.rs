@@ -17,15 +17,20 @@ use crate::error::{Error, Result};
 use crate::graph::{Graph, Names, Patch};
 use crate::onnx::proto::NodeProto;
 
-/// The kinds of fusion groups.
+/// The kinds of fusion groups; in JSON and text by PyTorch's name of the fused module
+/// ([`GroupKind::torch_name`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum GroupKind {
     ConvBn,
+    #[serde(rename = "ConvBnReLU")]
     ConvBnRelu,
+    #[serde(rename = "ConvReLU")]
     ConvRelu,
     ConvTransposeBn,
     LinearBn,
+    #[serde(rename = "LinearReLU")]
     LinearRelu,
+    #[serde(rename = "BNReLU")]
     BnRelu,
     /// BN -> unpadded Conv, folded forward (ONNX-only; PyTorch has no such module).
     BnConv,

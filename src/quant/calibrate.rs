@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -64,48 +63,6 @@ fn as_f32<'t>(name: &str, t: &'t TensorData) -> Result<Cow<'t, [f32]>> {
             ))
         }
     })
-}
-
-/// Progress on stderr, shown only once a run has lasted a second.
-struct Progress {
-    bar: indicatif::ProgressBar,
-    start: Instant,
-    shown: bool,
-}
-
-impl Progress {
-    fn new(total: usize) -> Progress {
-        let bar = indicatif::ProgressBar::with_draw_target(
-            Some(total as u64),
-            indicatif::ProgressDrawTarget::hidden(),
-        );
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "calibrating {bar:30} {pos}/{len} samples {elapsed}/{eta}",
-            )
-            .expect("valid template"),
-        );
-        Progress {
-            bar,
-            start: Instant::now(),
-            shown: false,
-        }
-    }
-
-    fn inc(&mut self) {
-        self.bar.inc(1);
-        if !self.shown && self.start.elapsed() > Duration::from_secs(1) {
-            self.bar
-                .set_draw_target(indicatif::ProgressDrawTarget::stderr());
-            self.shown = true;
-        }
-    }
-
-    fn finish(self) {
-        if self.shown {
-            self.bar.finish_and_clear();
-        }
-    }
 }
 
 /// Partial observers merged in block order, whatever order the blocks finish in.
@@ -185,7 +142,10 @@ pub fn observe(
     }
     .min(samples.len().div_ceil(BLOCK))
     .max(1);
-    let progress = Mutex::new(Progress::new(samples.len()));
+    let progress = Mutex::new(crate::progress::counted(
+        format!("calibrating on {} samples", samples.len()),
+        samples.len(),
+    ));
     // Samples go in fixed blocks whatever the thread count; workers take blocks in turn and
     // the partial observers are merged in block order, so the ranges (histogram merges are
     // not associative bit for bit) do not depend on how many cores ran them. At most a few
@@ -229,7 +189,7 @@ pub fn observe(
                 .collect()
         })
     };
-    progress.into_inner().expect("progress lock").finish();
+    drop(progress);
     for r in results {
         r?;
     }

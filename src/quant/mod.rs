@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::fusion::{fuse, FuseOptions, FuseReport};
+use crate::graph::Graph;
 use crate::onnx::Model;
 use crate::runtime::Sample;
 use calibrate::Ranges;
@@ -44,10 +45,28 @@ pub enum Preset {
     Tract,
 }
 
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Preset {
-    /// Parses a preset name (`x86` is fbgemm).
+    /// The CLI's spelling (`--preset`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Qfold => "qfold",
+            Preset::Ort => "ort",
+            Preset::Fbgemm => "fbgemm",
+            Preset::Qnnpack => "qnnpack",
+            Preset::Tensorrt => "tensorrt",
+            Preset::Tract => "tract",
+        }
+    }
+
+    /// Parses a preset name, case-insensitively (`x86` is fbgemm).
     pub fn by_name(s: &str) -> Option<Preset> {
-        Some(match s {
+        Some(match s.to_ascii_lowercase().as_str() {
             "qfold" | "default" => Preset::Qfold,
             "ort" => Preset::Ort,
             "fbgemm" | "x86" => Preset::Fbgemm,
@@ -235,8 +254,10 @@ pub fn quantize(
     opts: &QuantizeOptions,
 ) -> Result<(Model, Ranges, QuantizeReport)> {
     check_quantizable(model)?;
+    plan::check_op_types(&Graph::of_model(model), &opts.exclude_op_types)?;
     let mut float = model.clone();
     let fusion = if opts.fuse {
+        let _p = crate::progress::phase("fusing");
         Some(fuse(
             &mut float,
             &FuseOptions {
@@ -288,7 +309,10 @@ pub fn quantize(
         }
     }
     let mut quantized = float;
-    let qdq = qdq::materialize(&mut quantized, &plan, &ranges.ranges, &opts.qdq_options())?;
+    let qdq = {
+        let _p = crate::progress::phase("inserting QuantizeLinear / DequantizeLinear");
+        qdq::materialize(&mut quantized, &plan, &ranges.ranges, &opts.qdq_options())?
+    };
     let report = QuantizeReport {
         options: opts.clone(),
         fusion,

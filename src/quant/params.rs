@@ -22,6 +22,15 @@ pub enum QType {
     I8,
 }
 
+impl std::fmt::Display for QType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QType::U8 => "u8",
+            QType::I8 => "i8",
+        })
+    }
+}
+
 impl QType {
     /// The ONNX data type code.
     pub fn onnx_code(self) -> i32 {

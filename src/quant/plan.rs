@@ -92,6 +92,7 @@ pub struct BiasUse {
 
 /// Where an activation's parameters come from.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Source {
     /// Calibrated in the float model, on this value (the activation itself, or the output of
     /// the Relu/Clip that quantization absorbs).
@@ -123,6 +124,7 @@ pub struct QuantPlan {
     /// Node names quantized.
     pub quantized: Vec<String>,
     /// Nodes left float, with the reason.
+    #[serde(serialize_with = "crate::report::ser::node_reasons")]
     pub float: Vec<(String, String)>,
 }
 
@@ -163,6 +165,25 @@ impl QuantPlan {
     }
 }
 
+/// Refuses an op type of `--op-types` that no node of `g` has (matched case-insensitively,
+/// as the plan matches them), listing the op types present: a misspelt type would otherwise
+/// change nothing, silently. Checked on the model as given, before fusion removes any node.
+pub fn check_op_types(g: &Graph, op_types: &[String]) -> Result<()> {
+    for t in op_types {
+        if !(0..g.nodes().len()).any(|i| g.node(i).op_type.eq_ignore_ascii_case(t)) {
+            let present: BTreeSet<&str> = (0..g.nodes().len())
+                .map(|i| g.node(i).op_type.as_str())
+                .collect();
+            return Err(Error::Usage(format!(
+                "--op-types {t}: no node of this op type in the model (op types are matched \
+                 case-insensitively; present: {})",
+                present.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn excluded(g: &Graph, opts: &PlanOptions) -> Result<BTreeSet<usize>> {
     let mut out = BTreeSet::new();
     for name in &opts.exclude {
@@ -195,7 +216,11 @@ fn op_float_reason(
     if excl.contains(&i) {
         return Some("excluded by --exclude".into());
     }
-    if opts.exclude_op_types.iter().any(|t| t == &n.op_type) {
+    if opts
+        .exclude_op_types
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(&n.op_type))
+    {
         return Some(format!("op type {} excluded", n.op_type));
     }
     if !(n.domain.is_empty() || n.domain == "ai.onnx") {

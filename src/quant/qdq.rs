@@ -70,10 +70,13 @@ pub struct QdqReport {
     pub absorbed: Vec<String>,
     /// Bias channels whose int32 range forced a wider weight scale.
     pub bias_adjustments: Vec<String>,
+    /// The opset import raised, from and to.
+    #[serde(serialize_with = "crate::report::ser::opset_change")]
     pub opset: Option<(i64, i64)>,
     /// Nodes rewritten into their opset-13 form when the opset was raised to 13.
     pub upgraded: Vec<String>,
     /// Activation parameters by value name.
+    #[serde(serialize_with = "crate::report::ser::scale_zero_points")]
     pub activation_params: BTreeMap<String, (f32, i32)>,
 }
 

@@ -28,6 +28,10 @@ pub fn compare_models(
     let mut rb = Runner::new(b, &first.inputs, &[])?;
     let mut cmp = Comparer::new(&names, criterion);
     let mut shape_of = shapes(&first.inputs);
+    let mut p = crate::progress::counted(
+        format!("running both models in tract on {} samples", cases.len()),
+        cases.len(),
+    );
     for c in cases {
         if shapes(&c.inputs) != shape_of {
             ra = Runner::new(a, &c.inputs, &[])?;
@@ -37,6 +41,7 @@ pub fn compare_models(
         let oa = ra.run(&c.inputs)?;
         let ob = rb.run(&c.inputs)?;
         cmp.add(&oa, &ob);
+        p.inc();
     }
     Ok(cmp.finish())
 }
@@ -80,7 +85,12 @@ pub fn compare_expected(model: &Model, cases: &[Case], criterion: Criterion) -> 
         Err(e) => return Err(e),
     }
     let mut cmp = Comparer::new(&names, criterion);
+    let mut p = crate::progress::counted(
+        format!("running the model in tract on {} samples", cases.len()),
+        cases.len(),
+    );
     for c in cases {
+        p.inc();
         if c.expected.is_empty() {
             return Err(Error::Usage(format!(
                 "{}: no expected outputs (output_K.pb)",

@@ -23,7 +23,7 @@ pub fn accuracy(outputs: &[TensorData], labels: &[i64]) -> (usize, usize) {
 
 /// What makes a comparison pass.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Criterion {
     /// Every element within `atol * max(1, peak) + rtol * |reference|`, where `peak` is the
     /// largest magnitude in that output of the sample: numpy's allclose with the absolute term
@@ -79,7 +79,7 @@ pub mod tolerance {
 
     /// A level by name: exact, float, half, loose.
     pub fn by_name(name: &str) -> Option<Criterion> {
-        Some(match name {
+        Some(match name.to_ascii_lowercase().as_str() {
             "exact" => EXACT,
             "float" => FLOAT,
             "half" => HALF,

@@ -31,21 +31,21 @@ const DEFAULT_AVERAGING_CONSTANT: f32 = 0.01;
 const EXTREMES_SCALARS: usize = 3;
 
 /// How a tensor's range is chosen from what was observed.
+///
+/// In JSON an object whose `name` is the CLI's spelling, with the method's parameter beside it:
+/// `{"name": "minmax"}`, `{"name": "percentile", "percentile": 99.999}`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(tag = "name", rename_all = "kebab-case")]
 pub enum Method {
+    #[serde(rename = "minmax")]
     MinMax,
     /// PyTorch's MovingAverageMinMaxObserver: after the first batch,
     /// min += c * (batch_min - min), max likewise (c = averaging constant, PyTorch default 0.01).
     /// A constant outside [0, 1] is clamped into it; a non-finite one means 0.01.
-    MovingAverage {
-        constant: f32,
-    },
+    MovingAverage { constant: f32 },
     /// Histogram, then clip `(100 - p) / 2` percent of the mass on each side (ORT's percentile
     /// calibration semantics, p e.g. 99.999). `p` is clamped to [0, 100]; NaN means 100.
-    Percentile {
-        percentile: f64,
-    },
+    Percentile { percentile: f64 },
     /// Histogram, then the threshold minimizing the KL divergence between the clipped-and-quantized
     /// distribution and the original (TensorRT / ORT entropy calibration).
     Entropy,
@@ -60,6 +60,29 @@ pub struct Target {
     pub qmin: i32,
     pub qmax: i32,
     pub symmetric: bool,
+}
+
+impl Method {
+    /// The CLI's spelling (`--method`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::MinMax => "minmax",
+            Method::MovingAverage { .. } => "moving-average",
+            Method::Percentile { .. } => "percentile",
+            Method::Entropy => "entropy",
+            Method::L2 => "l2",
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Method::MovingAverage { constant } => write!(f, "moving-average ({constant})"),
+            Method::Percentile { percentile } => write!(f, "percentile ({percentile})"),
+            m => f.write_str(m.name()),
+        }
+    }
 }
 
 impl Target {

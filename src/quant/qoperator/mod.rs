@@ -65,10 +65,13 @@ use common::{dq_of, is_op, label, Converted};
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ConvertReport {
     /// Each rewrite: rule name and the nodes it replaced.
+    #[serde(serialize_with = "crate::report::ser::rules")]
     pub converted: Vec<(String, Vec<String>)>,
     /// Nodes computing in float between DequantizeLinear and QuantizeLinear.
+    #[serde(serialize_with = "crate::report::ser::node_ops")]
     pub float_islands: Vec<(String, String)>,
     /// Candidates a rule matched but could not convert, with the reason.
+    #[serde(serialize_with = "crate::report::ser::node_reasons")]
     pub skipped: Vec<(String, String)>,
     /// Conversions that are not exact, and by how much.
     pub inexact: Vec<String>,
