@@ -718,6 +718,9 @@ pub fn quantize_file(
             "--allow-contrib-ops needs --format qoperator".into(),
         ));
     }
+    if let Some(p) = &job.save_ranges {
+        crate::files::check_destination(p)?;
+    }
     let model = load(model_path)?;
     dest.check_against(&model)?;
     if let Some(p) = &job.save_ranges {

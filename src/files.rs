@@ -169,8 +169,8 @@ pub fn data_path_for(path: &Path) -> Option<PathBuf> {
     Some(path.with_file_name(n))
 }
 
-/// Refuses an output path that cannot be written safely: a missing folder, or a directory, a
-/// FIFO, a device or anything else that is not a regular file at `output`. Called by
+/// Refuses an output path that cannot be written safely: a missing or read-only folder, or a
+/// directory, a FIFO, a device or anything else that is not a regular file at `output`. Called by
 /// [`crate::onnx::save`] and, before any work, by the CLI.
 pub fn check_destination(output: &Path) -> Result<()> {
     let usage = |what: String| Error::Usage(format!("{}: {what}", output.display()));
@@ -194,7 +194,19 @@ pub fn check_destination(output: &Path) -> Result<()> {
             )))
         }
     }
-    regular_or_absent(output, "the output")
+    regular_or_absent(output, "the output")?;
+    // Writable: a probe file is created (exclusively, under a random name) and removed, so
+    // a read-only folder fails here, not after the work.
+    tempfile::Builder::new()
+        .prefix(".qfold-probe.")
+        .tempfile_in(&folder)
+        .map(drop)
+        .map_err(|e| {
+            usage(format!(
+                "the output folder '{}' is not writable ({e})",
+                folder.display()
+            ))
+        })
 }
 
 /// Refuses an external data file `<output>.data` that exists and is not a regular file.

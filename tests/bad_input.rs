@@ -23,7 +23,10 @@ fn input_error(args: &[&str], needles: &[&str]) {
     let (stdout, stderr) = texts(&out);
     assert_eq!(out.status.code(), Some(2), "{args:?}\nstderr: {stderr}");
     assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    assert!(
+        common::without_progress(&stderr).starts_with("error: "),
+        "{args:?}: {stderr}"
+    );
     assert!(stdout.is_empty(), "{args:?}: printed {stdout}");
     for n in needles {
         assert!(stderr.contains(n), "{args:?}: '{n}' not in {stderr}");

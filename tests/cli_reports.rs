@@ -240,7 +240,10 @@ fn options_are_case_insensitive_and_listed_in_help() {
     let (code, help, _) = run_qfold(&["fuse", "--help"]);
     assert_eq!(code, 0);
     for values in ["exact:", "float:", "half:", "loose:"] {
-        assert!(help.contains(values), "{values} missing from --help:\n{help}");
+        assert!(
+            help.contains(values),
+            "{values} missing from --help:\n{help}"
+        );
     }
 }
 
@@ -297,5 +300,72 @@ fn quiet_and_verbose_control_stderr() {
     // errors are printed even when quiet
     let (code, _, stderr) = run_qfold(&["fuse", "/no/such.onnx", "-o", o, "-q"]);
     assert_eq!(code, 2);
-    assert!(stderr.starts_with("error: /no/such.onnx"), "{stderr}");
+    assert_eq!(
+        stderr.lines().next(),
+        Some("error: /no/such.onnx: No such file or directory (os error 2)")
+    );
+}
+
+#[test]
+fn bad_outputs_and_option_combinations_fail_before_loading() {
+    let scratch = TempDir::new("reports");
+    let out = scratch.join("q.onnx");
+    let o = out.to_str().unwrap();
+    let m = digits("model.onnx");
+    let c = digits("calib");
+    let nodir = scratch.join("nodir/r.json");
+    for (args, want) in [
+        (
+            vec!["quantize", &m, "-o", "/no/such/dir/q.onnx", "--calib", &c],
+            "the output folder '/no/such/dir' does not exist",
+        ),
+        (
+            vec![
+                "quantize",
+                &m,
+                "-o",
+                o,
+                "--calib",
+                &c,
+                "--save-ranges",
+                nodir.to_str().unwrap(),
+            ],
+            "nodir' does not exist",
+        ),
+        (
+            vec![
+                "quantize",
+                &m,
+                "-o",
+                o,
+                "--calib",
+                &c,
+                "--percentile",
+                "99.9",
+            ],
+            "--percentile 99.9 applies to --method percentile; the method is minmax",
+        ),
+        (
+            vec![
+                "quantize",
+                &m,
+                "-o",
+                o,
+                "--calib",
+                &c,
+                "--allow-contrib-ops",
+            ],
+            "--allow-contrib-ops needs --format qoperator",
+        ),
+        (
+            vec!["quantize", &m, "-o", &m, "--calib", &c],
+            "qfold never replaces its input",
+        ),
+    ] {
+        let (code, _, stderr) = run_qfold(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!stderr.contains("qfold: loading"), "{args:?}: {stderr}");
+        assert!(!out.exists());
+    }
 }

@@ -60,7 +60,10 @@ fn through_cli(tag: &str, model: &Model) -> Vec<(&'static str, i32, String)> {
             assert!((0..=2).contains(&code), "{tag} {what}: exit {code}\n{err}");
             assert!(!err.contains("panicked"), "{tag} {what}: {err}");
             if code == 2 {
-                assert!(err.starts_with("error: "), "{tag} {what}: {err}");
+                assert!(
+                    common::without_progress(&err).starts_with("error: "),
+                    "{tag} {what}: {err}"
+                );
             }
             (what, code, err)
         })

@@ -88,7 +88,10 @@ fn refused(dir: &Path, args: &[&str], needles: &[&str]) -> String {
     let (code, stdout, stderr) = run_bounded(args, 30);
     assert_eq!(code, 2, "{args:?}\nstdout: {stdout}\nstderr: {stderr}");
     assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    assert!(
+        common::without_progress(&stderr).starts_with("error: "),
+        "{args:?}: {stderr}"
+    );
     for n in needles {
         assert!(stderr.contains(n), "{args:?}: '{n}' not in {stderr}");
     }

@@ -39,9 +39,9 @@ pub struct Args {
     /// How each activation's range is chosen (default: the preset's).
     #[arg(long, value_enum, ignore_case = true)]
     method: Option<super::MethodArg>,
-    /// Percentile for --method percentile.
-    #[arg(long, default_value_t = 99.999)]
-    percentile: f64,
+    /// Percentile for --method percentile, in (50, 100] [default: 99.999].
+    #[arg(long)]
+    percentile: Option<f64>,
     /// Activation type (default: the preset's).
     #[arg(long, value_enum, ignore_case = true)]
     activation: Option<super::QTypeArg>,
@@ -59,7 +59,7 @@ pub struct Args {
     per_tensor: bool,
     /// With per-channel weights, keep per tensor every weight that quantizes per tensor with at
     /// least this SQNR in dB (faster QLinearConv in tract).
-    #[arg(long, value_name = "DB")]
+    #[arg(long, value_name = "DB", conflicts_with = "per_tensor")]
     per_tensor_min_sqnr: Option<f64>,
     /// 7-bit activations (PyTorch fbgemm's reduce_range).
     #[arg(long)]
@@ -113,7 +113,7 @@ fn settings(a: &Args) -> QuantizeSettings {
         preset: super::spelling(&a.preset),
         format: a.format.as_ref().map(super::spelling),
         method: a.method.as_ref().map(super::spelling),
-        percentile: a.percentile,
+        percentile: a.percentile.unwrap_or(99.999),
         activation: a.activation.as_ref().map(super::spelling),
         weight: a.weight.as_ref().map(super::spelling),
         symmetric_activations: a.symmetric_activations,
@@ -218,6 +218,18 @@ pub fn run(a: Args) -> Result<i32> {
     let settings = settings(&a);
     let qoperator = settings.qoperator()?;
     let opts = settings.options()?;
+    if let (Some(p), false) = (
+        a.percentile,
+        matches!(
+            opts.method,
+            qfold::quant::observe::Method::Percentile { .. }
+        ),
+    ) {
+        return Err(Error::Usage(format!(
+            "--percentile {p} applies to --method percentile; the method is {}",
+            opts.method.name()
+        )));
+    }
     let dest = a.out.destination(&a.model, a.output.as_deref())?;
     verify::parse_input_shapes(&a.input_shape)?;
     let calibration = match (&a.calib, a.calib_random, &a.ranges) {

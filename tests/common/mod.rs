@@ -344,3 +344,13 @@ pub fn f32_case(input: &str, shape: &[usize], values: Vec<f32>) -> Case {
         labels: None,
     }
 }
+
+/// stderr without the progress lines (`qfold: loading ...`) and notes the CLI prints as it
+/// works: what is left is the error, if any.
+pub fn without_progress(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with("qfold: ") && !l.starts_with("note: "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

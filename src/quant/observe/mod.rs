@@ -538,16 +538,19 @@ mod tests {
     }
 
     #[test]
-    fn method_serializes_in_snake_case() {
+    fn method_serializes_with_the_cli_spelling() {
         let methods = all_methods();
         let json = serde_json::to_string(&methods).unwrap();
         assert_eq!(
             json,
             concat!(
-                r#"["min_max",{"moving_average":{"constant":0.01}},"#,
-                r#"{"percentile":{"percentile":99.99}},"entropy","l2"]"#
+                r#"[{"name":"minmax"},{"name":"moving-average","constant":0.01},"#,
+                r#"{"name":"percentile","percentile":99.99},{"name":"entropy"},{"name":"l2"}]"#
             )
         );
+        for m in &methods {
+            assert!(json.contains(&format!(r#""name":"{}""#, m.name())));
+        }
         let back: Vec<Method> = serde_json::from_str(&json).unwrap();
         assert_eq!(back, methods);
     }
