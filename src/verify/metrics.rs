@@ -117,7 +117,7 @@ pub struct OutputMetrics {
     pub sqnr_db: Option<f64>,
     /// Fraction of rows whose argmax agrees, for `[N, C]` outputs.
     pub top1: Option<f64>,
-    /// Elements outside the tolerance (for a tolerance criterion).
+    /// Elements outside the tolerance (for a tolerance criterion; 0 under an SQNR criterion).
     pub violations: usize,
     /// Shape or type mismatch, if any.
     pub mismatch: Option<String>,
@@ -226,7 +226,11 @@ impl Acc {
             cosine,
             sqnr_db,
             top1: (self.top1_rows > 0).then(|| self.top1_agree as f64 / self.top1_rows as f64),
-            violations: self.violations,
+            // elements out of tolerance mean nothing under an SQNR criterion
+            violations: match criterion {
+                Criterion::Tolerance { .. } => self.violations,
+                Criterion::MinSqnr { .. } => 0,
+            },
             mismatch: self.mismatch,
             passed,
         }
