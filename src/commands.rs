@@ -192,7 +192,7 @@ fn load(path: &Path) -> Result<Model> {
 
 /// `qfold inspect`: what is inside a model.
 pub fn inspect_file(model: &Path) -> Result<ModelSummary> {
-    Ok(summarize(&load(model)?))
+    Ok(summarize(load(model)?))
 }
 
 /// How `fuse_file` checks the fused model against the original in tract.
@@ -237,29 +237,33 @@ pub fn fuse_file(
     if let Some(c) = &check {
         c.inputs.check_count("--random")?;
     }
-    let original = load(model)?;
-    dest.check_against(&original)?;
+    let mut fused = load(model)?;
+    dest.check_against(&fused)?;
     if opts.only.iter().any(Vec::is_empty) {
         return Err(Error::Usage("--only needs at least one name".into()));
     }
-    let mut fused = original.clone();
-    let report = {
-        let _p = progress::phase("fusing");
-        fuse(&mut fused, opts)?
-    };
-    let comparison = match check {
+    // The original is kept (one copy) only when it is checked against.
+    let checked = match check {
         Some(c) => {
             let criterion: Criterion = match &c.tolerance {
-                None => tolerance::for_model(&original),
+                None => tolerance::for_model(&fused),
                 Some(t) => tolerance::by_name(t).ok_or_else(|| {
                     Error::Usage(format!("--tolerance {t}: use exact, float, half or loose"))
                 })?,
             };
-            let cases = c.inputs.resolve(&original)?;
-            Some(verify::compare_models(
-                &original, &fused, &cases, criterion,
-            )?)
+            let cases = c.inputs.resolve(&fused)?;
+            Some((fused.clone(), cases, criterion))
         }
+        None => None,
+    };
+    let report = {
+        let _p = progress::phase("fusing");
+        fuse(&mut fused, opts)?
+    };
+    let comparison = match checked {
+        Some((original, cases, criterion)) => Some(verify::compare_models(
+            &original, &fused, &cases, criterion,
+        )?),
         None => None,
     };
     let passed = comparison.as_ref().is_none_or(|c| c.passed);
@@ -300,9 +304,13 @@ pub fn convert_file(
     if let Some((inputs, _)) = &check {
         inputs.check_count("--random")?;
     }
-    let qdq = load(model)?;
-    dest.check_against(&qdq)?;
-    let mut q = qdq.clone();
+    let mut q = load(model)?;
+    dest.check_against(&q)?;
+    // The QDQ model is kept (one copy) only when it is checked against.
+    let checked = match check {
+        Some((inputs, db)) => Some((q.clone(), inputs.resolve(&q)?, db)),
+        None => None,
+    };
     let p = progress::phase("converting to QOperator form");
     let report = convert_with(&mut q, opts).map_err(|e| match e {
         Error::Usage(m) => Error::Usage(format!("{}: {m}", model.display())),
@@ -326,16 +334,13 @@ pub fn convert_file(
             }
         )));
     }
-    let comparison = match check {
-        Some((inputs, db)) => {
-            let cases = inputs.resolve(&qdq)?;
-            Some(verify::compare_models(
-                &qdq,
-                &q,
-                &cases,
-                Criterion::MinSqnr { db },
-            )?)
-        }
+    let comparison = match checked {
+        Some((qdq, cases, db)) => Some(verify::compare_models(
+            &qdq,
+            &q,
+            &cases,
+            Criterion::MinSqnr { db },
+        )?),
         None => None,
     };
     let passed = comparison.as_ref().is_none_or(|c| c.passed);
@@ -789,8 +794,9 @@ pub fn quantize_file(
             c.dequantize_linear_left = extra.dequantize_linear_left;
         }
     }
-    let size_before = model.to_bytes()?.len() as u64;
-    let size_after = quantized.to_bytes()?.len() as u64;
+    // the encoded sizes (tensor data included), computed without encoding
+    let size_before = protobuf::Message::compute_size(&model.proto);
+    let size_after = protobuf::Message::compute_size(&quantized.proto);
     let passed = !job.check || evaluation.comparison.passed;
     if passed {
         dest.save(&quantized)?;

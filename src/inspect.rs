@@ -88,13 +88,20 @@ fn tensor_bytes(t: &crate::onnx::proto::TensorProto) -> usize {
         .saturating_mul(count)
 }
 
-/// Summarizes a model, including a dry run of automatic fusion on a copy.
-pub fn summarize(model: &Model) -> ModelSummary {
-    let (fusion, fusion_error) =
-        match crate::fusion::fuse(&mut model.clone(), &crate::fusion::FuseOptions::default()) {
-            Ok(r) => (Some(r), None),
-            Err(e) => (None, Some(e.to_string())),
-        };
+/// Summarizes a model, including a dry run of automatic fusion on the model itself (which is
+/// why it is taken by value: no copy of the weights is made).
+pub fn summarize(mut model: Model) -> ModelSummary {
+    let mut summary = describe(&model);
+    match crate::fusion::fuse(&mut model, &crate::fusion::FuseOptions::default()) {
+        Ok(r) => summary.fusion = Some(r),
+        Err(e) => summary.fusion_error = Some(e.to_string()),
+    }
+    summary
+}
+
+/// Everything [`summarize`] reports but the fusion dry run.
+fn describe(model: &Model) -> ModelSummary {
+    let (fusion, fusion_error) = (None, None);
     let g: &GraphProto = model.graph();
     let index = Graph::of_model(model);
     let mut op_types = BTreeMap::new();

@@ -1,9 +1,12 @@
 //! The only module that imports tract: load a model, set concrete input facts, expose
 //! intermediate values as outputs, run.
 //!
-//! The model handed to tract is the encoded message; its `value_info` and output shapes are
-//! ignored (tract is told to), since shapes written by shape inference may hold symbolic
-//! dimensions that conflict with the concrete inputs of a run. The saved model is never touched.
+//! The model is handed to tract as tract's own protobuf types ([`tract_proto`]): the graph
+//! without its initializers goes through one small encode / decode, and each initializer is
+//! copied field by field, so no model is ever encoded whole and protobuf's 2 GiB limit does
+//! not apply. Its `value_info` and output shapes are ignored (tract is told to), since shapes
+//! written by shape inference may hold symbolic dimensions that conflict with the concrete
+//! inputs of a run. The saved model is never touched.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -19,6 +22,88 @@ use crate::onnx::{ElemType, Model, TensorData};
 
 /// One set of named model inputs.
 pub type Sample = Vec<(String, TensorData)>;
+
+/// `model` as tract's protobuf types, without encoding it whole: everything but the main
+/// graph's initializers (nodes, Constant tensors, subgraphs, functions: small in practice)
+/// is encoded and decoded once, and each initializer is copied into tract's `TensorProto`
+/// field by field. The result holds one copy of the weights, dropped once tract has read it.
+pub fn tract_proto(model: &Model) -> Result<tract_onnx::pb::ModelProto> {
+    use crate::onnx::proto::{GraphProto, ModelProto};
+    use protobuf::{Message, MessageField};
+    let p = &model.proto;
+    let g = model.graph();
+    let mut graph = GraphProto::new();
+    graph.name = g.name.clone();
+    graph.node = g.node.clone();
+    graph.input = g.input.clone();
+    graph.output = g.output.clone();
+    graph.value_info = g.value_info.clone();
+    graph.sparse_initializer = g.sparse_initializer.clone();
+    let mut skeleton = ModelProto::new();
+    skeleton.ir_version = p.ir_version;
+    skeleton.opset_import = p.opset_import.clone();
+    skeleton.producer_name = p.producer_name.clone();
+    skeleton.producer_version = p.producer_version.clone();
+    skeleton.domain = p.domain.clone();
+    skeleton.model_version = p.model_version;
+    skeleton.functions = p.functions.clone();
+    skeleton.graph = MessageField::some(graph);
+    let size = skeleton.compute_size();
+    if size > crate::onnx::io::PROTOBUF_LIMIT {
+        return Err(Error::Encode {
+            what: "model".into(),
+            reason: format!(
+                "its nodes alone (Constant tensors, subgraphs) take {size} bytes, over \
+                 protobuf's 2 GiB limit: tract cannot read them; move large Constant node \
+                 tensors into initializers"
+            ),
+        });
+    }
+    let bytes = skeleton.write_to_bytes().map_err(|e| Error::Encode {
+        what: "model".into(),
+        reason: e.to_string(),
+    })?;
+    drop(skeleton);
+    let mut out = <tract_onnx::pb::ModelProto as prost::Message>::decode(bytes.as_slice())
+        .map_err(|e| Error::runtime("handing the model to tract", e))?;
+    let graph = out.graph.get_or_insert_with(Default::default);
+    graph.initializer = g.initializer.iter().map(tensor_to_pb).collect();
+    Ok(out)
+}
+
+/// One tensor as tract's `TensorProto`, field by field (no encoding, so no size limit).
+fn tensor_to_pb(t: &crate::onnx::proto::TensorProto) -> tract_onnx::pb::TensorProto {
+    use tract_onnx::pb;
+    pb::TensorProto {
+        dims: t.dims.clone(),
+        data_type: t.data_type,
+        segment: t.segment.as_ref().map(|s| pb::tensor_proto::Segment {
+            begin: s.begin,
+            end: s.end,
+        }),
+        float_data: t.float_data.clone(),
+        int32_data: t.int32_data.clone(),
+        string_data: t.string_data.clone(),
+        int64_data: t.int64_data.clone(),
+        name: t.name.clone(),
+        doc_string: t.doc_string.clone(),
+        raw_data: t.raw_data.clone(),
+        double_data: t.double_data.clone(),
+        uint64_data: t.uint64_data.clone(),
+        data_location: match t.data_location.value() {
+            0 => None,
+            v => Some(v),
+        },
+        external_data: t
+            .external_data
+            .iter()
+            .map(|e| pb::StringStringEntryProto {
+                key: e.key.clone(),
+                value: e.value.clone(),
+            })
+            .collect(),
+    }
+}
 
 /// A model prepared by tract for one set of input types and shapes.
 pub struct Runner {
@@ -322,16 +407,19 @@ impl Runner {
             .map(|o| o.name.clone())
             .collect();
         outputs.extend(extra_outputs.iter().cloned());
-        let bytes = model.to_bytes()?;
-        let typed = guarded("loading the model", || {
+        let proto = tract_proto(model)?;
+        let selected = &outputs;
+        let typed = guarded("loading the model", move || {
             let mut m = tract_onnx::onnx()
                 .with_ignore_output_shapes(true)
                 .with_ignore_value_info(true)
-                .model_for_read(&mut bytes.as_slice())?;
+                .model_for_proto_model(&proto)?;
+            // tract holds its own copy of every weight now
+            drop(proto);
             for (i, f) in facts.into_iter().enumerate() {
                 m.set_input_fact(i, f)?;
             }
-            m.select_outputs_by_name(&outputs)?;
+            m.select_outputs_by_name(selected)?;
             m.into_typed()
         })?;
         check_sizes(&typed, max_elements)?;
@@ -374,4 +462,45 @@ pub fn run_once(model: &Model, sample: &Sample) -> Result<Vec<(String, TensorDat
     let r = Runner::new(model, sample, &[])?;
     let out = r.run(sample)?;
     Ok(r.outputs.iter().cloned().zip(out).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The piecewise conversion gives exactly what decoding the whole encoded message with
+    /// prost gives, on every committed model (subgraphs, Constant nodes, typed fields,
+    /// external data, float16, doubles...).
+    #[test]
+    fn tract_proto_equals_decoding_the_encoded_model() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx_models");
+        let mut seen = 0;
+        for base in [root.clone(), root.join("conformance")] {
+            for e in std::fs::read_dir(&base).unwrap() {
+                let p = e.unwrap().path().join("model.onnx");
+                if !p.is_file() {
+                    continue;
+                }
+                let model = crate::onnx::load(&p).unwrap();
+                let whole = <tract_onnx::pb::ModelProto as prost::Message>::decode(
+                    model.to_bytes().unwrap().as_slice(),
+                )
+                .unwrap();
+                let mut piecewise = tract_proto(&model).unwrap();
+                // fields tract does not read and the skeleton leaves out
+                let mut whole = whole;
+                whole.doc_string.clear();
+                whole.metadata_props.clear();
+                whole.training_info.clear();
+                if let (Some(a), Some(b)) = (whole.graph.as_mut(), piecewise.graph.as_mut()) {
+                    a.doc_string.clear();
+                    b.doc_string.clear();
+                    a.quantization_annotation.clear();
+                }
+                assert_eq!(piecewise, whole, "{}", p.display());
+                seen += 1;
+            }
+        }
+        assert!(seen > 60, "{seen} models");
+    }
 }

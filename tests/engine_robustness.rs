@@ -581,7 +581,7 @@ proptest! {
         consts in prop::collection::vec(tensor(), 0..6),
     ) {
         let model = graph(nodes, consts);
-        no_panic("inspect", || Ok(qfold::inspect::summarize(&model)))?;
+        no_panic("inspect", || Ok(qfold::inspect::summarize(model.clone())))?;
         let mut fused = model.clone();
         no_panic("fuse", || qfold::fusion::fuse(&mut fused, &Default::default()))?;
         let mut qat = model.clone();

@@ -431,15 +431,10 @@ fn data_bytes(t: &TensorProto) -> usize {
         + t.uint64_data.len() * 8
 }
 
-/// Raw little-endian bytes of a tensor's data, converting typed fields when needed. `None` for
-/// tensors whose type has no raw form here (strings, unknown types).
-fn raw_bytes(t: &TensorProto) -> Option<Vec<u8>> {
-    if !t.raw_data.is_empty() {
-        return Some(t.raw_data.clone());
-    }
-    TensorData::from_proto(t)
-        .ok()
-        .map(|d| d.to_proto("").raw_data)
+/// Whether a tensor's data can go to an external data file: a type qfold reads (strings and
+/// unknown types stay inline).
+fn has_raw_form(t: &TensorProto) -> bool {
+    super::tensor::ElemType::from_onnx(t.data_type).is_some()
 }
 
 /// Saves a model atomically. External data, when any, goes to `<file name>.data` beside it.
@@ -471,8 +466,7 @@ fn save_checked(model: &Model, path: &Path, options: &SaveOptions, in_place: boo
         ExternalData::Keep => model.external.clone(),
         ExternalData::Threshold(min) => {
             let mut set = BTreeSet::new();
-            let mut proto = model.proto.clone();
-            for_each_tensor_mut(&mut proto, &mut |t| {
+            for_each_tensor(&model.proto, &mut |t| {
                 if data_bytes(t) >= min && !t.name.is_empty() {
                     set.insert(t.name.clone());
                 }
@@ -484,8 +478,7 @@ fn save_checked(model: &Model, path: &Path, options: &SaveOptions, in_place: boo
     if total > limit && options.external == ExternalData::Keep {
         // Move the largest tensors out until what stays inline fits.
         let mut sizes = Vec::new();
-        let mut proto = model.proto.clone();
-        for_each_tensor_mut(&mut proto, &mut |t| {
+        for_each_tensor(&model.proto, &mut |t| {
             if !t.name.is_empty() {
                 sizes.push((data_bytes(t) as u64, t.name.clone()));
             }
@@ -533,18 +526,24 @@ fn save_with_external(
     let data_path = path.with_file_name(&location);
     crate::files::check_data_destination(path)?;
     let mut data_tmp = Staged::new(&data_path)?;
-    let mut offset: u64 = 0;
-    let mut proto = model.proto.clone();
-    data_tmp.write_with(|data_w| {
-        write_external(
-            &mut proto,
-            chosen,
-            &location,
-            &data_path,
-            &mut offset,
-            data_w,
-        )
-    })?;
+    // The data file is written from the model as it is (borrowed); then the message to save
+    // is a copy in which the chosen initializers carry no data, so no second copy of the
+    // weights is ever made. Tensors elsewhere (Constant nodes, subgraphs) are copied with
+    // the nodes and emptied below.
+    let mut placed: std::collections::VecDeque<(u64, usize)> = Default::default();
+    data_tmp
+        .write_with(|data_w| write_external_data(model, chosen, &data_path, &mut placed, data_w))?;
+    let mut proto = copy_without_data(&model.proto, chosen);
+    refer_to_external(&mut proto, chosen, &location, &mut placed)?;
+    if !placed.is_empty() {
+        return Err(Error::Encode {
+            what: path.display().to_string(),
+            reason: format!(
+                "external data: {} tensors written but not referred to",
+                placed.len()
+            ),
+        });
+    }
     let size = proto.compute_size();
     if size > limit {
         return Err(Error::Encode {
@@ -577,28 +576,123 @@ fn write_proto(tmp: &mut Staged, proto: &ModelProto) -> Result<()> {
 }
 
 /// Moves the `chosen` tensors' data to `data_w`, each aligned to 4 KiB, and points them at it.
-fn write_external(
+/// Writes the data of every tensor in `chosen` (in [`for_each_tensor`] order) to `data_w`,
+/// each aligned to 4 KiB as ONNX's own writer does for mmap-friendliness, and records where
+/// each went (offset, length) in `placed`, in the same order.
+fn write_external_data(
+    model: &Model,
+    chosen: &BTreeSet<String>,
+    data_path: &Path,
+    placed: &mut std::collections::VecDeque<(u64, usize)>,
+    data_w: &mut dyn Write,
+) -> Result<()> {
+    let mut offset: u64 = 0;
+    for_each_tensor(&model.proto, &mut |t| {
+        if !chosen.contains(&t.name) || !has_raw_form(t) {
+            return Ok(());
+        }
+        // raw_data borrowed; typed fields converted (one tensor at a time)
+        let converted;
+        let raw: &[u8] = if !t.raw_data.is_empty() {
+            &t.raw_data
+        } else {
+            converted = TensorData::from_proto(t)
+                .map_err(|e| Error::tensor(&t.name, e.to_string()))?
+                .to_proto("")
+                .raw_data;
+            &converted
+        };
+        let pad = (4096 - offset % 4096) % 4096;
+        data_w
+            .write_all(&vec![0u8; pad as usize])
+            .and_then(|_| data_w.write_all(raw))
+            .map_err(|e| Error::io(data_path, e))?;
+        offset += pad;
+        placed.push_back((offset, raw.len()));
+        offset += raw.len() as u64;
+        Ok(())
+    })
+}
+
+/// The message with every field copied except the data of the main graph's initializers
+/// named in `chosen` (struct literals list every field, so none is forgotten, unknown
+/// fields included).
+fn copy_without_data(p: &ModelProto, chosen: &BTreeSet<String>) -> ModelProto {
+    let graph = p.graph.as_ref().map(|g| GraphProto {
+        node: g.node.clone(),
+        name: g.name.clone(),
+        initializer: g
+            .initializer
+            .iter()
+            .map(|t| {
+                if chosen.contains(&t.name) {
+                    TensorProto {
+                        dims: t.dims.clone(),
+                        data_type: t.data_type,
+                        segment: t.segment.clone(),
+                        float_data: vec![],
+                        int32_data: vec![],
+                        string_data: t.string_data.clone(),
+                        int64_data: vec![],
+                        name: t.name.clone(),
+                        doc_string: t.doc_string.clone(),
+                        raw_data: vec![],
+                        external_data: t.external_data.clone(),
+                        data_location: t.data_location,
+                        double_data: vec![],
+                        uint64_data: vec![],
+                        metadata_props: t.metadata_props.clone(),
+                        special_fields: t.special_fields.clone(),
+                    }
+                } else {
+                    t.clone()
+                }
+            })
+            .collect(),
+        sparse_initializer: g.sparse_initializer.clone(),
+        doc_string: g.doc_string.clone(),
+        input: g.input.clone(),
+        output: g.output.clone(),
+        value_info: g.value_info.clone(),
+        quantization_annotation: g.quantization_annotation.clone(),
+        metadata_props: g.metadata_props.clone(),
+        special_fields: g.special_fields.clone(),
+    });
+    ModelProto {
+        ir_version: p.ir_version,
+        opset_import: p.opset_import.clone(),
+        producer_name: p.producer_name.clone(),
+        producer_version: p.producer_version.clone(),
+        domain: p.domain.clone(),
+        model_version: p.model_version,
+        doc_string: p.doc_string.clone(),
+        graph: graph.into(),
+        metadata_props: p.metadata_props.clone(),
+        training_info: p.training_info.clone(),
+        functions: p.functions.clone(),
+        special_fields: p.special_fields.clone(),
+    }
+}
+
+/// Points every tensor of `chosen` at its place in the data file (`placed`, in
+/// [`for_each_tensor_mut`] order, the order [`write_external_data`] wrote them) and clears its
+/// inline data. A tensor with no raw form ([`has_raw_form`]) was not written and stays inline.
+fn refer_to_external(
     proto: &mut ModelProto,
     chosen: &BTreeSet<String>,
     location: &str,
-    data_path: &Path,
-    offset: &mut u64,
-    data_w: &mut dyn Write,
+    placed: &mut std::collections::VecDeque<(u64, usize)>,
 ) -> Result<()> {
     for_each_tensor_mut(proto, &mut |t| {
-        if !chosen.contains(&t.name) {
+        if !chosen.contains(&t.name) || !has_raw_form(t) {
             return Ok(());
         }
-        let Some(raw) = raw_bytes(t) else {
-            return Ok(());
+        let Some((offset, length)) = placed.pop_front() else {
+            return Err(Error::Encode {
+                what: t.name.clone(),
+                reason: "external data: more tensors to refer to than were written".into(),
+            });
         };
-        // Align every tensor to 4 KiB, as ONNX's own writer does for mmap-friendliness.
-        let pad = (4096 - *offset % 4096) % 4096;
-        data_w
-            .write_all(&vec![0u8; pad as usize])
-            .and_then(|_| data_w.write_all(&raw))
-            .map_err(|e| Error::io(data_path, e))?;
-        *offset += pad;
         let entry = |k: &str, v: String| {
             let mut e = StringStringEntryProto::new();
             e.key = k.into();
@@ -607,8 +701,8 @@ fn write_external(
         };
         t.external_data = vec![
             entry("location", location.to_string()),
-            entry("offset", (*offset).to_string()),
-            entry("length", raw.len().to_string()),
+            entry("offset", offset.to_string()),
+            entry("length", length.to_string()),
         ];
         t.data_location = DataLocation::EXTERNAL.into();
         t.raw_data.clear();
@@ -617,7 +711,6 @@ fn write_external(
         t.int64_data.clear();
         t.double_data.clear();
         t.uint64_data.clear();
-        *offset += raw.len() as u64;
         Ok(())
     })
 }
