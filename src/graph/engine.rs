@@ -35,6 +35,12 @@ use crate::onnx::Model;
 /// another would otherwise loop forever).
 pub const MAX_SWEEPS: usize = 10_000;
 
+/// A sweep stops collecting rewrites once their patches carry this many bytes of new tensor
+/// data (64 MiB), and applies them: the weights they replace are freed before more are
+/// computed, so folding a model of large weights holds about one model's worth of tensors, not
+/// two. Later matches are found by the next sweep.
+pub const MAX_PENDING_TENSOR_BYTES: usize = 64 << 20;
+
 /// What a rule decided at its anchor.
 #[derive(Debug)]
 pub enum Outcome<R> {
@@ -150,7 +156,8 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
         let g = Graph::of_model(model);
         let mut claimed = vec![false; g.len()];
         let mut patches: Vec<Patch> = Vec::new();
-        for i in 0..g.len() {
+        let mut pending_bytes = 0usize;
+        'nodes: for i in 0..g.len() {
             if claimed[i] {
                 continue;
             }
@@ -199,7 +206,11 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
                                     *c = true;
                                 }
                             }
+                            pending_bytes = pending_bytes.saturating_add(patch.tensor_bytes());
                             patches.push(patch);
+                            if pending_bytes >= MAX_PENDING_TENSOR_BYTES {
+                                break 'nodes;
+                            }
                         } else {
                             settled.insert(anchor.to_string());
                         }

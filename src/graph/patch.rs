@@ -86,6 +86,19 @@ impl Patch {
             .extend(other.replaced_initializers);
     }
 
+    /// Bytes of tensor data the patch carries (new and replacement initializers).
+    pub fn tensor_bytes(&self) -> usize {
+        self.initializers
+            .iter()
+            .chain(&self.replaced_initializers)
+            .map(|t| {
+                t.raw_data.len()
+                    + 4 * (t.float_data.len() + t.int32_data.len())
+                    + 8 * (t.int64_data.len() + t.double_data.len() + t.uint64_data.len())
+            })
+            .sum()
+    }
+
     /// True when the patch changes nothing.
     pub fn is_empty(&self) -> bool {
         self.removed.is_empty()
