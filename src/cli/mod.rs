@@ -5,6 +5,7 @@ mod convert;
 mod fuse;
 mod inspect;
 mod quantize;
+mod upgrade;
 
 use std::path::Path;
 
@@ -40,6 +41,8 @@ enum Command {
     Convert(convert::Args),
     /// Run two models (or one model against stored outputs) in tract and compare.
     Check(check::Args),
+    /// Raise a model's opset, rewriting every op that changed on the way.
+    Upgrade(upgrade::Args),
 }
 
 /// Where a written model keeps its tensors.
@@ -157,6 +160,7 @@ pub fn main() -> i32 {
         Command::Fuse(a) => fuse::run(a),
         Command::Quantize(a) => quantize::run(*a),
         Command::Convert(a) => convert::run(a),
+        Command::Upgrade(a) => upgrade::run(a),
     };
     match result {
         Ok(code) => code,
