@@ -376,3 +376,54 @@ fn where_tract_runs_the_old_opset_it_gives_the_same_outputs_before_and_after() {
         ["batchnorm_7", "cnn_8", "topk_1", "upsample_7", "upsample_9"]
     );
 }
+
+#[test]
+fn a_softmax_over_an_inner_axis_before_a_conv_quantizes_per_channel() {
+    // Conv -> Softmax(axis 1) -> Conv at opset 11: the upgrade writes Flatten -> Softmax ->
+    // Reshape, and the Reshape, reading a Softmax output (float), stays float.
+    let mut m = model_of(
+        vec![
+            node_of("Conv", "conv1", &["x", "w1"], &["c"], vec![]),
+            node_of("Softmax", "soft", &["c"], &["s"], vec![int("axis", 1)]),
+            node_of("Conv", "conv2", &["s", "w2"], &["y"], vec![]),
+        ],
+        vec![
+            (
+                "w1".into(),
+                f32s(&[4, 3, 1, 1], &[0.3, -0.2, 0.5, 0.1, -0.4]),
+            ),
+            (
+                "w2".into(),
+                f32s(&[2, 4, 1, 1], &[1.5, -0.7, 0.9, 2.0, -1.1]),
+            ),
+        ],
+        value_info("x", ElemType::F32, &[1, 3, 4, 4]),
+        "y",
+    );
+    m.proto.opset_import[0].version = 11;
+    let case = sample();
+    let samples: Vec<qfold::runtime::Sample> = (0..4).map(|_| case.inputs.clone()).collect();
+    let (q, _, report) = qfold::quant::quantize(
+        &m,
+        qfold::quant::Calibration::Samples(&samples),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(report.qdq.opset, Some((11, 13)));
+    assert!(
+        report
+            .plan
+            .float
+            .iter()
+            .any(|(n, why)| n.starts_with("soft_reshape") && why.contains("Softmax")),
+        "{:?}",
+        report.plan.float
+    );
+    let c = compare(
+        &run(&m, &case),
+        &run(&q, &case),
+        qfold::verify::Criterion::MinSqnr { db: 0.0 },
+    );
+    let sqnr = c.outputs[0].sqnr_db.expect("quantized");
+    assert!(sqnr > 25.0, "SQNR {sqnr}");
+}
