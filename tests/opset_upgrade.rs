@@ -427,3 +427,63 @@ fn a_softmax_over_an_inner_axis_before_a_conv_quantizes_per_channel() {
     let sqnr = c.outputs[0].sqnr_db.expect("quantized");
     assert!(sqnr > 25.0, "SQNR {sqnr}");
 }
+
+/// Every committed model and every fuzz crasher, and mangled copies of the upgrade cases
+/// (inputs, outputs or attributes dropped, attributes of the wrong kind): upgrading to each
+/// target succeeds or refuses with an error, never panics, and a refusal leaves the model as it
+/// was.
+#[test]
+fn upgrade_never_panics_and_refusals_change_nothing() {
+    use qfold::onnx::proto::attribute_proto::AttributeType;
+    let mut models: Vec<qfold::onnx::Model> = Vec::new();
+    let mut dirs = all_case_dirs();
+    for sub in ["upgrade", "onnx_node_tests"] {
+        for e in std::fs::read_dir(models_dir().join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if p.join("model.onnx").is_file() {
+                dirs.push(p);
+            }
+        }
+    }
+    for d in &dirs {
+        models.push(qfold::onnx::load(d.join("model.onnx")).unwrap());
+    }
+    for e in std::fs::read_dir(root().join("tests/crashers")).unwrap() {
+        if let Ok(m) = qfold::onnx::load(e.unwrap().path()) {
+            models.push(m);
+        }
+    }
+    let bases: Vec<qfold::onnx::Model> = models
+        .iter()
+        .filter(|m| m.opset().is_some_and(|v| v < 13))
+        .cloned()
+        .collect();
+    for base in &bases {
+        for k in 0..base.graph().node.len() {
+            for how in 0..4 {
+                let mut m = base.clone();
+                let n = &mut m.graph_mut().node[k];
+                match how {
+                    0 => n.input.clear(),
+                    1 => n.output.truncate(1),
+                    2 => n.attribute.clear(),
+                    _ => {
+                        for a in &mut n.attribute {
+                            a.type_ = AttributeType::STRING.into();
+                        }
+                    }
+                }
+                models.push(m);
+            }
+        }
+    }
+    assert!(models.len() > 300, "{}", models.len());
+    for m in &models {
+        for to in [8, 10, 11, 12, 13, 16, 18] {
+            let mut up = m.clone();
+            if qfold::graph::upgrade::upgrade(&mut up, to).is_err() {
+                assert_eq!(up.proto, m.proto, "a refusal changed the model");
+            }
+        }
+    }
+}
