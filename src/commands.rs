@@ -40,6 +40,10 @@ impl Report for Comparison {
     const SCHEMA: &'static str = "qfold.check/1";
 }
 
+impl Report for UpgradeOutput {
+    const SCHEMA: &'static str = "qfold.upgrade/1";
+}
+
 impl Report for QuantizeOutput {
     const SCHEMA: &'static str = "qfold.quantize/1";
 }
@@ -778,7 +782,24 @@ pub fn quantize_file(
     if let Some(p) = &job.save_ranges {
         ranges.save(p)?;
     }
-    let evaluation = evaluate(&model, &quantized, &eval_cases, job.min_sqnr, eval_source)?;
+    // The float reference at the opset quantization raised it to (the same function, in a
+    // form tract runs where it may not run the old ops).
+    let reference = match report.qdq.opset {
+        Some((_, to)) => {
+            let mut m = model.clone();
+            crate::graph::upgrade::upgrade(&mut m, to)?;
+            std::borrow::Cow::Owned(m)
+        }
+        None => std::borrow::Cow::Borrowed(&model),
+    };
+    let evaluation = evaluate(
+        &reference,
+        &quantized,
+        &eval_cases,
+        job.min_sqnr,
+        eval_source,
+    )?;
+    drop(reference);
     if job.allow_contrib_ops {
         // evaluated above on the standard-domain model tract can run; now the contrib islands
         let extra = convert_with(
@@ -809,5 +830,67 @@ pub fn quantize_file(
         conversion,
         written: dest.written(passed),
         min_sqnr: job.min_sqnr,
+    })
+}
+
+/// The report of `qfold upgrade --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpgradeOutput {
+    pub upgrade: crate::graph::upgrade::UpgradeReport,
+    pub check: Option<Comparison>,
+    /// The path written, `None` when the check failed.
+    pub written: Option<String>,
+}
+
+impl UpgradeOutput {
+    /// The error to show when the check failed (nothing was written).
+    pub fn failure(&self) -> Option<String> {
+        check_failure(self.check.as_ref(), "the original")
+    }
+}
+
+/// `qfold upgrade`: raises the model's default-domain opset to `opset`
+/// ([`crate::graph::upgrade::upgrade`]), checks the result against the original in tract when
+/// asked (the same check as `fuse --check`; tract must be able to run the original, which it
+/// cannot for Upsample), and writes it to `dest` unless the check failed.
+pub fn upgrade_file(
+    model: &Path,
+    dest: &Destination,
+    opset: i64,
+    check: Option<FuseCheck>,
+) -> Result<UpgradeOutput> {
+    if let Some(c) = &check {
+        c.inputs.check_count("--random")?;
+    }
+    let original = crate::onnx::load(model)?;
+    dest.check_against(&original)?;
+    let mut upgraded = original.clone();
+    let report = crate::graph::upgrade::upgrade(&mut upgraded, opset).map_err(|e| match e {
+        Error::Usage(m) => Error::Usage(format!("{}: {m}", model.display())),
+        other => other,
+    })?;
+    let comparison = match check {
+        Some(c) => {
+            let criterion: Criterion = match &c.tolerance {
+                None => tolerance::for_model(&original),
+                Some(t) => tolerance::by_name(t).ok_or_else(|| {
+                    Error::Usage(format!("--tolerance {t}: use exact, float, half or loose"))
+                })?,
+            };
+            let cases = c.inputs.resolve(&original)?;
+            Some(verify::compare_models(
+                &original, &upgraded, &cases, criterion,
+            )?)
+        }
+        None => None,
+    };
+    let passed = comparison.as_ref().is_none_or(|c| c.passed);
+    if passed {
+        dest.save(&upgraded)?;
+    }
+    Ok(UpgradeOutput {
+        upgrade: report,
+        check: comparison,
+        written: dest.written(passed),
     })
 }

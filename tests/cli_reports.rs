@@ -135,6 +135,25 @@ fn every_command_prints_one_object_with_its_schema() {
     );
     assert_eq!(v["schema"], "qfold.check/1");
     assert_eq!(v["passed"], true);
+
+    let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx_models/upgrade/clip_6/model.onnx");
+    let up = scratch.join("up.onnx");
+    let (v, _) = parse(
+        &[
+            "upgrade",
+            old.to_str().unwrap(),
+            "-o",
+            up.to_str().unwrap(),
+            "--json",
+        ],
+        0,
+    );
+    assert_eq!(v["schema"], "qfold.upgrade/1");
+    assert_eq!(
+        (v["upgrade"]["from"].as_i64(), v["upgrade"]["to"].as_i64()),
+        (Some(10), Some(13))
+    );
+    assert_eq!(v["upgrade"]["by_op"]["Clip"], 2);
 }
 
 #[test]

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 from . import _native
 
-__all__ = ["QfoldError", "inspect", "fuse", "quantize", "convert", "check"]
+__all__ = ["QfoldError", "inspect", "fuse", "quantize", "convert", "check", "upgrade"]
 __version__ = _native.__version__
 
 
@@ -380,6 +380,52 @@ def quantize(
         bool(check),
         float(min_sqnr),
         bool(allow_contrib_ops),
+        bool(in_place),
+        external_data_threshold,
+    )
+
+
+def upgrade(
+    path,
+    out=None,
+    opset=13,
+    check=False,
+    *,
+    inputs=None,
+    random=2,
+    seed=0,
+    input_shapes=None,
+    tolerance=None,
+    batch_size=1,
+    in_place=False,
+    external_data_threshold=None,
+):
+    """Raise a model's default-domain opset to ``opset`` (at most 18), rewriting every op whose
+    signature or meaning changed on the way (Upsample to Resize, Clip/Pad/Slice/TopK attributes
+    to inputs, Softmax over an inner axis, ...). A downgrade, a model below opset 7, or an op
+    without adapter raises :class:`QfoldError` naming the nodes.
+
+    ``check``: run both models in tract on ``inputs`` (samples, see the module doc) or
+    ``random`` random samples, and raise :class:`QfoldError` (writing nothing) when they differ
+    beyond ``tolerance`` (exact, float, half, loose). tract must be able to run the original.
+
+    Returns ``{"upgrade": {"from", "to", "by_op", "rewritten", ...}, "check": ... or None,
+    "written": out}``.
+    """
+    spec = None
+    if check:
+        spec = (
+            _random(random, seed, input_shapes)
+            if inputs is None
+            else _inputs(inputs, "inputs", batch_size)
+        )
+    return _rewrite(
+        _native.upgrade,
+        _path(path),
+        _path(out),
+        int(opset),
+        spec,
+        tolerance,
         bool(in_place),
         external_data_threshold,
     )

@@ -341,6 +341,34 @@ fn quantize(
     .map_err(err)
 }
 
+/// `qfold upgrade MODEL -o OUT --opset N ... --json`: (report, failure message).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn upgrade(
+    py: Python<'_>,
+    path: PathBuf,
+    out: Option<PathBuf>,
+    opset: i64,
+    check: Option<Bound<'_, PyAny>>,
+    tolerance: Option<String>,
+    in_place: bool,
+    external_data_threshold: Option<usize>,
+) -> PyResult<(String, Option<String>)> {
+    let check = match check {
+        Some(spec) => Some(FuseCheck {
+            inputs: inputs(&spec)?,
+            tolerance,
+        }),
+        None => None,
+    };
+    py.allow_threads(|| {
+        let dest = destination(&path, out, in_place, external_data_threshold)?;
+        let o = commands::upgrade_file(&path, &dest, opset, check)?;
+        Ok((to_json(&o), o.failure()))
+    })
+    .map_err(err)
+}
+
 /// The extension module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -351,5 +379,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(upgrade, m)?)?;
     Ok(())
 }

@@ -179,3 +179,23 @@ def test_bad_arguments(tmp_path, calib):
         qfold.quantize(MODEL, tmp_path / "q.onnx")
     with pytest.raises(qfold.QfoldError, match="Conv"):
         qfold.fuse(MODEL, tmp_path / "f.onnx", only=[["/conv1/Conv", "/fc1/Gemm"]])
+
+
+UPGRADE = ROOT / "onnx_models" / "upgrade"
+
+
+def test_upgrade(tmp_path):
+    out = tmp_path / "cnn13.onnx"
+    r = qfold.upgrade(UPGRADE / "cnn_8" / "model.onnx", out)
+    assert r["written"] == str(out) and out.exists()
+    assert (r["upgrade"]["from"], r["upgrade"]["to"]) == (8, 13)
+    assert r["upgrade"]["by_op"]["Upsample"] == 1 and len(r["upgrade"]["rewritten"]) == 6
+    # the upgraded model reproduces ONNX Runtime's outputs of the opset-8 original, in tract
+    c = qfold.check(out, inputs=UPGRADE / "cnn_8" / "test_data_set_0")
+    assert c["passed"] and c["outputs"][0]["max_abs"] < 1e-5
+    r = qfold.upgrade(UPGRADE / "softmax_11" / "model.onnx", tmp_path / "s.onnx", check=True)
+    assert r["check"]["passed"]
+    with pytest.raises(qfold.QfoldError, match="downgrade"):
+        qfold.upgrade(UPGRADE / "softmax_11" / "model.onnx", tmp_path / "d.onnx", opset=10)
+    assert not (tmp_path / "d.onnx").exists()
+

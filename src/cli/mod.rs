@@ -5,6 +5,7 @@ mod convert;
 mod fuse;
 mod inspect;
 mod quantize;
+mod upgrade;
 
 use std::path::Path;
 
@@ -46,6 +47,8 @@ enum Command {
     Convert(convert::Args),
     /// Run two models (or one model against stored outputs) in tract and compare.
     Check(check::Args),
+    /// Raise a model's opset, rewriting every op that changed on the way.
+    Upgrade(upgrade::Args),
 }
 
 /// `--preset`: named settings.
@@ -236,6 +239,7 @@ pub fn main() -> i32 {
         Command::Fuse(a) => ("fuse", a.json),
         Command::Quantize(a) => ("quantize", a.json),
         Command::Convert(a) => ("convert", a.json),
+        Command::Upgrade(a) => ("upgrade", a.json),
     };
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
@@ -243,6 +247,7 @@ pub fn main() -> i32 {
         Command::Fuse(a) => fuse::run(a),
         Command::Quantize(a) => quantize::run(*a),
         Command::Convert(a) => convert::run(a),
+        Command::Upgrade(a) => upgrade::run(a),
     };
     match result {
         Ok(code) => code,

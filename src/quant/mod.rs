@@ -268,8 +268,18 @@ pub fn quantize(
     } else {
         None
     };
-    let plan = plan::plan(&float, &opts.plan_options())?;
-    qdq::opset_upgrade(&float, &plan)?; // fail before calibrating, not after
+    let mut plan = plan::plan(&float, &opts.plan_options())?;
+    // Raise the opset the QDQ form needs before calibrating: the upgraded float model is the
+    // one calibrated (tract runs it where it may not run the old ops, e.g. Upsample), and a
+    // model that cannot be raised fails here, not after calibration.
+    let upgraded = match qdq::opset_upgrade(&float, &plan)? {
+        Some((from, to)) => {
+            let r = crate::graph::upgrade::upgrade(&mut float, to)?;
+            plan = plan::plan(&float, &opts.plan_options())?;
+            Some((from, to, r))
+        }
+        None => None,
+    };
     let values = plan.calibrated_values();
     let (ranges, from_file) = match calibration {
         Calibration::Samples(samples) => (
@@ -309,10 +319,18 @@ pub fn quantize(
         }
     }
     let mut quantized = float;
-    let qdq = {
+    let mut qdq = {
         let _p = crate::progress::phase("inserting QuantizeLinear / DequantizeLinear");
         qdq::materialize(&mut quantized, &plan, &ranges.ranges, &opts.qdq_options())?
     };
+    if let Some((from, to, r)) = upgraded {
+        qdq.opset = Some((from, to));
+        qdq.upgraded = r
+            .rewritten
+            .iter()
+            .map(|w| format!("{} ({}): {}", w.node, w.op_type, w.change))
+            .collect();
+    }
     let report = QuantizeReport {
         options: opts.clone(),
         fusion,

@@ -322,6 +322,17 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
         if float_reason[i].is_some() || !SHARING_OPS.contains(&n.op_type.as_str()) {
             continue;
         }
+        // Softmax outputs stay float (see `mark_activation`), so there are no parameters to
+        // share: the Reshape the opset-13 upgrade puts after an inner-axis Softmax, say.
+        let from_softmax = n
+            .input
+            .first()
+            .and_then(|x| g.producer(x))
+            .is_some_and(|p| g.node(p).op_type == "Softmax");
+        if from_softmax {
+            float_reason[i] = Some("it reads a Softmax output, which stays float".into());
+            continue;
+        }
         let read = g
             .consumers(&n.output[0])
             .iter()

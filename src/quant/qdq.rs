@@ -73,7 +73,8 @@ pub struct QdqReport {
     /// The opset import raised, from and to.
     #[serde(serialize_with = "crate::report::ser::opset_change")]
     pub opset: Option<(i64, i64)>,
-    /// Nodes rewritten into their opset-13 form when the opset was raised to 13.
+    /// The nodes rewritten when the opset was raised (`node (op): change`), see
+    /// [`crate::graph::upgrade`].
     pub upgraded: Vec<String>,
     /// Activation parameters by value name.
     #[serde(serialize_with = "crate::report::ser::scale_zero_points")]
@@ -175,13 +176,17 @@ pub fn opset_upgrade(model: &Model, plan: &QuantPlan) -> Result<Option<(i64, i64
     if opset >= needed {
         return Ok(None);
     }
-    match crate::graph::upgrade::blocker(model, opset, needed) {
-        Some((node, reason)) => Err(Error::Usage(format!(
-            "the model imports opset {opset}; {} needs opset {needed}, and raising it would change what node '{node}' computes ({reason}){}",
-            if per_axis { "per-axis QuantizeLinear" } else { "QuantizeLinear" },
+    match crate::graph::upgrade::check(model, needed) {
+        Err(e) => Err(Error::Usage(format!(
+            "the model imports opset {opset}; {} needs opset {needed}: {e}{}",
+            if per_axis {
+                "per-axis QuantizeLinear"
+            } else {
+                "QuantizeLinear"
+            },
             if per_axis { "; use --per-tensor" } else { "" }
         ))),
-        None => Ok(Some((opset, needed))),
+        Ok(()) => Ok(Some((opset, needed))),
     }
 }
 
@@ -194,15 +199,12 @@ pub fn materialize(
 ) -> Result<QdqReport> {
     let mut report = QdqReport::default();
     if let Some((from, to)) = opset_upgrade(model, plan)? {
-        if to == 13 {
-            report.upgraded = crate::graph::upgrade::upgrade_to_13(model)?;
-        } else {
-            for o in &mut model.proto.opset_import {
-                if o.domain.is_empty() || o.domain == "ai.onnx" {
-                    o.version = to;
-                }
-            }
-        }
+        let up = crate::graph::upgrade::upgrade(model, to)?;
+        report.upgraded = up
+            .rewritten
+            .iter()
+            .map(|r| format!("{} ({}): {}", r.node, r.op_type, r.change))
+            .collect();
         report.opset = Some((from, to));
     }
 
