@@ -22,7 +22,7 @@ pub struct PreprocessArgs {
     crop: Option<(usize, usize)>,
     /// Multiply the 0..255 pixel values by this (default 1/255; `1/255` or `0.5` are accepted).
     #[arg(long, value_name = "X", value_parser = parse_scale)]
-    scale: Option<f32>,
+    scale: Option<f64>,
     /// Subtract per channel after scaling, in the model's channel order: `0.485,0.456,0.406`.
     #[arg(
         long,

@@ -467,6 +467,10 @@ fn index_axis0(t: &TensorData, k: usize) -> TensorData {
     }
 }
 
+/// The most bytes an `.npz` entry is inflated to (4 GiB): compressed arrays are held in
+/// memory.
+pub const MAX_NPZ_INFLATED: u64 = 1 << 32;
+
 /// The arrays of an `.npz` file (a zip of `.npy` files), each checked like a `.npy` file.
 /// An entry is decompressed into memory before its header is trusted, so what is allocated is
 /// bounded by the data really there, never by what a header or the zip directory declares.
@@ -483,8 +487,28 @@ pub(crate) fn read_npz(path: &Path, root: Option<&Path>) -> Result<Vec<(String, 
             continue;
         }
         let name = entry.name().to_string();
+        // A compressed entry may expand far beyond the file: read at most what deflate can
+        // produce from its compressed bytes (1032:1), within MAX_NPZ_INFLATED.
+        let cap = if entry.compression() == zip::CompressionMethod::Stored {
+            entry.compressed_size()
+        } else {
+            entry
+                .compressed_size()
+                .saturating_mul(1032)
+                .min(MAX_NPZ_INFLATED)
+        };
+        if entry.size() > cap {
+            return Err(bad(format!(
+                "array '{name}' declares {} bytes, more than the {cap} bytes qfold inflates from \
+                 it (MAX_NPZ_INFLATED): save it uncompressed (np.savez), which is read one \
+                 sample at a time",
+                entry.size()
+            )));
+        }
         let mut data = Vec::new();
-        entry
+        let declared = entry.size();
+        (&mut entry)
+            .take(declared)
             .read_to_end(&mut data)
             .map_err(|e| bad(format!("array '{name}': {e}")))?;
         let what = format!("{}: array '{name}'", path.display());

@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use image::{DynamicImage, ImageBuffer, Pixel};
 use ndarray::{ArrayD, IxDyn};
@@ -57,7 +57,7 @@ pub struct Preprocess {
     /// Center crop to (height, width).
     pub crop: Option<(usize, usize)>,
     /// Multiplies the 0..255 pixel values.
-    pub scale: Option<f32>,
+    pub scale: Option<f64>,
     /// Subtracted per channel after scaling, in the model's channel order (1 or C values).
     pub mean: Option<Vec<f32>>,
     /// Divides per channel after the mean, in the model's channel order (1 or C values).
@@ -148,8 +148,8 @@ pub fn parse_side(s: &str) -> std::result::Result<usize, String> {
 }
 
 /// Parses `--scale`: a number or a fraction (`1/255`).
-pub fn parse_scale(s: &str) -> std::result::Result<f32, String> {
-    let num = |v: &str| v.trim().parse::<f32>().ok().filter(|x| x.is_finite());
+pub fn parse_scale(s: &str) -> std::result::Result<f64, String> {
+    let num = |v: &str| v.trim().parse::<f64>().ok().filter(|x| x.is_finite());
     let v = match s.split_once('/') {
         Some((a, b)) => num(a).zip(num(b)).map(|(a, b)| a / b),
         None => num(s),
@@ -174,7 +174,7 @@ struct Plan {
     resize: Option<usize>,
     /// No size was given: resize to cover `size`, then crop.
     cover: bool,
-    scale: f32,
+    scale: f64,
     mean: Vec<f32>,
     std: Vec<f32>,
     bgr: bool,
@@ -381,12 +381,15 @@ pub(crate) struct ImageSource {
     root: PathBuf,
     plan: Plan,
     notes: Vec<String>,
-    /// Images whose channels were converted: gray to RGB, alpha dropped, color to gray.
-    gray_to_rgb: AtomicUsize,
-    alpha_dropped: AtomicUsize,
-    color_to_gray: AtomicUsize,
-    resized_to_fit: AtomicUsize,
+    /// Per image, what was done to it beyond the plan ([`GRAY_TO_RGB`]...), counted once per
+    /// image however often it is read.
+    changes: Vec<AtomicU8>,
 }
+
+const GRAY_TO_RGB: u8 = 1;
+const ALPHA_DROPPED: u8 = 2;
+const COLOR_TO_GRAY: u8 = 4;
+const RESIZED_TO_FIT: u8 = 8;
 
 impl ImageSource {
     /// `files` (sorted, each inside `root`), labelled by `labels` when given; `what` names the
@@ -410,20 +413,21 @@ impl ImageSource {
         for f in &files {
             crate::files::confined(&root, f).map_err(Error::Usage)?;
         }
+        let changes = files.iter().map(|_| AtomicU8::new(0)).collect();
         Ok(ImageSource {
             files,
             labels,
             root,
             plan,
             notes,
-            gray_to_rgb: AtomicUsize::new(0),
-            alpha_dropped: AtomicUsize::new(0),
-            color_to_gray: AtomicUsize::new(0),
-            resized_to_fit: AtomicUsize::new(0),
+            changes,
         })
     }
 
-    fn load(&self, path: &Path) -> Result<TensorData> {
+    fn load(&self, path: &Path, changes: &AtomicU8) -> Result<TensorData> {
+        let mark = |c: u8| {
+            changes.fetch_or(c, Ordering::Relaxed);
+        };
         let what = path.display().to_string();
         crate::files::confined(&self.root, path).map_err(Error::Usage)?;
         let bytes = crate::files::read_regular(path, MAX_IMAGE_FILE)?;
@@ -447,16 +451,14 @@ impl ImageSource {
         let p = &self.plan;
         let raw = if p.channels == 3 {
             if !img.color().has_color() {
-                self.gray_to_rgb.fetch_add(1, Ordering::Relaxed);
+                mark(GRAY_TO_RGB);
             } else if img.color().has_alpha() {
-                self.alpha_dropped.fetch_add(1, Ordering::Relaxed);
+                mark(ALPHA_DROPPED);
             }
-            self.fit(&what, img.to_rgb8())?.into_raw()
+            self.fit(&what, img.to_rgb8(), mark)?.into_raw()
         } else {
-            let gray = luma601(&img, || {
-                self.color_to_gray.fetch_add(1, Ordering::Relaxed);
-            });
-            self.fit(&what, gray)?.into_raw()
+            let gray = luma601(&img, || mark(COLOR_TO_GRAY));
+            self.fit(&what, gray, mark)?.into_raw()
         };
         Ok(self.tensor(&raw))
     }
@@ -466,6 +468,7 @@ impl ImageSource {
         &self,
         what: &str,
         img: ImageBuffer<P, Vec<u8>>,
+        mark: impl Fn(u8),
     ) -> Result<ImageBuffer<P, Vec<u8>>> {
         let p = &self.plan;
         let (th, tw) = p.size;
@@ -473,7 +476,7 @@ impl ImageSource {
         let target = match (p.resize, p.cover) {
             (Some(n), _) => Some(shorter_side(w, h, n)),
             (None, true) if (w, h) != (tw, th) => {
-                self.resized_to_fit.fetch_add(1, Ordering::Relaxed);
+                mark(RESIZED_TO_FIT);
                 let s = (th as f64 / h as f64).max(tw as f64 / w as f64);
                 let nw = ((w as f64 * s).round() as usize).max(tw);
                 let nh = ((h as f64 * s).round() as usize).max(th);
@@ -528,7 +531,9 @@ impl ImageSource {
                 let px = &raw[(y * w + x) * c..(y * w + x + 1) * c];
                 for ch in 0..c {
                     let src = if p.bgr { c - 1 - ch } else { ch };
-                    let v = (px[src] as f32 * p.scale - p.mean[ch]) / p.std[ch];
+                    // in f64, so x/255 comes out as the correctly rounded f32 ToTensor gives
+                    let v =
+                        ((px[src] as f64 * p.scale - p.mean[ch] as f64) / p.std[ch] as f64) as f32;
                     let at = match p.layout {
                         Layout::Nchw => (ch * h + y) * w + x,
                         Layout::Nhwc => (y * w + x) * c + ch,
@@ -600,7 +605,7 @@ impl SampleSource for ImageSource {
                 self.files.len()
             ))
         })?;
-        let t = self.load(path)?;
+        let t = self.load(path, &self.changes[k])?;
         Ok(Cow::Owned(Case {
             source: path.display().to_string(),
             inputs: vec![(self.plan.input.clone(), t)],
@@ -616,26 +621,30 @@ impl SampleSource for ImageSource {
     fn notes(&self) -> Vec<String> {
         let mut n = self.notes.clone();
         let total = self.files.len();
-        let mut count = |c: &AtomicUsize, what: &str| {
-            let c = c.load(Ordering::Relaxed);
+        let mut count = |bit: u8, what: &str| {
+            let c = self
+                .changes
+                .iter()
+                .filter(|c| c.load(Ordering::Relaxed) & bit != 0)
+                .count();
             if c > 0 {
                 n.push(format!("{c} of {total} images {what}"));
             }
         };
         count(
-            &self.gray_to_rgb,
+            GRAY_TO_RGB,
             "were grayscale: converted to 3 channels (RGB) as the model takes",
         );
         count(
-            &self.alpha_dropped,
+            ALPHA_DROPPED,
             "had an alpha channel: dropped (RGB) as the model takes 3 channels",
         );
         count(
-            &self.color_to_gray,
+            COLOR_TO_GRAY,
             "were in color: converted to 1 channel (luma, ITU-R 601) as the model takes",
         );
         count(
-            &self.resized_to_fit,
+            RESIZED_TO_FIT,
             "were resized (shorter side) and center-cropped to the model's size (no --resize \
              or --crop given)",
         );

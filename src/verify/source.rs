@@ -674,8 +674,10 @@ fn plan_split(
             Some(b) if b >= 1 && n.is_multiple_of(b) => {
                 let note = (n > b).then(|| {
                     format!(
-                        "{what}: {n} rows on input '{input}''s batch axis: {} runs of {b}",
-                        n / b
+                        "{what}: {n} rows on input '{input}''s batch axis (declared {b}): {} \
+                         runs of {b} row{}",
+                        n / b,
+                        if b == 1 { "" } else { "s" }
                     )
                 });
                 return Ok((Split::Rows(b), n / b, b, note));
@@ -688,14 +690,14 @@ fn plan_split(
     let rest = rest.trim_start_matches('[').trim_end_matches(']');
     let batch_form = match dims[0] {
         Some(b) if b > 1 => format!("[{b}*K, {rest}] (K runs of {b} rows)"),
-        _ => format!("[N, {rest}] (N samples on the batch axis)"),
+        _ => format!("[S, {rest}] (S samples on the batch axis)"),
     };
     let stacked = declared.trim_start_matches('[').trim_end_matches(']');
     Err(bad_data(
         what,
         format!(
             "shape {shape:?} for input '{input}', which is declared {declared}: give \
-             {batch_form} or [N, {stacked}] (N samples on a new first axis), with the data \
+             {batch_form} or [S, {stacked}] (S samples on a new first axis), with the data \
              resized or reshaped to fit"
         ),
     ))
