@@ -22,7 +22,9 @@ use crate::quant::Preset;
 use crate::quant::{quantize, Calibration, QuantizeOptions, QuantizeReport};
 use crate::report::Report;
 use crate::runtime::{Runner, Sample};
-use crate::verify::{self, tolerance, Case, Comparer, Comparison, Criterion};
+use crate::verify::{
+    self, tolerance, Case, Comparer, Comparison, Criterion, Preprocess, SampleSource,
+};
 
 impl Report for ModelSummary {
     const SCHEMA: &'static str = "qfold.inspect/1";
@@ -51,9 +53,14 @@ impl Report for QuantizeOutput {
 /// Where a command's input samples come from.
 #[derive(Debug, Clone)]
 pub enum Inputs {
-    /// A data set folder: `test_data_set_N` folders, `input_K.pb` files, `.npy` / `.npz`
-    /// files ([`verify::read_dataset`]).
+    /// A data set folder or file: `test_data_set_N` folders, `input_K.pb` files, `.npy` /
+    /// `.npz` files, images ([`verify::open_data`], images at the model's declared size).
     Dir(PathBuf),
+    /// A data set folder or file as [`Inputs::Dir`], images preprocessed as `preprocess` says.
+    Data {
+        path: PathBuf,
+        preprocess: Preprocess,
+    },
     /// One sample from `.npy` files: `name=path` pairs, or plain paths in input order.
     Npy(Vec<String>),
     /// `count` random samples from the declared input shapes (symbolic dims from `shapes`,
@@ -86,10 +93,24 @@ impl Inputs {
         }
     }
 
-    /// The samples, read or generated for `model`.
+    /// The samples, read or generated for `model`, all in memory.
     pub fn resolve(self, model: &Model) -> Result<Vec<Case>> {
+        verify::source::collect(self.open(model)?.as_ref())
+    }
+
+    /// The samples for `model`: data sets on disk are read one sample at a time as they are
+    /// asked for; random samples and arrays are held in memory.
+    pub fn open(self, model: &Model) -> Result<Box<dyn SampleSource>> {
         match self {
-            Inputs::Dir(d) => verify::read_dataset(model, &d),
+            Inputs::Dir(d) => verify::open_data(model, &d, &Preprocess::default()),
+            Inputs::Data { path, preprocess } => verify::open_data(model, &path, &preprocess),
+            other => Ok(Box::new(other.in_memory(model)?)),
+        }
+    }
+
+    fn in_memory(self, model: &Model) -> Result<Vec<Case>> {
+        match self {
+            Inputs::Dir(_) | Inputs::Data { .. } => self.resolve(model),
             Inputs::Npy(specs) => Ok(vec![verify::read_npy_sample(model, &specs)?]),
             Inputs::Random {
                 count,
@@ -255,7 +276,7 @@ pub fn fuse_file(
                     Error::Usage(format!("--tolerance {t}: use exact, float, half or loose"))
                 })?,
             };
-            let cases = c.inputs.resolve(&fused)?;
+            let cases = c.inputs.open(&fused)?;
             Some((fused.clone(), cases, criterion))
         }
         None => None,
@@ -266,7 +287,10 @@ pub fn fuse_file(
     };
     let comparison = match checked {
         Some((original, cases, criterion)) => Some(verify::compare_models(
-            &original, &fused, &cases, criterion,
+            &original,
+            &fused,
+            cases.as_ref(),
+            criterion,
         )?),
         None => None,
     };
@@ -312,7 +336,7 @@ pub fn convert_file(
     dest.check_against(&q)?;
     // The QDQ model is kept (one copy) only when it is checked against.
     let checked = match check {
-        Some((inputs, db)) => Some((q.clone(), inputs.resolve(&q)?, db)),
+        Some((inputs, db)) => Some((q.clone(), inputs.open(&q)?, db)),
         None => None,
     };
     let p = progress::phase("converting to QOperator form");
@@ -342,7 +366,7 @@ pub fn convert_file(
         Some((qdq, cases, db)) => Some(verify::compare_models(
             &qdq,
             &q,
-            &cases,
+            cases.as_ref(),
             Criterion::MinSqnr { db },
         )?),
         None => None,
@@ -406,18 +430,18 @@ pub fn check_files(
     match b {
         Some(bp) => {
             let model_b = load(bp)?;
-            let cases = inputs.resolve(&model_a)?;
-            verify::compare_models(&model_a, &model_b, &cases, crit)
+            let cases = inputs.open(&model_a)?;
+            verify::compare_models(&model_a, &model_b, cases.as_ref(), crit)
         }
         None => {
-            if !matches!(inputs, Inputs::Dir(_)) {
+            if !matches!(inputs, Inputs::Dir(_) | Inputs::Data { .. }) {
                 return Err(Error::Usage(
                     "check with one model needs --inputs DIR holding expected output_K.pb files"
                         .into(),
                 ));
             }
-            let cases = inputs.resolve(&model_a)?;
-            verify::compare_expected(&model_a, &cases, crit)
+            let cases = inputs.open(&model_a)?;
+            verify::compare_expected(&model_a, cases.as_ref(), crit)
         }
     }
 }
@@ -436,9 +460,9 @@ pub enum CalibrationData {
 pub enum EvalData {
     /// These samples; `source` describes them in the report.
     Inputs { inputs: Inputs, source: String },
-    /// The last fifth of the calibration samples, held out of the calibration (the only sample
-    /// itself when there is just one).
-    HeldOut,
+    /// The calibration samples themselves (every calibration sample calibrates, as in ONNX
+    /// Runtime): the report says so.
+    Calibration,
     /// Fresh random samples: a fifth as many as the calibration samples, at least 2.
     Random { seed: u64, shapes: Vec<String> },
 }
@@ -632,6 +656,10 @@ pub struct QuantizeOutput {
     pub conversion: Option<ConvertReport>,
     /// The path written, `None` when the check failed.
     pub written: Option<String>,
+    /// How the calibration and evaluation data were read (layouts, casts, files left out,
+    /// images converted).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// The SQNR threshold the evaluation was judged by.
     #[serde(skip)]
     pub min_sqnr: f64,
@@ -663,7 +691,7 @@ impl QuantizeOutput {
 fn evaluate(
     float: &Model,
     quantized: &Model,
-    cases: &[Case],
+    cases: &dyn SampleSource,
     min_sqnr: f64,
     source: String,
 ) -> Result<Evaluation> {
@@ -681,7 +709,8 @@ fn evaluate(
     let (mut fc, mut qc, mut total) = (0, 0, 0);
     let mut runners: Option<(Runner, Runner)> = None;
     let mut shapes: Vec<Vec<usize>> = vec![];
-    for c in cases {
+    for k in 0..cases.len() {
+        let c = cases.read(k)?;
         let s: Vec<Vec<usize>> = c.inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
         if runners.is_none() || s != shapes {
             runners = Some((
@@ -735,12 +764,12 @@ pub fn quantize_file(
     if let Some(p) = &job.save_ranges {
         crate::files::check_side_output("--save-ranges", p, &model.files, &dest.path)?;
     }
-    let (mut calib, loaded) = match job.calibration {
-        CalibrationData::Inputs(i) => (i.resolve(&model)?, None),
-        CalibrationData::Ranges(p) => (vec![], Some(p)),
+    let (calib, loaded): (Box<dyn SampleSource>, _) = match job.calibration {
+        CalibrationData::Inputs(i) => (i.open(&model)?, None),
+        CalibrationData::Ranges(p) => (Box::new(Vec::<Case>::new()), Some(p)),
     };
-    let (eval_cases, eval_source) = match job.eval {
-        EvalData::Inputs { inputs, source } => (inputs.resolve(&model)?, source),
+    let (eval_cases, eval_source): (Option<Box<dyn SampleSource>>, String) = match job.eval {
+        EvalData::Inputs { inputs, source } => (Some(inputs.open(&model)?), source),
         EvalData::Random { seed, shapes } => {
             let n = (calib.len() / 5).max(2);
             let cases = verify::random_cases(
@@ -749,29 +778,17 @@ pub fn quantize_file(
                 seed.wrapping_add(1),
                 &verify::parse_input_shapes(&shapes)?,
             )?;
-            (cases, format!("{n} fresh random samples"))
+            (Some(Box::new(cases)), format!("{n} fresh random samples"))
         }
-        EvalData::HeldOut if calib.len() >= 2 => {
-            let held = (calib.len() / 5).max(1);
-            let cases = calib.split_off(calib.len() - held);
-            (
-                cases,
-                format!("the last {held} calibration samples, held out"),
-            )
-        }
-        EvalData::HeldOut => (
-            calib.clone(),
-            "the calibration sample (too few to hold any out)".into(),
-        ),
+        EvalData::Calibration => (None, "the calibration data (no --eval given)".into()),
     };
-    let samples: Vec<_> = calib.iter().map(|c| c.inputs.clone()).collect();
     let ranges_file;
     let calibration = match &loaded {
         Some(p) => {
             ranges_file = Ranges::load(p)?;
             Calibration::Ranges(&ranges_file)
         }
-        None => Calibration::Samples(&samples),
+        None => Calibration::Source(calib.as_ref()),
     };
     let (mut quantized, ranges, report) = quantize(&model, calibration, &job.options)?;
     let mut conversion = if job.qoperator {
@@ -792,14 +809,21 @@ pub fn quantize_file(
         }
         None => std::borrow::Cow::Borrowed(&model),
     };
+    let eval_cases = eval_cases.as_deref().unwrap_or(calib.as_ref());
     let evaluation = evaluate(
         &reference,
         &quantized,
-        &eval_cases,
+        eval_cases,
         job.min_sqnr,
         eval_source,
     )?;
     drop(reference);
+    let mut notes = calib.notes();
+    for n in eval_cases.notes() {
+        if !notes.contains(&n) {
+            notes.push(n);
+        }
+    }
     if job.allow_contrib_ops {
         // evaluated above on the standard-domain model tract can run; now the contrib islands
         let extra = convert_with(
@@ -829,6 +853,7 @@ pub fn quantize_file(
         size_after,
         conversion,
         written: dest.written(passed),
+        notes,
         min_sqnr: job.min_sqnr,
     })
 }

@@ -326,10 +326,10 @@ def quantize(
     ``activation``/``weight``: "u8" or "i8"; ``per_channel``: True/False (None: the
     preset's); ``exclude``: node names or module paths left float; ``op_types``: op types
     left float. The quantized model is evaluated against the float model on ``eval``
-    (samples; ``eval_labels`` gives accuracy), or else on the last fifth of the calibration
-    samples, held out (``labels`` labels the calibration rows). An output SQNR below
-    ``min_sqnr`` dB raises :class:`QfoldError` (its ``report`` holds the figures): with
-    ``check`` nothing is written, without it the model is written first.
+    (samples; ``eval_labels`` gives accuracy), or else on the calibration samples themselves
+    (``labels`` labels the calibration rows). An output SQNR below ``min_sqnr`` dB raises
+    :class:`QfoldError` (its ``report`` holds the figures): with ``check`` nothing is
+    written, without it the model is written first.
 
     Returns ``qfold quantize --json``'s report: ``quantization`` (options, fusion, plan,
     qdq), ``evaluation`` (``comparison`` with per-output ``sqnr_db``, accuracies),
@@ -340,9 +340,9 @@ def quantize(
         raise QfoldError(
             "give calibration data (arrays, dicts or a folder), random=N or ranges=FILE"
         )
-    held_out_labels = labels
+    calib_labels = labels
     if calibration is not None:
-        calib = _inputs(calibration, "calibration", batch_size, held_out_labels)
+        calib = _inputs(calibration, "calibration", batch_size, calib_labels)
     elif random is not None:
         calib = _random(random, seed, input_shapes)
     else:

@@ -266,7 +266,8 @@ impl From<Settings> for QuantizeSettings {
 
 /// `qfold quantize MODEL -o OUT ... --json`: (report, failure message). `calibration` is an
 /// input spec, or `None` with `ranges`; `eval` an input spec, or `None` for the default (the
-/// held-out fifth of the calibration samples, or random samples with `ranges`).
+/// calibration samples themselves, or random samples with `ranges`). Arrays from Python are
+/// collected into memory; data folders and files are read one sample at a time.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn quantize(
@@ -302,7 +303,7 @@ fn quantize(
         Some(spec) => {
             let inputs = inputs(&spec)?;
             let source = match &inputs {
-                Inputs::Dir(d) => d.display().to_string(),
+                Inputs::Dir(d) | Inputs::Data { path: d, .. } => d.display().to_string(),
                 Inputs::Arrays { source, .. } => source.clone(),
                 Inputs::Random { count, .. } => format!("{count} random samples"),
                 Inputs::Npy(specs) => specs.join(", "),
@@ -317,7 +318,7 @@ fn quantize(
                     shapes: input_shapes,
                 }
             }
-            CalibrationData::Inputs(_) => EvalData::HeldOut,
+            CalibrationData::Inputs(_) => EvalData::Calibration,
         },
     };
     let settings = QuantizeSettings::from(settings);

@@ -14,7 +14,8 @@ pub struct Args {
     /// The model to check against it; without it, MODEL is checked against the expected
     /// outputs stored in --inputs.
     b: Option<PathBuf>,
-    /// A test_data_set_N folder, or a folder of them.
+    /// A data set, a folder or a file: test_data_set_N folders (with expected outputs, needed
+    /// when B is left out), .npy/.npz arrays, or images (see the preprocessing flags).
     #[arg(long, conflicts_with_all = ["random", "npy"])]
     inputs: Option<PathBuf>,
     /// One sample from .npy files: `name=file.npy`, or files in input order (repeatable).
@@ -45,11 +46,16 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    data: super::data::PreprocessArgs,
 }
 
 fn inputs(args: &Args) -> Inputs {
-    if let Some(dir) = &args.inputs {
-        return Inputs::Dir(dir.clone());
+    if let Some(path) = &args.inputs {
+        return Inputs::Data {
+            path: path.clone(),
+            preprocess: args.data.preprocess(),
+        };
     }
     if !args.npy.is_empty() {
         return Inputs::Npy(args.npy.clone());
@@ -95,6 +101,9 @@ pub fn print_comparison(c: &Comparison) {
             "  {:<24} {:>11.3e} {:>11.3e} {:>10.7} {:>9} {:>7}  {}",
             o.name, o.max_abs, o.max_rel, o.cosine, sqnr, top1, result
         );
+    }
+    for n in &c.notes {
+        println!("note: {n}");
     }
     println!("{}", if c.passed { "PASS" } else { "FAIL" });
 }

@@ -2,6 +2,7 @@
 
 mod check;
 mod convert;
+mod data;
 mod fuse;
 mod inspect;
 mod quantize;

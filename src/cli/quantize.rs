@@ -21,7 +21,8 @@ pub struct Args {
     /// Output format (default: qoperator for the tract preset, qdq otherwise).
     #[arg(long, value_enum, ignore_case = true)]
     format: Option<super::FormatArg>,
-    /// Calibration data: test_data_set_N folders, or .npy/.npz files.
+    /// Calibration data, a folder or a file: test_data_set_N folders, .npy/.npz arrays, or
+    /// images (JPEG, PNG, BMP, WebP; see the preprocessing flags). Every sample calibrates.
     #[arg(long, conflicts_with_all = ["calib_random", "ranges"])]
     calib: Option<PathBuf>,
     /// N random calibration samples from the declared input shapes.
@@ -84,8 +85,8 @@ pub struct Args {
     /// Use ranges saved by --save-ranges instead of calibrating.
     #[arg(long, value_name = "FILE")]
     ranges: Option<PathBuf>,
-    /// Evaluation data (same forms as --calib; labels.npy gives accuracy). Without it, the last
-    /// fifth of the calibration samples is held out.
+    /// Evaluation data (same forms as --calib; labels.npy or class subfolders give accuracy).
+    /// Without it, the quantized model is evaluated on the calibration data.
     #[arg(long)]
     eval: Option<PathBuf>,
     /// Fail (exit 1, write nothing) when the SQNR of an output against the float model is
@@ -106,6 +107,8 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    data: super::data::PreprocessArgs,
 }
 
 fn settings(a: &Args) -> QuantizeSettings {
@@ -132,7 +135,7 @@ fn settings(a: &Args) -> QuantizeSettings {
     }
 }
 
-fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
+fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[String]) {
     if let Some(f) = &r.fusion {
         println!(
             "fused {} groups ({} BatchNormalization folded)",
@@ -169,6 +172,9 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
             ""
         }
     );
+    for n in notes {
+        println!("  note: {n}");
+    }
     println!(
         "quantized {} nodes: {} activations, {} weights, {} biases; {} Relu/Clip absorbed",
         r.plan.quantized.len(),
@@ -187,7 +193,7 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64) {
         println!("  opset raised from {a} to {b}");
     }
     println!(
-        "evaluation on {} ({} runs of the model):",
+        "evaluated on {} ({} runs of the model):",
         e.source, e.comparison.samples
     );
     super::check::print_comparison(&e.comparison);
@@ -233,7 +239,10 @@ pub fn run(a: Args) -> Result<i32> {
     let dest = a.out.destination(&a.model, a.output.as_deref())?;
     verify::parse_input_shapes(&a.input_shape)?;
     let calibration = match (&a.calib, a.calib_random, &a.ranges) {
-        (Some(dir), _, _) => CalibrationData::Inputs(Inputs::Dir(dir.clone())),
+        (Some(path), _, _) => CalibrationData::Inputs(Inputs::Data {
+            path: path.clone(),
+            preprocess: a.data.preprocess(),
+        }),
         (None, Some(count), _) => CalibrationData::Inputs(Inputs::Random {
             count,
             seed: a.seed,
@@ -247,11 +256,14 @@ pub fn run(a: Args) -> Result<i32> {
         }
     };
     let eval = match (&a.eval, &a.calib) {
-        (Some(dir), _) => EvalData::Inputs {
-            inputs: Inputs::Dir(dir.clone()),
-            source: dir.display().to_string(),
+        (Some(path), _) => EvalData::Inputs {
+            inputs: Inputs::Data {
+                path: path.clone(),
+                preprocess: a.data.preprocess(),
+            },
+            source: path.display().to_string(),
         },
-        (None, Some(_)) if a.calib_random.is_none() => EvalData::HeldOut,
+        (None, Some(_)) if a.calib_random.is_none() => EvalData::Calibration,
         (None, _) => EvalData::Random {
             seed: a.seed,
             shapes: a.input_shape.clone(),
@@ -277,6 +289,7 @@ pub fn run(a: Args) -> Result<i32> {
                 &out.evaluation,
                 out.size_before,
                 out.size_after,
+                &out.notes,
             );
             if let Some(c) = &out.conversion {
                 super::convert::print_report(c);

@@ -3,6 +3,8 @@
 //! never O(samples). Samples run in parallel over one shared optimized plan (one tract state
 //! per run); each thread keeps partial observers that are merged at the end. The
 //! moving-average observer depends on sample order, so it runs on one thread, in order.
+//! Samples come from a [`SampleSource`], read as each thread reaches them: at most one sample
+//! per thread is in memory.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -15,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use super::observe::{Method, Observer, Target};
 use crate::error::{Error, Result};
 use crate::onnx::{Model, TensorData};
-use crate::runtime::{Runner, Sample};
+use crate::runtime::Runner;
+use crate::verify::SampleSource;
 
 /// Calibrated ranges by value name, with how they were obtained; saved and loaded as JSON so
 /// calibration runs once.
@@ -94,17 +97,19 @@ impl OrderedMerge {
 /// Samples per calibration block: the unit of parallel work and of ordered merging.
 const BLOCK: usize = 4;
 
-/// Runs the float `model` over `samples` and observes `values`. `threads` = 0 uses every core.
-pub fn observe(
+/// Runs the float `model` over `samples` (`&[Sample]`, `&[Case]` or any [`SampleSource`]) and
+/// observes `values`. `threads` = 0 uses every core.
+pub fn observe<S: SampleSource + ?Sized>(
     model: &Model,
     values: &[String],
-    samples: &[Sample],
+    samples: &S,
     method: Method,
     threads: usize,
 ) -> Result<BTreeMap<String, Observer>> {
-    let first = samples
-        .first()
-        .ok_or_else(|| Error::Usage("no calibration samples".into()))?;
+    if samples.is_empty() {
+        return Err(Error::Usage("no calibration samples".into()));
+    }
+    let first = samples.read(0)?;
     let outputs: Vec<String> = model
         .graph()
         .output
@@ -117,7 +122,8 @@ pub fn observe(
         .filter(|v| !output_set.contains(v))
         .cloned()
         .collect();
-    let runner = Runner::new(model, first, &extra)?;
+    let runner = Runner::new(model, &first.inputs, &extra)?;
+    drop(first);
     let position_of: HashMap<&str, usize> = runner
         .output_names()
         .iter()
@@ -154,8 +160,19 @@ pub fn observe(
     let next = AtomicUsize::new(0);
     let observe_block = |b: usize| -> Result<Vec<Observer>> {
         let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new(method)).collect();
-        for s in &samples[b * BLOCK..((b + 1) * BLOCK).min(samples.len())] {
-            let out = runner.run(s)?;
+        for k in b * BLOCK..((b + 1) * BLOCK).min(samples.len()) {
+            let s = samples.read(k)?;
+            let out = runner.run(&s.inputs).map_err(|e| match e {
+                Error::Input { input, reason } => Error::Input {
+                    input,
+                    reason: format!("{}: {reason}", s.source),
+                },
+                Error::Runtime { context, reason } => Error::Runtime {
+                    context: format!("{}: {context}", s.source),
+                    reason,
+                },
+                e => e,
+            })?;
             for ((o, &p), v) in obs.iter_mut().zip(&positions).zip(values) {
                 o.observe(&as_f32(v, &out[p])?);
             }
@@ -202,10 +219,10 @@ pub fn observe(
 }
 
 /// Calibrates and chooses ranges for `values` for the activation grid `target`.
-pub fn calibrate(
+pub fn calibrate<S: SampleSource + ?Sized>(
     model: &Model,
     values: &[String],
-    samples: &[Sample],
+    samples: &S,
     method: Method,
     target: Target,
     threads: usize,

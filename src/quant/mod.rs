@@ -201,6 +201,9 @@ pub struct QuantizeReport {
 pub enum Calibration<'a> {
     /// Run these samples through the float model.
     Samples(&'a [Sample]),
+    /// Run these samples through the float model, read one at a time as calibration needs
+    /// them (a data set on disk, see [`crate::verify::open_data`]).
+    Source(&'a dyn crate::verify::SampleSource),
     /// Ranges saved by an earlier run.
     Ranges(&'a Ranges),
 }
@@ -283,6 +286,17 @@ pub fn quantize(
     let values = plan.calibrated_values();
     let (ranges, from_file) = match calibration {
         Calibration::Samples(samples) => (
+            calibrate::calibrate(
+                &float,
+                &values,
+                samples,
+                opts.method,
+                opts.target(),
+                opts.threads,
+            )?,
+            false,
+        ),
+        Calibration::Source(samples) => (
             calibrate::calibrate(
                 &float,
                 &values,

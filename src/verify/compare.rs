@@ -6,12 +6,14 @@ use crate::runtime::{Runner, Sample};
 
 use super::data::Case;
 use super::metrics::{Comparer, Comparison, Criterion};
+use super::source::SampleSource;
 
-/// Runs `a` and `b` in tract on every case and compares `b`'s outputs to `a`'s.
-pub fn compare_models(
+/// Runs `a` and `b` in tract on every case of `cases` (read one at a time) and compares `b`'s
+/// outputs to `a`'s. The comparison carries the data's notes.
+pub fn compare_models<S: SampleSource + ?Sized>(
     a: &Model,
     b: &Model,
-    cases: &[Case],
+    cases: &S,
     criterion: Criterion,
 ) -> Result<Comparison> {
     let names: Vec<String> = a.graph().output.iter().map(|o| o.name.clone()).collect();
@@ -21,18 +23,21 @@ pub fn compare_models(
             "the models have different outputs: {names:?} vs {names_b:?}"
         )));
     }
-    let first = cases
-        .first()
-        .ok_or_else(|| Error::Usage("no input samples to compare on".into()))?;
+    if cases.is_empty() {
+        return Err(Error::Usage("no input samples to compare on".into()));
+    }
+    let first = cases.read(0)?;
     let mut ra = Runner::new(a, &first.inputs, &[])?;
     let mut rb = Runner::new(b, &first.inputs, &[])?;
     let mut cmp = Comparer::new(&names, criterion);
     let mut shape_of = shapes(&first.inputs);
+    drop(first);
     let mut p = crate::progress::counted(
         format!("running both models in tract on {} samples", cases.len()),
         cases.len(),
     );
-    for c in cases {
+    for k in 0..cases.len() {
+        let c = cases.read(k)?;
         if shapes(&c.inputs) != shape_of {
             ra = Runner::new(a, &c.inputs, &[])?;
             rb = Runner::new(b, &c.inputs, &[])?;
@@ -43,7 +48,9 @@ pub fn compare_models(
         cmp.add(&oa, &ob);
         p.inc();
     }
-    Ok(cmp.finish())
+    let mut comparison = cmp.finish();
+    comparison.notes = cases.notes();
+    Ok(comparison)
 }
 
 /// The names, types and shapes of a sample's inputs.
@@ -55,17 +62,23 @@ fn shapes(s: &Sample) -> Shapes {
         .collect()
 }
 
-/// Runs `model` in tract on every case and compares with the cases' expected outputs.
-pub fn compare_expected(model: &Model, cases: &[Case], criterion: Criterion) -> Result<Comparison> {
+/// Runs `model` in tract on every case of `cases` (read one at a time) and compares with the
+/// cases' expected outputs.
+pub fn compare_expected<S: SampleSource + ?Sized>(
+    model: &Model,
+    cases: &S,
+    criterion: Criterion,
+) -> Result<Comparison> {
     let names: Vec<String> = model
         .graph()
         .output
         .iter()
         .map(|o| o.name.clone())
         .collect();
-    let first = cases
-        .first()
-        .ok_or_else(|| Error::Usage("no input samples to compare on".into()))?;
+    if cases.is_empty() {
+        return Err(Error::Usage("no input samples to compare on".into()));
+    }
+    let first = cases.read(0)?;
     let params = parameter_inputs(model);
     // tract wants some parameters constant (BatchNormalization's statistics, Q/DQ scales and
     // zero points): when the model does not load with them as inputs and the data set gives
@@ -84,13 +97,16 @@ pub fn compare_expected(model: &Model, cases: &[Case], criterion: Criterion) -> 
         }
         Err(e) => return Err(e),
     }
+    drop(first);
     let mut cmp = Comparer::new(&names, criterion);
     let mut p = crate::progress::counted(
         format!("running the model in tract on {} samples", cases.len()),
         cases.len(),
     );
-    for c in cases {
+    for k in 0..cases.len() {
         p.inc();
+        let c = cases.read(k)?;
+        let c = c.as_ref();
         if c.expected.is_empty() {
             return Err(Error::Usage(format!(
                 "{}: no expected outputs (output_K.pb)",
@@ -127,7 +143,9 @@ pub fn compare_expected(model: &Model, cases: &[Case], criterion: Criterion) -> 
             .collect::<Result<_>>()?;
         cmp.add(&expected, &out);
     }
-    Ok(cmp.finish())
+    let mut comparison = cmp.finish();
+    comparison.notes = cases.notes();
+    Ok(comparison)
 }
 
 /// Graph inputs that no node reads as its first (data) input: parameters such as BN statistics

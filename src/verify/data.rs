@@ -81,7 +81,7 @@ fn read_data_file(path: &Path, root: Option<&Path>) -> Result<Vec<u8>> {
 }
 
 /// The canonical form of a data folder, files in it must stay inside.
-fn data_root(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn data_root(dir: &Path) -> Result<PathBuf> {
     crate::files::canonical_dir(dir).map_err(|e| Error::io(dir, e))
 }
 
@@ -92,14 +92,14 @@ pub fn read_tensor_pb(path: &Path) -> Result<(String, TensorData)> {
 
 fn read_tensor_pb_in(path: &Path, root: Option<&Path>) -> Result<(String, TensorData)> {
     let bytes = read_data_file(path, root)?;
-    let t = TensorProto::parse_from_bytes(&bytes).map_err(|e| Error::Decode {
-        what: path.display().to_string(),
-        reason: format!("not a TensorProto: {e}"),
+    let t = TensorProto::parse_from_bytes(&bytes).map_err(|e| {
+        super::source::bad_data(
+            &path.display().to_string(),
+            format!("not a TensorProto: {e}"),
+        )
     })?;
-    let data = TensorData::from_proto(&t).map_err(|e| Error::Decode {
-        what: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let data = TensorData::from_proto(&t)
+        .map_err(|e| super::source::bad_data(&path.display().to_string(), e.to_string()))?;
     Ok((t.name.clone(), data))
 }
 
@@ -165,6 +165,12 @@ fn bind(
 
 /// Reads one `test_data_set_N` folder.
 pub fn read_test_data_set(model: &Model, dir: &Path) -> Result<Case> {
+    let (in_names, out_names) = io_names(model);
+    read_test_data_set_named(&in_names, &out_names, dir)
+}
+
+/// The names of the model's real inputs and of its outputs.
+pub(crate) fn io_names(model: &Model) -> (Vec<String>, Vec<String>) {
     let g = Graph::of_model(model);
     let in_names: Vec<String> = g.real_inputs().iter().map(|v| v.name.clone()).collect();
     let out_names: Vec<String> = model
@@ -173,6 +179,42 @@ pub fn read_test_data_set(model: &Model, dir: &Path) -> Result<Case> {
         .iter()
         .map(|v| v.name.clone())
         .collect();
+    (in_names, out_names)
+}
+
+/// The names of the declared dims of each real input (empty for unnamed or fixed ones).
+pub(crate) fn declared_dim_names(model: &Model) -> HashMap<String, Vec<String>> {
+    let g = Graph::of_model(model);
+    g.real_inputs()
+        .into_iter()
+        .map(|v| {
+            let names = match v.type_.as_ref().and_then(|t| t.value.as_ref()) {
+                Some(type_proto::Value::TensorType(t)) => t
+                    .shape
+                    .as_ref()
+                    .map(|s| {
+                        s.dim
+                            .iter()
+                            .map(|d| match &d.value {
+                                Some(Dim::DimParam(p)) => p.clone(),
+                                _ => String::new(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                _ => vec![],
+            };
+            (v.name.clone(), names)
+        })
+        .collect()
+}
+
+/// Reads one `test_data_set_N` folder for a model with these input and output names.
+pub(crate) fn read_test_data_set_named(
+    in_names: &[String],
+    out_names: &[String],
+    dir: &Path,
+) -> Result<Case> {
     let root = data_root(dir)?;
     let inputs = numbered_files(dir, "input_")?
         .iter()
@@ -188,7 +230,7 @@ pub fn read_test_data_set(model: &Model, dir: &Path) -> Result<Case> {
     let expected = if outputs.is_empty() {
         vec![]
     } else {
-        bind(outputs, &out_names, "output", dir)?
+        bind(outputs, out_names, "output", dir)?
     };
     let labels_path = dir.join("labels.npy");
     let labels = if labels_path.exists() {
@@ -198,7 +240,7 @@ pub fn read_test_data_set(model: &Model, dir: &Path) -> Result<Case> {
     };
     Ok(Case {
         source: dir.display().to_string(),
-        inputs: bind(inputs, &in_names, "input", dir)?,
+        inputs: bind(inputs, in_names, "input", dir)?,
         expected,
         labels,
     })
@@ -209,75 +251,21 @@ pub fn read_labels(path: &Path) -> Result<Vec<i64>> {
     read_labels_in(path, None)
 }
 
-fn read_labels_in(path: &Path, root: Option<&Path>) -> Result<Vec<i64>> {
-    read_npy(path, root)?.to_i64().ok_or_else(|| Error::Decode {
-        what: path.display().to_string(),
-        reason: "labels must be integers".into(),
+pub(crate) fn read_labels_in(path: &Path, root: Option<&Path>) -> Result<Vec<i64>> {
+    read_npy(path, root)?.to_i64().ok_or_else(|| {
+        super::source::bad_data(
+            &path.display().to_string(),
+            "labels must be integers (an int64 or int32 array, one label per row)",
+        )
     })
 }
 
-/// Reads a data set for calibration or evaluation: a `test_data_set_N` folder or a folder of
-/// them (with optional `labels.npy` in each), or a folder of `.npy` / `.npz` files. A `.npy`
-/// feeds the model's only input; an `.npz` holds arrays named after the inputs. An array whose
-/// rank is the input's declared rank + 1 holds several samples stacked on a new leading axis.
-/// A `labels.npy` beside `.npy` files labels their rows in file order.
+/// Reads a whole data set into memory: every sample [`super::open_data`] finds in `dir` (a
+/// folder or a single file), with images taken at the model's declared size. Prefer
+/// [`super::open_data`], which reads samples as they are needed.
 pub fn read_dataset(model: &Model, dir: &Path) -> Result<Vec<Case>> {
-    if dir.join("input_0.pb").exists() || has_test_data_sets(dir) {
-        return read_cases(model, dir);
-    }
-    let decl = declared_inputs(model)?;
-    let root = data_root(dir)?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-            let stem = p.file_stem().and_then(|e| e.to_str()).unwrap_or("");
-            (ext == "npy" || ext == "npz") && stem != "labels" && stem != "indices"
-        })
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(Error::Usage(format!(
-            "{}: no test_data_set_N folder, input_0.pb, .npy or .npz file",
-            dir.display()
-        )));
-    }
-    let mut cases = Vec::new();
-    for f in &files {
-        let arrays: Vec<(String, TensorData)> = if f.extension().is_some_and(|e| e == "npz") {
-            read_npz(f, Some(&root))?
-        } else {
-            if decl.len() != 1 {
-                return Err(Error::Usage(format!(
-                    "{}: a .npy file feeds a single-input model; this one has {} inputs (use .npz)",
-                    f.display(),
-                    decl.len()
-                )));
-            }
-            vec![(decl[0].0.clone(), read_npy(f, Some(&root))?)]
-        };
-        for (name, _, _) in &decl {
-            if !arrays.iter().any(|(n, _)| n == name) {
-                return Err(Error::input(
-                    name,
-                    format!("{}: no array for this input", f.display()),
-                ));
-            }
-        }
-        cases.extend(split_samples(
-            &decl,
-            arrays,
-            &f.display().to_string(),
-            None,
-        )?);
-    }
-    let labels_path = dir.join("labels.npy");
-    if labels_path.exists() {
-        let labels = read_labels_in(&labels_path, Some(&root))?;
-        label_rows(&mut cases, &labels, &labels_path.display().to_string())?;
-    }
-    Ok(cases)
+    let source = super::source::open_data(model, dir, &super::image::Preprocess::default())?;
+    super::source::collect(source.as_ref())
 }
 
 /// Labels the rows of `cases` in order with `labels`, for accuracy; `what` names the labels
@@ -420,7 +408,7 @@ fn split_samples(
         .collect())
 }
 
-fn has_test_data_sets(dir: &Path) -> bool {
+pub(crate) fn has_test_data_sets(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|rd| {
         rd.filter_map(|e| e.ok()).any(|e| {
             e.file_name()
@@ -430,7 +418,7 @@ fn has_test_data_sets(dir: &Path) -> bool {
     })
 }
 
-fn slice_axis0(t: &TensorData, from: usize, to: usize) -> TensorData {
+pub(crate) fn slice_axis0(t: &TensorData, from: usize, to: usize) -> TensorData {
     macro_rules! pick {
         ($v:ident, $a:expr) => {
             TensorData::$v(
@@ -479,16 +467,17 @@ fn index_axis0(t: &TensorData, k: usize) -> TensorData {
     }
 }
 
+/// The most bytes an `.npz` entry is inflated to (4 GiB): compressed arrays are held in
+/// memory.
+pub const MAX_NPZ_INFLATED: u64 = 1 << 32;
+
 /// The arrays of an `.npz` file (a zip of `.npy` files), each checked like a `.npy` file.
 /// An entry is decompressed into memory before its header is trusted, so what is allocated is
 /// bounded by the data really there, never by what a header or the zip directory declares.
-fn read_npz(path: &Path, root: Option<&Path>) -> Result<Vec<(String, TensorData)>> {
+pub(crate) fn read_npz(path: &Path, root: Option<&Path>) -> Result<Vec<(String, TensorData)>> {
     use std::io::Read;
     let bytes = read_data_file(path, root)?;
-    let bad = |e: String| Error::Decode {
-        what: path.display().to_string(),
-        reason: e,
-    };
+    let bad = |e: String| super::source::bad_data(&path.display().to_string(), e);
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes.as_slice()))
         .map_err(|e| bad(format!("not an .npz (zip) file: {e}")))?;
     let mut out = Vec::new();
@@ -498,8 +487,28 @@ fn read_npz(path: &Path, root: Option<&Path>) -> Result<Vec<(String, TensorData)
             continue;
         }
         let name = entry.name().to_string();
+        // A compressed entry may expand far beyond the file: read at most what deflate can
+        // produce from its compressed bytes (1032:1), within MAX_NPZ_INFLATED.
+        let cap = if entry.compression() == zip::CompressionMethod::Stored {
+            entry.compressed_size()
+        } else {
+            entry
+                .compressed_size()
+                .saturating_mul(1032)
+                .min(MAX_NPZ_INFLATED)
+        };
+        if entry.size() > cap {
+            return Err(bad(format!(
+                "array '{name}' declares {} bytes, more than the {cap} bytes qfold inflates from \
+                 it (MAX_NPZ_INFLATED): save it uncompressed (np.savez), which is read one \
+                 sample at a time",
+                entry.size()
+            )));
+        }
         let mut data = Vec::new();
-        entry
+        let declared = entry.size();
+        (&mut entry)
+            .take(declared)
             .read_to_end(&mut data)
             .map_err(|e| bad(format!("array '{name}': {e}")))?;
         let what = format!("{}: array '{name}'", path.display());
@@ -527,21 +536,23 @@ fn read_npy(path: &Path, root: Option<&Path>) -> Result<TensorData> {
 }
 
 /// The header of an `.npy` stream.
-fn npy_header(r: &mut impl std::io::Read, what: &str) -> Result<ndarray_npy::npy::header::Header> {
-    ndarray_npy::npy::header::Header::from_reader(r).map_err(|e| Error::Decode {
-        what: what.to_string(),
-        reason: format!("bad .npy header: {e}"),
-    })
+pub(crate) fn npy_header(
+    r: &mut impl std::io::Read,
+    what: &str,
+) -> Result<ndarray_npy::npy::header::Header> {
+    ndarray_npy::npy::header::Header::from_reader(r)
+        .map_err(|e| super::source::bad_data(what, format!("bad .npy header: {e}")))
 }
 
 /// The element kind of an `.npy` array (`f4`, `i8`, `b1`...), once its shape times its element
 /// size is known to fit in the `held` bytes that follow the header: nothing the header
 /// declares is allocated before this check.
-fn npy_kind(header: &ndarray_npy::npy::header::Header, held: u64, what: &str) -> Result<String> {
-    let bad = |reason: String| Error::Decode {
-        what: what.to_string(),
-        reason,
-    };
+pub(crate) fn npy_kind(
+    header: &ndarray_npy::npy::header::Header,
+    held: u64,
+    what: &str,
+) -> Result<String> {
+    let bad = |reason: String| super::source::bad_data(what, reason);
     let descr = header.type_descriptor.to_string();
     let kind = descr
         .trim_matches(|c| c == '\'' || c == '"')
@@ -567,12 +578,9 @@ fn npy_kind(header: &ndarray_npy::npy::header::Header, held: u64, what: &str) ->
 }
 
 /// Reads a whole `.npy` stream (header included) whose element kind is `kind`.
-fn npy_read(r: impl std::io::Read, kind: String, what: &str) -> Result<TensorData> {
+pub(crate) fn npy_read(r: impl std::io::Read, kind: String, what: &str) -> Result<TensorData> {
     use ndarray_npy::ReadNpyExt;
-    let bad = |reason: String| Error::Decode {
-        what: what.to_string(),
-        reason,
-    };
+    let bad = |reason: String| super::source::bad_data(what, reason);
     macro_rules! read {
         ($ty:ty, $v:ident) => {
             ArrayD::<$ty>::read_npy(r)
@@ -599,7 +607,7 @@ fn npy_read(r: impl std::io::Read, kind: String, what: &str) -> Result<TensorDat
 }
 
 /// Decodes an `.npy` file held in memory (an `.npz` entry), checked like [`read_npy`].
-fn npy_array(bytes: &[u8], what: &str) -> Result<TensorData> {
+pub(crate) fn npy_array(bytes: &[u8], what: &str) -> Result<TensorData> {
     let mut rest = bytes;
     let header = npy_header(&mut rest, what)?;
     let kind = npy_kind(&header, rest.len() as u64, what)?;
@@ -643,6 +651,15 @@ pub fn read_cases(model: &Model, dir: &Path) -> Result<Vec<Case>> {
     if dir.join("input_0.pb").exists() {
         return Ok(vec![read_test_data_set(model, dir)?]);
     }
+    let (in_names, out_names) = io_names(model);
+    test_data_set_dirs(dir)?
+        .iter()
+        .map(|p| read_test_data_set_named(&in_names, &out_names, p))
+        .collect()
+}
+
+/// The `test_data_set_*` subfolders of `dir` in numeric order, each confined to `dir`.
+pub(crate) fn test_data_set_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     let root = data_root(dir)?;
     let mut sets: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
@@ -661,10 +678,10 @@ pub fn read_cases(model: &Model, dir: &Path) -> Result<Vec<Case>> {
             dir.display()
         )));
     }
-    sets.iter()
+    sets.into_iter()
         .map(|(_, p)| {
-            crate::files::confined(&root, p).map_err(Error::Usage)?;
-            read_test_data_set(model, p)
+            crate::files::confined(&root, &p).map_err(Error::Usage)?;
+            Ok(p)
         })
         .collect()
 }

@@ -131,6 +131,9 @@ pub struct Comparison {
     pub criterion: Criterion,
     pub outputs: Vec<OutputMetrics>,
     pub passed: bool,
+    /// How the input data were read (layouts, casts, files left out), when worth saying.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 fn argmax(row: impl Iterator<Item = f64>) -> usize {
@@ -283,6 +286,7 @@ impl Comparer {
             criterion,
             passed: outputs.iter().all(|o| o.passed),
             outputs,
+            notes: vec![],
         }
     }
 }
