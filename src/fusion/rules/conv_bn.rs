@@ -16,13 +16,21 @@
 
 use super::{
     bn_affine, decline_unless, float_const, float_vector, folded, is_op, label, or_decline,
-    single_use, write_weight_and_bias, Outcome,
+    raw_f32_initializer, single_use, write_bias, write_raw_f32, write_weight_and_bias, Outcome,
 };
 use crate::error::Result;
 use crate::fusion::fold;
 use crate::fusion::patterns::GroupKind;
 use crate::graph::{Graph, Names, Patch};
 use crate::onnx::attr::{self, defaults};
+use crate::onnx::ElemType;
+
+/// A Conv weight as the rule reads it.
+enum Weight<'a> {
+    /// Float32 raw bytes of the declared size, folded without decoding.
+    Raw(&'a crate::onnx::proto::TensorProto),
+    Decoded(ndarray::ArrayD<f64>),
+}
 
 /// Folds the BN at node `bn` into the Conv or ConvTranspose before it.
 pub fn conv_bn(g: &Graph, bn: usize, names: &mut Names) -> Result<Option<Outcome>> {
@@ -44,17 +52,35 @@ pub fn conv_bn(g: &Graph, bn: usize, names: &mut Names) -> Result<Option<Outcome
         decline_unless!(false, nodes, "{r}");
     }
     let bn_aff = or_decline!(bn_affine(g, bn)?, nodes);
-    let (w, wty) = or_decline!(float_const(g, &conv.input[1])?, nodes, "weight");
+    // A float32 Conv weight in raw bytes (large models' form) is folded straight on its
+    // bytes; anything else is decoded to f64. Same arithmetic either way.
+    let raw = if transpose {
+        None
+    } else {
+        raw_f32_initializer(g, &conv.input[1])
+    };
+    let (weight, wty, shape) = match raw {
+        Some(t) => (
+            Weight::Raw(t),
+            ElemType::F32,
+            t.dims.iter().map(|&d| d as usize).collect::<Vec<_>>(),
+        ),
+        None => {
+            let (w, ty) = or_decline!(float_const(g, &conv.input[1])?, nodes, "weight");
+            let shape = w.shape().to_vec();
+            (Weight::Decoded(w), ty, shape)
+        }
+    };
     let bias = match conv.input.get(2).filter(|s| !s.is_empty()) {
         None => None,
         Some(b) => Some(or_decline!(float_vector(g, b)?, nodes, "bias")),
     };
-    decline_unless!(w.ndim() >= 3, nodes, "weight has rank {}", w.ndim());
+    decline_unless!(shape.len() >= 3, nodes, "weight has rank {}", shape.len());
     let group = attr::int(conv, "group", defaults::GROUP)? as usize;
     let out_channels = if transpose {
-        w.shape()[1].checked_mul(group)
+        shape[1].checked_mul(group)
     } else {
-        Some(w.shape()[0])
+        Some(shape[0])
     };
     decline_unless!(
         out_channels == Some(bn_aff.channels()),
@@ -65,7 +91,7 @@ pub fn conv_bn(g: &Graph, bn: usize, names: &mut Names) -> Result<Option<Outcome
         bn_aff.channels()
     );
     decline_unless!(
-        !transpose || w.shape()[0] % group == 0,
+        !transpose || shape[0] % group == 0,
         nodes,
         "weight's input channels do not divide into {group} groups"
     );
@@ -78,13 +104,36 @@ pub fn conv_bn(g: &Graph, bn: usize, names: &mut Names) -> Result<Option<Outcome
             bn_aff.channels()
         );
     }
-    let (w2, b2) = if transpose {
-        fold::fold_conv_transpose(&w, bias.as_ref(), group, &bn_aff)
-    } else {
-        fold::fold_conv(&w, bias.as_ref(), &bn_aff)
-    };
     let mut patch = Patch::new(format!("fold {}", nodes.join("+")));
-    let (wname, bname) = write_weight_and_bias(g, &mut patch, names, conv, (w2, b2), wty)?;
+    let (wname, bname) = match weight {
+        Weight::Raw(t) => {
+            let scale = bn_aff.scale.to_vec();
+            let folded_raw = fold::fold_conv_raw_f32(&t.raw_data, &scale);
+            let folded_raw = or_decline!(
+                folded_raw.ok_or("weight bytes do not split into the output channels"),
+                nodes,
+                "weight"
+            );
+            let wname = write_raw_f32(
+                g,
+                &mut patch,
+                names,
+                &conv.input[1],
+                t.dims.clone(),
+                folded_raw,
+            );
+            let b2 = bn_aff.fold_bias(bias.as_ref());
+            (wname, write_bias(g, &mut patch, names, conv, b2, wty)?)
+        }
+        Weight::Decoded(w) => {
+            let (w2, b2) = if transpose {
+                fold::fold_conv_transpose(&w, bias.as_ref(), group, &bn_aff)
+            } else {
+                fold::fold_conv(&w, bias.as_ref(), &bn_aff)
+            };
+            write_weight_and_bias(g, &mut patch, names, conv, (w2, b2), wty)?
+        }
+    };
     let mut fused = conv.clone();
     fused.input = vec![conv.input[0].clone(), wname, bname];
     fused.output = vec![bnn.output[0].clone()];

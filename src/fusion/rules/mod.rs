@@ -39,7 +39,7 @@ use crate::error::Result;
 use crate::graph::engine;
 use crate::graph::{ConstSource, Graph, Names, Patch};
 use crate::onnx::attr::{self, defaults};
-use crate::onnx::proto::NodeProto;
+use crate::onnx::proto::{NodeProto, TensorProto};
 use crate::onnx::{ElemType, TensorData};
 
 pub use crate::graph::engine::label;
@@ -213,17 +213,76 @@ pub fn write_weight_and_bias(
     ty: ElemType,
 ) -> Result<(String, String)> {
     let wname = write_const(g, patch, names, &conv.input[1], w, ty)?;
-    let bname = match conv.input.get(2).filter(|s| !s.is_empty()) {
-        Some(bias) => write_const(g, patch, names, bias, b.into_dyn(), ty)?,
+    let bname = write_bias(g, patch, names, conv, b, ty)?;
+    Ok((wname, bname))
+}
+
+/// Writes a Conv's folded bias (a new initializer when it had none); returns its name.
+pub fn write_bias(
+    g: &Graph,
+    patch: &mut Patch,
+    names: &mut Names,
+    conv: &NodeProto,
+    b: Array1<f64>,
+    ty: ElemType,
+) -> Result<String> {
+    match conv.input.get(2).filter(|s| !s.is_empty()) {
+        Some(bias) => write_const(g, patch, names, bias, b.into_dyn(), ty),
         None => new_const(
             patch,
             names,
             &format!("{}_bias", conv.input[1]),
             b.into_dyn(),
             ty,
-        )?,
+        ),
+    }
+}
+
+/// A float32 initializer held as raw bytes of exactly its declared size (the form large
+/// weights take), for folds computed straight on the bytes.
+pub fn raw_f32_initializer<'a>(g: &Graph<'a>, name: &str) -> Option<&'a TensorProto> {
+    if !matches!(g.const_source(name), Some(ConstSource::Initializer(_))) {
+        return None;
+    }
+    let t = g.initializer(name)?;
+    let count = t.dims.iter().try_fold(1usize, |n, &d| {
+        usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
+    })?;
+    (t.data_type == ElemType::F32.onnx_code()
+        && !t.raw_data.is_empty()
+        && count.checked_mul(4) == Some(t.raw_data.len()))
+    .then_some(t)
+}
+
+/// [`write_const`] for a float32 tensor of shape `dims` already in raw little-endian bytes:
+/// the same initializer `TensorData::to_proto` would make.
+pub fn write_raw_f32(
+    g: &Graph,
+    patch: &mut Patch,
+    names: &mut Names,
+    orig: &str,
+    dims: Vec<i64>,
+    raw: Vec<u8>,
+) -> String {
+    let private = matches!(g.const_source(orig), Some(ConstSource::Initializer(_)))
+        && g.consumers(orig).len() == 1
+        && !g.is_output(orig);
+    let name = if private {
+        orig.to_string()
+    } else {
+        names.fresh(&format!("{orig}_fused"))
     };
-    Ok((wname, bname))
+    let mut t = TensorProto::new();
+    t.name = name.clone();
+    t.data_type = ElemType::F32.onnx_code();
+    t.dims = dims;
+    t.raw_data = raw;
+    if private {
+        patch.replace_initializer(t);
+    } else {
+        patch.add_initializer(t);
+    }
+    name
 }
 
 /// A 1-D array of any array's values, in order.
