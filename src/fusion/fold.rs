@@ -89,15 +89,19 @@ pub fn fold_conv_raw_f32(raw: &[u8], scale: &[f64]) -> Option<Vec<u8>> {
     if channels == 0 || !raw.len().is_multiple_of(4) || !(raw.len() / 4).is_multiple_of(channels) {
         return None;
     }
-    let per_channel = raw.len() / 4 / channels * 4;
-    let mut out = Vec::with_capacity(raw.len());
-    for (slice, &s) in raw.chunks_exact(per_channel.max(4)).zip(scale) {
-        for v in slice.chunks_exact(4) {
+    let per_channel = (raw.len() / 4 / channels * 4).max(4);
+    let mut out = vec![0u8; raw.len()];
+    for ((src, dst), &s) in raw
+        .chunks_exact(per_channel)
+        .zip(out.chunks_exact_mut(per_channel))
+        .zip(scale)
+    {
+        for (v, o) in src.chunks_exact(4).zip(dst.chunks_exact_mut(4)) {
             let w = f32::from_le_bytes([v[0], v[1], v[2], v[3]]);
-            out.extend_from_slice(&(((w as f64) * s) as f32).to_le_bytes());
+            o.copy_from_slice(&(((w as f64) * s) as f32).to_le_bytes());
         }
     }
-    (out.len() == raw.len()).then_some(out)
+    Some(out)
 }
 
 /// ConvTranspose, weight `[C, M/g, k...]` with `group` groups: the output channel of `W[i, j]`

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::observe::{Method, Observer, Target};
 use crate::error::{Error, Result};
 use crate::onnx::{Model, TensorData};
-use crate::runtime::Runner;
+use crate::runtime::{Output, Runner};
 use crate::verify::SampleSource;
 
 /// Calibrated ranges by value name, with how they were obtained; saved and loaded as JSON so
@@ -139,6 +139,13 @@ pub fn observe<S: SampleSource + ?Sized>(
             })
         })
         .collect::<Result<_>>()?;
+    // For each output of the runner, the observer of the value it is, if any.
+    let mut observer_of: Vec<Option<usize>> = vec![None; runner.output_names().len()];
+    for (i, &p) in positions.iter().enumerate() {
+        if let Some(slot) = observer_of.get_mut(p) {
+            *slot = Some(i);
+        }
+    }
     let threads = if matches!(method, Method::MovingAverage { .. }) {
         1
     } else if threads == 0 {
@@ -162,20 +169,29 @@ pub fn observe<S: SampleSource + ?Sized>(
         let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new(method)).collect();
         for k in b * BLOCK..((b + 1) * BLOCK).min(samples.len()) {
             let s = samples.read(k)?;
-            let out = runner.run(&s.inputs).map_err(|e| match e {
-                Error::Input { input, reason } => Error::Input {
-                    input,
-                    reason: format!("{}: {reason}", s.source),
-                },
-                Error::Runtime { context, reason } => Error::Runtime {
-                    context: format!("{}: {context}", s.source),
-                    reason,
-                },
-                e => e,
-            })?;
-            for ((o, &p), v) in obs.iter_mut().zip(&positions).zip(values) {
-                o.observe(&as_f32(v, &out[p])?);
-            }
+            let mut visit = |p: usize, out: Output<'_>| -> Result<()> {
+                let Some(&i) = observer_of.get(p).and_then(Option::as_ref) else {
+                    return Ok(());
+                };
+                match out {
+                    Output::F32(values) => obs[i].observe(values),
+                    Output::Data(t) => obs[i].observe(&as_f32(&values[i], &t)?),
+                }
+                Ok(())
+            };
+            runner
+                .run_visit(&s.inputs, &mut visit)
+                .map_err(|e| match e {
+                    Error::Input { input, reason } => Error::Input {
+                        input,
+                        reason: format!("{}: {reason}", s.source),
+                    },
+                    Error::Runtime { context, reason } => Error::Runtime {
+                        context: format!("{}: {context}", s.source),
+                        reason,
+                    },
+                    e => e,
+                })?;
             progress.lock().expect("progress lock").inc();
         }
         Ok(obs)

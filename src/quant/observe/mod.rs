@@ -291,14 +291,45 @@ impl Extremes {
         count: 0,
     };
 
+    /// The finite values' extremes and count. Written lane-wise with selects, which the
+    /// compiler vectorizes (`f32::min` with its NaN rule does not): calibration runs this over
+    /// every activation of every sample. Min and max do not depend on the order they are taken
+    /// in, so the result is the scalar loop's.
     fn of(values: &[f32]) -> Extremes {
-        let mut extremes = Extremes::EMPTY;
-        for &v in values.iter().filter(|v| v.is_finite()) {
-            extremes.min = extremes.min.min(v);
-            extremes.max = extremes.max.max(v);
-            extremes.count += 1;
+        const LANES: usize = 16;
+        let mut lo = [f32::INFINITY; LANES];
+        let mut hi = [f32::NEG_INFINITY; LANES];
+        let mut count = [0u32; LANES];
+        let mut total: u64 = 0;
+        // u32 lane counts cannot overflow within a block of 2^32 - 1 chunks
+        for block in values.chunks(LANES * (u32::MAX as usize)) {
+            let chunks = block.chunks_exact(LANES);
+            let rest = chunks.remainder();
+            for chunk in chunks {
+                for i in 0..LANES {
+                    let v = chunk[i];
+                    // false for NaN and the infinities
+                    let finite = v.abs() < f32::INFINITY;
+                    let low = if finite { v } else { f32::INFINITY };
+                    let high = if finite { v } else { f32::NEG_INFINITY };
+                    lo[i] = if low < lo[i] { low } else { lo[i] };
+                    hi[i] = if high > hi[i] { high } else { hi[i] };
+                    count[i] += u32::from(finite);
+                }
+            }
+            for &v in rest.iter().filter(|v| v.is_finite()) {
+                lo[0] = lo[0].min(v);
+                hi[0] = hi[0].max(v);
+                total += 1;
+            }
+            total += count.iter().map(|&c| u64::from(c)).sum::<u64>();
+            count = [0; LANES];
         }
-        extremes
+        Extremes {
+            min: lo.iter().fold(f32::INFINITY, |m, &v| m.min(v)),
+            max: hi.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)),
+            count: total,
+        }
     }
 
     fn is_empty(&self) -> bool {
