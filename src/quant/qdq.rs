@@ -99,50 +99,77 @@ fn scale_tensor(s: &[f32], per_axis: bool) -> TensorData {
     TensorData::F32(ArrayD::from_shape_vec(IxDyn(&shape), s.to_vec()).expect("shape matches"))
 }
 
+/// A weight's values as float32, in standard (row-major) layout. Every float type converts
+/// exactly or, from f64, with the one rounding quantization applied anyway (the range and
+/// each value were rounded to f32 before); float32 data is taken as decoded, not copied.
+fn weight_values(t: TensorData) -> ArrayD<f32> {
+    match t {
+        TensorData::F32(a) if a.is_standard_layout() => a,
+        t => {
+            let a = t.to_f64().mapv(|v| v as f32);
+            if a.is_standard_layout() {
+                a
+            } else {
+                a.as_standard_layout().into_owned()
+            }
+        }
+    }
+}
+
+/// For element `k` of a row-major tensor of `shape`, its index along `axis`.
+fn channel_of(shape: &[usize], axis: usize) -> impl Fn(usize) -> usize {
+    let inner: usize = shape.get(axis + 1..).map_or(1, |s| s.iter().product());
+    let channels = shape.get(axis).copied().unwrap_or(1).max(1);
+    move |k| (k / inner.max(1)) % channels
+}
+
 /// Per-channel (or per-tensor) parameters of a weight.
 fn weight_params(
-    w: &ArrayD<f64>,
+    w: &ArrayD<f32>,
     axis: Option<usize>,
     grid: (i32, i32),
     symmetric: bool,
 ) -> Vec<ScaleZp> {
-    let range = |it: &mut dyn Iterator<Item = f64>| {
-        it.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+    let range = |it: &mut dyn Iterator<Item = f32>| {
+        it.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), v| {
             (lo.min(v), hi.max(v))
         })
     };
     match axis {
         None => {
             let (lo, hi) = range(&mut w.iter().copied());
-            vec![compute_scale_zp(
-                lo as f32, hi as f32, grid.0, grid.1, symmetric,
-            )]
+            vec![compute_scale_zp(lo, hi, grid.0, grid.1, symmetric)]
         }
         Some(ax) => w
             .axis_iter(Axis(ax))
             .map(|c| {
                 let (lo, hi) = range(&mut c.iter().copied());
-                compute_scale_zp(lo as f32, hi as f32, grid.0, grid.1, symmetric)
+                compute_scale_zp(lo, hi, grid.0, grid.1, symmetric)
             })
             .collect(),
     }
 }
 
 fn quantize_weight(
-    w: &ArrayD<f64>,
+    w: &ArrayD<f32>,
     axis: Option<usize>,
     params: &[ScaleZp],
     grid: (i32, i32),
 ) -> Vec<i32> {
-    let mut q = Vec::with_capacity(w.len());
-    for (idx, &v) in w.indexed_iter() {
-        let p = match axis {
-            None => params[0],
-            Some(ax) => params[idx[ax]],
-        };
-        q.push(quantize(v as f32, p, grid.0, grid.1));
+    // `iter` walks in logical (row-major) order, which `channel_of` indexes
+    match axis {
+        None => w
+            .iter()
+            .map(|&v| quantize(v, params[0], grid.0, grid.1))
+            .collect(),
+        Some(ax) => {
+            let channel = channel_of(w.shape(), ax);
+            w.iter()
+                .enumerate()
+                .map(|(k, &v)| quantize(v, params[channel(k)], grid.0, grid.1))
+                .collect()
+        }
     }
-    q
 }
 
 fn new_node(op: &str, name: String, inputs: Vec<String>, output: String) -> NodeProto {
@@ -154,8 +181,9 @@ fn new_node(op: &str, name: String, inputs: Vec<String>, output: String) -> Node
     n
 }
 
-/// A weight's data and its per-channel (or single) parameters, by tensor name and axis.
-type WeightTable = BTreeMap<(String, Option<usize>), (ArrayD<f64>, Vec<ScaleZp>)>;
+/// A weight's per-channel (or single) parameters, by tensor name and axis. The values are
+/// read again when the weight is quantized, so one weight at a time is held decoded.
+type WeightTable = BTreeMap<(String, Option<usize>), Vec<ScaleZp>>;
 
 /// A quantized bias: node, input slot, tensor name, int32 values, per-channel scales.
 struct QuantizedBias {
@@ -294,10 +322,10 @@ pub fn materialize(
         if weights.contains_key(&key) {
             continue;
         }
-        let data = g
-            .constant(&w.tensor)?
-            .ok_or_else(|| Error::tensor(&w.tensor, "weight is not constant"))?
-            .to_f64();
+        let data = weight_values(
+            g.constant(&w.tensor)?
+                .ok_or_else(|| Error::tensor(&w.tensor, "weight is not constant"))?,
+        );
         if let Some(ax) = w.axis {
             if ax >= data.ndim() {
                 return Err(Error::tensor(
@@ -307,7 +335,7 @@ pub fn materialize(
             }
         }
         let p = weight_params(&data, w.axis, wgrid, opts.symmetric_weights);
-        weights.insert(key, (data, p));
+        weights.insert(key, p);
     }
     let mut bias_q: Vec<QuantizedBias> = Vec::new();
     let mut weight_of: HashMap<(&str, &str), &WeightUse> = HashMap::new();
@@ -331,7 +359,7 @@ pub fn materialize(
             .ok_or_else(|| Error::tensor(&b.tensor, "bias is not constant"))?
             .to_f64();
         let m = bias.len();
-        let (_, wp) = weights
+        let wp = weights
             .get_mut(&key)
             .expect("weights of every bias are planned");
         let per_ch = wp.len();
@@ -372,8 +400,12 @@ pub fn materialize(
 
     // Emit weights.
     let mut weight_outputs: HashMap<(String, Option<usize>), String> = HashMap::new();
-    for ((tensor, axis), (data, params)) in &weights {
-        let q = quantize_weight(data, *axis, params, wgrid);
+    for ((tensor, axis), params) in &weights {
+        let data = weight_values(
+            g.constant(tensor)?
+                .ok_or_else(|| Error::tensor(tensor, "weight is not constant"))?,
+        );
+        let q = quantize_weight(&data, *axis, params, wgrid);
         let qname = names.fresh(&format!("{tensor}_quantized"));
         let sname = names.fresh(&format!("{tensor}_scale"));
         let zname = names.fresh(&format!("{tensor}_zero_point"));
