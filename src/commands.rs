@@ -215,6 +215,13 @@ fn load(path: &Path) -> Result<Model> {
     crate::onnx::load(path)
 }
 
+/// Loads a model to be run only, its external data left in the files for tract to read
+/// ([`crate::onnx::load_lazy`]), showing progress.
+fn lazy(path: &Path) -> Result<Model> {
+    let _p = progress::phase(format!("loading {}", path.display()));
+    crate::onnx::load_lazy(path)
+}
+
 /// `qfold inspect`: what is inside a model.
 pub fn inspect_file(model: &Path) -> Result<ModelSummary> {
     Ok(summarize(load(model)?))
@@ -277,7 +284,9 @@ pub fn fuse_file(
                 })?,
             };
             let cases = c.inputs.open(&fused)?;
-            Some((fused.clone(), cases, criterion))
+            // the reference read again with its external data left in the files: tract
+            // reads it, and no copy of the weights stays in memory beside the fused ones
+            Some((lazy(model)?, cases, criterion))
         }
         None => None,
     };
@@ -336,7 +345,7 @@ pub fn convert_file(
     dest.check_against(&q)?;
     // The QDQ model is kept (one copy) only when it is checked against.
     let checked = match check {
-        Some((inputs, db)) => Some((q.clone(), inputs.open(&q)?, db)),
+        Some((inputs, db)) => Some((lazy(model)?, inputs.open(&q)?, db)),
         None => None,
     };
     let p = progress::phase("converting to QOperator form");
@@ -424,12 +433,12 @@ pub fn check_files(
     inputs: Inputs,
     criterion: Option<Criterion>,
 ) -> Result<Comparison> {
-    let model_a = load(a)?;
+    let model_a = lazy(a)?;
     let crit = criterion.unwrap_or_else(|| tolerance::for_model(&model_a));
     inputs.check_count("--random")?;
     match b {
         Some(bp) => {
-            let model_b = load(bp)?;
+            let model_b = lazy(bp)?;
             let cases = inputs.open(&model_a)?;
             verify::compare_models(&model_a, &model_b, cases.as_ref(), crit)
         }

@@ -490,7 +490,7 @@ impl Runner {
         let graph = Graph::of_model(model);
         graph.check()?;
         // tract reports bad tensor data without naming the tensor, or not at all.
-        for_each_tensor(&model.proto, &mut |t| check_proto(t))?;
+        for_each_tensor(&model.proto, &mut check_for_runner)?;
         let real_inputs: Vec<String> = graph.real_inputs().iter().map(|v| v.name.clone()).collect();
         let mut facts = Vec::with_capacity(real_inputs.len());
         for name in &real_inputs {
@@ -531,11 +531,27 @@ impl Runner {
         outputs.extend(extra_outputs.iter().cloned());
         let proto = tract_proto_with(model, true)?;
         let selected = &outputs;
+        // External data left in its files (`load_lazy`) is read by tract, through
+        // `FileResolver`, relative to the model's folder.
+        let dir = match &model.dir {
+            Some(d) => Some(d.to_str().map(str::to_string).ok_or_else(|| {
+                Error::Usage(format!("{}: the model's folder is not UTF-8", d.display()))
+            })?),
+            None => None,
+        };
         let typed = guarded("loading the model", move || {
-            let mut m = tract_onnx::onnx()
+            let mut onnx = tract_onnx::onnx()
                 .with_ignore_output_shapes(true)
-                .with_ignore_value_info(true)
-                .model_for_proto_model(&proto)?;
+                .with_ignore_value_info(true);
+            onnx.provider = Arc::new(FileResolver);
+            let parsed = onnx.parse(&proto, dir.as_deref())?;
+            if !parsed.unresolved_inputs.is_empty() {
+                return Err(TractError::msg(format!(
+                    "could not resolve inputs at top level: {:?}",
+                    parsed.unresolved_inputs
+                )));
+            }
+            let mut m = parsed.model;
             // tract holds its own copy of every weight now
             drop(proto);
             for (i, f) in facts.into_iter().enumerate() {
@@ -609,6 +625,78 @@ impl Runner {
     }
 }
 
+/// A tensor's data as the runner checks it: in memory ([`check_proto`]), or left in its file
+/// by [`crate::onnx::load_lazy`], whose length must then be what the shape needs.
+fn check_for_runner(t: &crate::onnx::proto::TensorProto) -> Result<()> {
+    use crate::onnx::proto::tensor_proto::DataLocation;
+    if t.data_location.value() != DataLocation::EXTERNAL as i32 {
+        return check_proto(t);
+    }
+    let count = t.dims.iter().try_fold(1u64, |n, &d| {
+        u64::try_from(d).ok().and_then(|d| n.checked_mul(d))
+    });
+    let size = ElemType::from_onnx(t.data_type).map(|e| e.size() as u64);
+    let length = t
+        .external_data
+        .iter()
+        .find(|e| e.key == "length")
+        .and_then(|e| e.value.parse::<u64>().ok());
+    match (count, size, length) {
+        (Some(c), Some(s), Some(l)) if c.checked_mul(s) == Some(l) => Ok(()),
+        _ => Err(Error::ExternalData {
+            tensor: t.name.clone(),
+            reason: format!(
+                "{} bytes in the file for shape {:?} of {}",
+                length.map_or("an unknown number of".into(), |l| l.to_string()),
+                t.dims,
+                crate::onnx::tensor::onnx_type_name(t.data_type)
+            ),
+        }),
+    }
+}
+
+/// Reads external data for tract the way qfold reads it: a regular file (FIFOs and devices
+/// refused without blocking), the range checked against the file's size before anything is
+/// allocated, exactly `length` bytes. tract has already checked the path stays inside the
+/// model's folder. (tract's own resolver memory-maps the file, which a file truncated under
+/// it turns into a crash.)
+struct FileResolver;
+
+impl tract_onnx::data_resolver::ModelDataResolver for FileResolver {
+    fn read_bytes_from_path(
+        &self,
+        buf: &mut Vec<u8>,
+        p: &std::path::Path,
+        offset: usize,
+        length: Option<usize>,
+    ) -> TractResult<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let (mut f, size) = crate::files::open_regular(p)
+            .map_err(|e| TractError::msg(format!("{}: {e}", p.display())))?;
+        let offset = offset as u64;
+        let length = length.map_or(size.saturating_sub(offset), |l| l as u64);
+        if offset.checked_add(length).is_none_or(|end| end > size) {
+            return Err(TractError::msg(format!(
+                "{}: offset {offset} + length {length} is past the end of the file ({size} bytes)",
+                p.display()
+            )));
+        }
+        let length = usize::try_from(length)?;
+        buf.try_reserve_exact(length)
+            .map_err(|_| TractError::msg(format!("cannot allocate {length} bytes")))?;
+        f.seek(SeekFrom::Start(offset))?;
+        let before = buf.len();
+        (&mut f).take(length as u64).read_to_end(buf)?;
+        if buf.len() - before != length {
+            return Err(TractError::msg(format!(
+                "{}: the file shrank while being read",
+                p.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// An output as [`Runner::run_visit`] hands it over.
 pub enum Output<'a> {
     /// Float32 values, borrowed from tract.
@@ -662,5 +750,38 @@ mod tests {
             }
         }
         assert!(seen > 60, "{seen} models");
+    }
+}
+
+#[cfg(test)]
+mod lazy_tests {
+    use super::*;
+
+    /// A model loaded with its external data left in the file runs in tract (which reads the
+    /// data through `FileResolver`) to the same bits as the model loaded whole; decoding one
+    /// of its tensors in memory is an error naming it.
+    #[test]
+    fn a_lazily_loaded_model_runs_like_the_loaded_one() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("onnx_models/conformance/external_data");
+        let whole = crate::onnx::load(dir.join("model.onnx")).unwrap();
+        let lazy = crate::onnx::load_lazy(dir.join("model.onnx")).unwrap();
+        assert!(!lazy.external.is_empty());
+        let (_, input) =
+            crate::verify::read_tensor_pb(&dir.join("test_data_set_0/input_0.pb")).unwrap();
+        let sample = vec![("x".to_string(), input)];
+        let a = Runner::new(&whole, &sample, &[])
+            .unwrap()
+            .run(&sample)
+            .unwrap();
+        let b = Runner::new(&lazy, &sample, &[])
+            .unwrap()
+            .run(&sample)
+            .unwrap();
+        assert_eq!(a, b);
+        let name = lazy.external.iter().next().unwrap();
+        let g = Graph::of_model(&lazy);
+        let e = g.constant(name).unwrap_err().to_string();
+        assert!(e.contains(name.as_str()) && e.contains("external"), "{e}");
     }
 }

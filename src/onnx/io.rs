@@ -124,10 +124,23 @@ fn encode(proto: &ModelProto, what: &str) -> Result<Vec<u8>> {
 /// regular file (a FIFO or a device is refused without being opened for reading) of at most
 /// protobuf's 2 GiB.
 pub fn load(path: impl AsRef<Path>) -> Result<Model> {
-    let path = path.as_ref();
+    load_with(path.as_ref(), true)
+}
+
+/// [`load`] leaving external data in its files: every reference is checked as `load` checks
+/// it (inside the model's folder, a regular file, the range within it) and written out
+/// explicitly (location, offset, length), but nothing is read. Such a model can only be run
+/// ([`crate::runtime::Runner`] has tract read the data) or inspected: decoding one of its
+/// external tensors is an error. For checking models bigger than memory allows twice.
+pub fn load_lazy(path: impl AsRef<Path>) -> Result<Model> {
+    load_with(path.as_ref(), false)
+}
+
+fn load_with(path: &Path, read_external: bool) -> Result<Model> {
     let bytes = crate::files::read_regular(path, PROTOBUF_LIMIT)?;
     let dir = crate::files::folder_of(path);
-    let mut model = load_bytes(&bytes, Some(&dir), &path.display().to_string())?;
+    let mut model = decode(&bytes, Some(&dir), &path.display().to_string())?;
+    resolve_external(&mut model, read_external)?;
     let canonical = path.canonicalize().map_err(|e| Error::io(path, e))?;
     model.files.insert(0, canonical);
     Ok(model)
@@ -136,6 +149,12 @@ pub fn load(path: impl AsRef<Path>) -> Result<Model> {
 /// Decodes a model from bytes. `dir` is where external data files are looked up (external
 /// data is an error without it); `what` names the source in error messages.
 pub fn load_bytes(bytes: &[u8], dir: Option<&Path>, what: &str) -> Result<Model> {
+    let mut model = decode(bytes, dir, what)?;
+    resolve_external(&mut model, true)?;
+    Ok(model)
+}
+
+fn decode(bytes: &[u8], dir: Option<&Path>, what: &str) -> Result<Model> {
     super::wire::prescan(bytes, super::wire::Msg::Model).map_err(|reason| Error::Decode {
         what: what.into(),
         reason,
@@ -150,14 +169,12 @@ pub fn load_bytes(bytes: &[u8], dir: Option<&Path>, what: &str) -> Result<Model>
             reason: "the message has no graph".into(),
         });
     }
-    let mut model = Model {
+    Ok(Model {
         proto,
         dir: dir.map(Path::to_path_buf),
         external: BTreeSet::new(),
         files: Vec::new(),
-    };
-    resolve_external(&mut model)?;
-    Ok(model)
+    })
 }
 
 /// Calls `f` on every tensor of the model: initializers, Constant and other tensor attributes,
@@ -320,7 +337,7 @@ fn safe_relative(location: &str) -> std::result::Result<PathBuf, String> {
     Ok(p.to_path_buf())
 }
 
-fn resolve_external(model: &mut Model) -> Result<()> {
+fn resolve_external(model: &mut Model, read: bool) -> Result<()> {
     let dir = model.dir.clone();
     // The model folder, canonical, resolved on first need.
     let mut root: Option<PathBuf> = None;
@@ -390,6 +407,22 @@ fn resolve_external(model: &mut Model) -> Result<()> {
                  reads for one tensor (MAX_EXTERNAL_TENSOR_BYTES)",
                 path.display()
             )));
+        }
+        if !read {
+            // Left in the file, with every key explicit for whoever reads it.
+            let entry = |k: &str, v: String| {
+                let mut e = StringStringEntryProto::new();
+                e.key = k.into();
+                e.value = v;
+                e
+            };
+            t.external_data = vec![
+                entry("location", location.clone()),
+                entry("offset", offset.to_string()),
+                entry("length", length.to_string()),
+            ];
+            external.insert(t.name.clone());
+            return Ok(());
         }
         let mut buf = Vec::new();
         buf.try_reserve_exact(length as usize).map_err(|_| {

@@ -10,5 +10,5 @@ pub mod proto {
     pub use onnx_protobuf::*;
 }
 
-pub use io::{load, load_bytes, save, save_in_place, ExternalData, Model, SaveOptions};
+pub use io::{load, load_bytes, load_lazy, save, save_in_place, ExternalData, Model, SaveOptions};
 pub use tensor::{ElemType, TensorData};
