@@ -19,7 +19,8 @@ use ndarray::{ArrayD, Axis, IxDyn};
 use serde::Serialize;
 
 use super::params::{
-    compute_scale_zp, min_weight_scale_for_bias, quantize, quantize_bias, QType, ScaleZp,
+    compute_scale_zp, min_weight_scale_for_bias, quantize, quantize_bias, quantize_fast, QType,
+    ScaleZp,
 };
 use super::plan::{QuantPlan, Source, WeightUse};
 use crate::error::{Error, Result};
@@ -160,13 +161,13 @@ fn quantize_weight(
     match axis {
         None => w
             .iter()
-            .map(|&v| quantize(v, params[0], grid.0, grid.1))
+            .map(|&v| quantize_fast(v, params[0], grid.0, grid.1))
             .collect(),
         Some(ax) => {
             let channel = channel_of(w.shape(), ax);
             w.iter()
                 .enumerate()
-                .map(|(k, &v)| quantize(v, params[channel(k)], grid.0, grid.1))
+                .map(|(k, &v)| quantize_fast(v, params[channel(k)], grid.0, grid.1))
                 .collect()
         }
     }
