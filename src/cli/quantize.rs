@@ -183,8 +183,15 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[S
         r.qdq.biases,
         r.qdq.absorbed.len()
     );
-    for (n, why) in &r.plan.float {
-        println!("  float: {n} ({why})");
+    if !r.plan.float.is_empty() {
+        println!(
+            "  float: {} nodes ({} op types, by node in --json):",
+            r.plan.float.len(),
+            r.plan.float_by_op.len()
+        );
+        for line in r.plan.float_summary() {
+            println!("    {line}");
+        }
     }
     for b in &r.qdq.bias_adjustments {
         println!("  bias: {b}");
