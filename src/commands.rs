@@ -520,6 +520,8 @@ pub struct QuantizeSettings {
     pub fuse: bool,
     /// Keep constant subgraphs, Identity and inference Dropout nodes as they are.
     pub no_constant_folding: bool,
+    /// Initializers that are also graph inputs become constants.
+    pub inputs_as_constants: bool,
     pub threads: usize,
 }
 
@@ -540,6 +542,7 @@ impl Default for QuantizeSettings {
             op_types: vec![],
             fuse: true,
             no_constant_folding: false,
+            inputs_as_constants: false,
             threads: 0,
         }
     }
@@ -640,6 +643,7 @@ impl QuantizeSettings {
             .collect();
         o.fuse = self.fuse;
         o.no_constant_folding = self.no_constant_folding;
+        o.inputs_as_constants = self.inputs_as_constants;
         o.threads = self.threads;
         Ok(o)
     }

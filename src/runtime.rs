@@ -328,6 +328,15 @@ fn from_tract(name: &str, t: &Tensor) -> Result<TensorData> {
         get!(u64, U64)
     } else if dt == bool::datum_type() {
         get!(bool, Bool)
+    } else if dt == TDim::datum_type() {
+        // shape arithmetic (Shape -> Cast -> ...) evaluated by tract: concrete dims are int64
+        TensorData::I64(
+            t.cast_to_dt(i64::datum_type())
+                .map_err(e)?
+                .to_plain_array_view::<i64>()
+                .map_err(e)?
+                .to_owned(),
+        )
     } else {
         return Err(Error::runtime(
             format!("reading output '{name}'"),
@@ -559,7 +568,8 @@ impl Runner {
             }
             m.select_outputs_by_name(selected)?;
             m.into_typed()
-        })?;
+        })
+        .map_err(|e| crate::graph::guard::explain_tract_failure(&graph, e))?;
         check_sizes(&typed, max_elements)?;
         let plan = guarded("optimizing the model", || {
             typed.into_optimized()?.into_runnable()

@@ -166,6 +166,7 @@ fn fuse(
         qat,
         fusers: vec![],
         no_constant_folding: false,
+        inputs_as_constants: false,
     };
     py.allow_threads(|| {
         let dest = destination(&path, out, in_place, external_data_threshold)?;
@@ -259,6 +260,7 @@ impl From<Settings> for QuantizeSettings {
             op_types: s.op_types,
             fuse: s.fuse,
             no_constant_folding: false,
+            inputs_as_constants: false,
             threads: s.threads,
         }
     }

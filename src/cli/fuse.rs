@@ -26,6 +26,10 @@ pub struct Args {
     /// they are folded into initializers and removed before fusing).
     #[arg(long)]
     no_constant_folding: bool,
+    /// Treat initializers that are also graph inputs as constants (for IR >= 4 they are
+    /// defaults a caller may override, so they are not folded otherwise).
+    #[arg(long)]
+    inputs_as_constants: bool,
     /// Run original and fused models in tract and refuse to write when they differ.
     #[arg(long)]
     check: bool,
@@ -71,6 +75,16 @@ pub fn print_report(r: &FuseReport) {
     for note in &r.constants.skipped {
         println!("  constants: {note}");
     }
+    if !r.constants.inputs_as_constants.is_empty() {
+        println!(
+            "  constants: {} graph inputs with an initializer made constant: {}",
+            r.constants.inputs_as_constants.len(),
+            r.constants.inputs_as_constants.join(", ")
+        );
+    }
+    for b in &r.constants.conv_bias_reshaped {
+        println!("  bias shape: {b}");
+    }
     for g in &r.groups {
         let how = match (&g.fuser, g.folded) {
             (Some(f), _) => format!("custom fuser {f}"),
@@ -105,6 +119,7 @@ pub fn run(args: Args) -> Result<i32> {
         qat: args.qat,
         fusers: vec![],
         no_constant_folding: args.no_constant_folding,
+        inputs_as_constants: args.inputs_as_constants,
     };
     let check = args.check.then(|| FuseCheck {
         inputs: match &args.inputs {

@@ -79,6 +79,10 @@ pub struct Args {
     /// fusion folds and removes them first).
     #[arg(long)]
     no_constant_folding: bool,
+    /// Treat initializers that are also graph inputs as constants (for IR >= 4 they are
+    /// defaults a caller may override, so they are not folded otherwise).
+    #[arg(long)]
+    inputs_as_constants: bool,
     /// Save the calibrated ranges to this JSON file.
     #[arg(long, value_name = "FILE")]
     save_ranges: Option<PathBuf>,
@@ -131,6 +135,7 @@ fn settings(a: &Args) -> QuantizeSettings {
         op_types: a.op_types.iter().cloned().collect(),
         fuse: !a.no_fuse,
         no_constant_folding: a.no_constant_folding,
+        inputs_as_constants: a.inputs_as_constants,
         threads: a.threads,
     }
 }
@@ -183,8 +188,15 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[S
         r.qdq.biases,
         r.qdq.absorbed.len()
     );
-    for (n, why) in &r.plan.float {
-        println!("  float: {n} ({why})");
+    if !r.plan.float.is_empty() {
+        println!(
+            "  float: {} nodes ({} op types, by node in --json):",
+            r.plan.float.len(),
+            r.plan.float_by_op.len()
+        );
+        for line in r.plan.float_summary() {
+            println!("    {line}");
+        }
     }
     for b in &r.qdq.bias_adjustments {
         println!("  bias: {b}");

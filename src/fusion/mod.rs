@@ -39,6 +39,9 @@ pub struct FuseOptions {
     /// Keep constant subgraphs, Identity and inference Dropout nodes as they are (by default
     /// they are folded and removed first, so BN parameters behind them fold).
     pub no_constant_folding: bool,
+    /// Initializers that are also graph inputs (overridable defaults, IR >= 4) become
+    /// constants, so they fold too.
+    pub inputs_as_constants: bool,
 }
 
 /// One fusion group.
@@ -430,9 +433,17 @@ pub fn fuse(model: &mut Model, opts: &FuseOptions) -> Result<FuseReport> {
         ..FuseReport::default()
     };
     let simplify = !opts.no_constant_folding && !opts.qat;
+    let as_constants = if opts.inputs_as_constants {
+        crate::graph::constants::inputs_as_constants(model)
+    } else {
+        vec![]
+    };
     if simplify {
         report.constants = crate::graph::constants::fold_constants(model)?;
+        report.constants.conv_bias_reshaped =
+            crate::graph::constants::canonicalize_conv_bias(model)?;
     }
+    report.constants.inputs_as_constants = as_constants;
     if opts.only.is_empty() {
         fuse_auto(model, opts, simplify, &mut report)?;
         rules::relu::relu_groups(&Graph::of_model(model), &mut report);

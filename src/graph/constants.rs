@@ -53,6 +53,92 @@ pub struct ConstantReport {
     pub initializers: Vec<String>,
     /// Why a constant subgraph was left as it is.
     pub skipped: Vec<String>,
+    /// Graph inputs with an initializer made constants (`--inputs-as-constants`).
+    pub inputs_as_constants: Vec<String>,
+    /// Conv / ConvTranspose biases of shape `[C, 1]` or `[1, C]` rewritten as `[C]`
+    /// (`node: tensor [C, 1] -> [C]`).
+    pub conv_bias_reshaped: Vec<String>,
+}
+
+/// Makes every initializer that is also a graph input a constant: it leaves the graph's
+/// inputs. For IR version >= 4 such an initializer is a default a caller may override, so it
+/// is folded only when asked (`--inputs-as-constants`); below IR 4 it always was a constant.
+/// Returns the inputs removed.
+pub fn inputs_as_constants(model: &mut Model) -> Vec<String> {
+    let g = model.graph_mut();
+    let inits: Set<String> = g.initializer.iter().map(|t| t.name.clone()).collect();
+    let removed: Vec<String> = g
+        .input
+        .iter()
+        .filter(|v| inits.contains(&v.name))
+        .map(|v| v.name.clone())
+        .collect();
+    g.input.retain(|v| !inits.contains(&v.name));
+    removed
+}
+
+/// Conv / ConvTranspose biases stored with extra unit axes (`[C, 1]`, `[1, C]`: TensorFlow
+/// exports) become `[C]`, the shape ONNX specifies and tract requires; the values and their
+/// order are unchanged, so the meaning is the same.
+///
+/// ```text
+/// before:  Conv(x, w, b [C, 1])
+/// after:   Conv(x, w, b_1d [C])
+/// ```
+///
+/// Conditions: the bias is a constant whose dims are all 1 but at most one, and, when the
+/// weight is constant, its size is the Conv's output channel count (`w.shape[0]`, or
+/// `w.shape[1] * group` for ConvTranspose). A new initializer is written (the old one may be
+/// shared); the old one goes when nothing else reads it.
+pub fn canonicalize_conv_bias(model: &mut Model) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    let patch = {
+        let g = Graph::of_model(model);
+        let mut names = Names::new(g.proto());
+        let mut patch = Patch::new("canonical Conv bias shapes");
+        for (i, n) in g.nodes().iter().enumerate() {
+            if !(spec::is_op(n, "Conv") || spec::is_op(n, "ConvTranspose")) {
+                continue;
+            }
+            let Some(b) = n.input.get(2).filter(|s| !s.is_empty()) else {
+                continue;
+            };
+            let Some(t) = g.constant(b)? else { continue };
+            let shape = t.shape().to_vec();
+            if shape.len() < 2 || shape.iter().filter(|&&d| d != 1).count() > 1 {
+                continue;
+            }
+            let channels = match g.constant(&n.input[1])? {
+                Some(w) if w.shape().len() >= 2 => {
+                    if n.op_type == "Conv" {
+                        Some(w.shape()[0])
+                    } else {
+                        let group = crate::onnx::attr::int(n, "group", 1)?;
+                        usize::try_from(group)
+                            .ok()
+                            .and_then(|gr| w.shape()[1].checked_mul(gr))
+                    }
+                }
+                _ => None,
+            };
+            if channels.is_some_and(|c| c != t.len()) {
+                continue;
+            }
+            let name = names.fresh(&format!("{b}_1d"));
+            let mut p = t.to_proto(&name);
+            p.dims = vec![t.len() as i64];
+            patch.add_initializer(p);
+            let mut m = n.clone();
+            m.input[2] = name;
+            patch.replace_node(i, m);
+            done.push(format!("{}: '{b}' {shape:?} -> [{}]", label(n), t.len()));
+        }
+        patch
+    };
+    if !done.is_empty() {
+        patch.apply(model.graph_mut())?;
+    }
+    Ok(done)
 }
 
 fn foldable(g: &Graph, n: &NodeProto, constant: &Set<String>) -> bool {

@@ -170,9 +170,126 @@ pub fn ranks(g: &Graph, input_ranks: &[(String, usize)]) -> HashMap<String, usiz
     rank
 }
 
-/// Refuses, by node name, what tract must not be given: nodes that fail their spec, and input
-/// ranks it mishandles.
+/// The first Loop node of `graph` or of any subgraph in it (tract has no Loop operator).
+fn find_loop(graph: &crate::onnx::proto::GraphProto) -> Option<&crate::onnx::proto::NodeProto> {
+    for n in &graph.node {
+        if n.op_type == "Loop" && (n.domain.is_empty() || n.domain == "ai.onnx") {
+            return Some(n);
+        }
+        for a in &n.attribute {
+            let inner = a.g.as_ref().into_iter().chain(a.graphs.iter());
+            for sub in inner {
+                if let Some(l) = find_loop(sub) {
+                    return Some(l);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Values of the main graph that depend on the data fed to it: the real inputs and everything
+/// computed from them, except through Shape and Size (the run's input shapes are concrete, so
+/// tract knows those values before it runs).
+pub fn data_dependent(g: &Graph) -> super::Set<String> {
+    let mut dep: super::Set<String> = g.real_inputs().iter().map(|v| v.name.clone()).collect();
+    let Ok(order) = g.topo_order() else {
+        return dep;
+    };
+    for i in order {
+        let n = g.node(i);
+        if matches!(n.op_type.as_str(), "Shape" | "Size") {
+            continue;
+        }
+        if super::node_uses(n).iter().any(|x| dep.contains(*x)) {
+            dep.extend(n.output.iter().filter(|o| !o.is_empty()).cloned());
+        }
+    }
+    dep
+}
+
+/// The graph input that `value` depends on, found by walking producers back (for messages).
+fn input_behind(g: &Graph, value: &str, dep: &super::Set<String>) -> Option<String> {
+    let mut current = value.to_string();
+    for _ in 0..g.len() + 1 {
+        if g.is_input(&current) {
+            return Some(current);
+        }
+        let p = g.producer(&current)?;
+        current = super::node_uses(g.node(p))
+            .into_iter()
+            .find(|x| dep.contains(*x))?
+            .to_string();
+    }
+    None
+}
+
+/// Turns tract's failure to load a model into an error naming the main-graph If or Scan node
+/// tract's message names (tract runs an If only when both branches give outputs of the same
+/// type and shape, whatever its condition), saying whether the If condition depends on the
+/// input data. Any other error is returned as it is.
+pub fn explain_tract_failure(g: &Graph, err: Error) -> Error {
+    let Error::Runtime { reason, .. } = &err else {
+        return err;
+    };
+    let dep = data_dependent(g);
+    let mentioned = |n: &crate::onnx::proto::NodeProto| {
+        !n.name.is_empty() && reason.contains(&format!("\"{}\"", n.name))
+    };
+    let candidates: Vec<&crate::onnx::proto::NodeProto> = g
+        .nodes()
+        .iter()
+        .filter(|n| matches!(n.op_type.as_str(), "If" | "Scan"))
+        .filter(|n| n.domain.is_empty() || n.domain == "ai.onnx")
+        .collect();
+    let Some(n) = candidates.iter().find(|n| mentioned(n)).copied() else {
+        return err;
+    };
+    let why = match (n.op_type.as_str(), n.input.first()) {
+        ("If", Some(c)) if dep.contains(c.as_str()) => format!(
+            "the If condition '{c}' depends on the input data{}, and tract runs an If only \
+             when both branches give outputs of the same type and shape",
+            input_behind(g, c, &dep)
+                .map(|i| format!(" (input '{i}')"))
+                .unwrap_or_default()
+        ),
+        ("If", Some(c)) => format!(
+            "the If condition '{c}' does not depend on the input data, but tract does not \
+             pick the branch before the run: it runs an If only when both branches give \
+             outputs of the same type and shape"
+        ),
+        (op, _) => format!("tract failed on this {op}"),
+    };
+    Error::Node {
+        node: super::engine::label(n),
+        op_type: n.op_type.clone(),
+        reason: format!("tract cannot run this model: {why}; tract said: {reason}"),
+    }
+}
+
+/// Refuses, by node name, what tract must not be given: nodes that fail their spec, Loop
+/// nodes, and input ranks it mishandles.
 pub fn check_for_tract(g: &Graph, input_ranks: &[(String, usize)]) -> Result<()> {
+    if let Some(l) = find_loop(g.proto()) {
+        let dep = data_dependent(g);
+        let trip = match l.input.first().filter(|m| !m.is_empty()) {
+            Some(m) if dep.contains(m.as_str()) => format!(
+                "its trip count '{m}' depends on the input data{}; ",
+                input_behind(g, m, &dep)
+                    .map(|i| format!(" (input '{i}')"))
+                    .unwrap_or_default()
+            ),
+            _ => String::new(),
+        };
+        return Err(Error::Node {
+            node: super::engine::label(l),
+            op_type: l.op_type.clone(),
+            reason: format!(
+                "tract cannot run this model: {trip}tract has no Loop operator (a loop with a \
+                 fixed trip count can be unrolled at export)"
+            ),
+        });
+    }
     for n in g.nodes() {
         if let Err(reason) = spec::check(n) {
             return Err(Error::Node {

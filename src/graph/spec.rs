@@ -186,6 +186,82 @@ pub const SPECS: &[OpSpec] = &[
         &[AttrSpec::Required("axis"), AttrSpec::Int("axis", -R, R - 1)],
     ),
     spec("Constant", (0, 0), (1, 1), &[]),
+    // The ops the quantization plan reads since issue 9 (activations and data movement): only
+    // what the plan and the QOperator rules read is checked; other attributes pass as they are.
+    spec(
+        "HardSigmoid",
+        (1, 1),
+        (1, 1),
+        &[
+            AttrSpec::Float("alpha", f32::MIN),
+            AttrSpec::Float("beta", f32::MIN),
+        ],
+    ),
+    spec("HardSwish", (1, 1), (1, 1), &[]),
+    spec(
+        "LeakyRelu",
+        (1, 1),
+        (1, 1),
+        &[AttrSpec::Float("alpha", f32::MIN)],
+    ),
+    spec("PRelu", (2, 2), (1, 1), &[]),
+    spec(
+        "InstanceNormalization",
+        (3, 3),
+        (1, 1),
+        &[AttrSpec::Float("epsilon", 0.0)],
+    ),
+    spec(
+        "Split",
+        (1, 2),
+        (1, usize::MAX),
+        &[
+            AttrSpec::Int("axis", -R, R - 1),
+            AttrSpec::Ints("split", 0, i64::MAX),
+            AttrSpec::Int("num_outputs", 1, i64::MAX),
+        ],
+    ),
+    spec("Slice", (1, 5), (1, 1), &[]),
+    spec(
+        "Gather",
+        (2, 2),
+        (1, 1),
+        &[AttrSpec::Int("axis", -R, R - 1)],
+    ),
+    spec(
+        "DepthToSpace",
+        (1, 1),
+        (1, 1),
+        &[
+            AttrSpec::Required("blocksize"),
+            AttrSpec::Int("blocksize", 1, S),
+            AttrSpec::Str("mode", &["DCR", "CRD"]),
+        ],
+    ),
+    spec(
+        "SpaceToDepth",
+        (1, 1),
+        (1, 1),
+        &[
+            AttrSpec::Required("blocksize"),
+            AttrSpec::Int("blocksize", 1, S),
+        ],
+    ),
+    spec(
+        "Resize",
+        (1, 4),
+        (1, 1),
+        &[AttrSpec::Str("mode", &["nearest", "linear", "cubic"])],
+    ),
+    spec(
+        "Pad",
+        (1, 4),
+        (1, 1),
+        &[
+            AttrSpec::Str("mode", &["constant", "reflect", "edge", "wrap"]),
+            AttrSpec::Float("value", f32::NEG_INFINITY),
+        ],
+    ),
 ];
 
 /// The spec of a standard-domain op, if qfold reads that op.

@@ -80,6 +80,11 @@ pub fn elem_types(g: &Graph) -> Map<String, ElemType> {
             if let Some(o) = n.output.first().filter(|o| !o.is_empty()) {
                 ty.entry(o.clone()).or_insert(t);
             }
+            if n.op_type == "Split" {
+                for o in n.output.iter().skip(1).filter(|o| !o.is_empty()) {
+                    ty.entry(o.clone()).or_insert(t);
+                }
+            }
             if matches!(n.op_type.as_str(), "TopK" | "MaxPool") {
                 if let Some(o) = n.output.get(1).filter(|o| !o.is_empty()) {
                     ty.entry(o.clone()).or_insert(ElemType::I64);

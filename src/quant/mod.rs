@@ -91,6 +91,7 @@ impl Preset {
             method: Method::MinMax,
             fuse: true,
             no_constant_folding: false,
+            inputs_as_constants: false,
             per_tensor_min_sqnr: None,
             exclude: vec![],
             exclude_op_types: vec![],
@@ -135,6 +136,9 @@ pub struct QuantizeOptions {
     pub fuse: bool,
     /// Keep constant subgraphs, Identity and Dropout nodes (by default fusion folds them first).
     pub no_constant_folding: bool,
+    /// Initializers that are also graph inputs (overridable defaults, IR >= 4) become
+    /// constants, so they fold and quantize as weights.
+    pub inputs_as_constants: bool,
     /// With per-channel weights: weights that quantize per tensor with at least this SQNR
     /// (dB) stay per tensor (the tract preset: its per-tensor integer kernels are faster).
     pub per_tensor_min_sqnr: Option<f64>,
@@ -259,12 +263,16 @@ pub fn quantize(
     check_quantizable(model)?;
     plan::check_op_types(&Graph::of_model(model), &opts.exclude_op_types)?;
     let mut float = model.clone();
+    if opts.inputs_as_constants && !opts.fuse {
+        crate::graph::constants::inputs_as_constants(&mut float);
+    }
     let fusion = if opts.fuse {
         let _p = crate::progress::phase("fusing");
         Some(fuse(
             &mut float,
             &FuseOptions {
                 no_constant_folding: opts.no_constant_folding,
+                inputs_as_constants: opts.inputs_as_constants,
                 ..FuseOptions::default()
             },
         )?)

@@ -8,8 +8,15 @@
 //! | MatMul | inputs activations, or a constant 2-D second input as weight (axis 1) |
 //! | Add, Mul, Concat | inputs and output activations (constant inputs quantized from their values) |
 //! | AveragePool, GlobalAveragePool | input and output activations |
-//! | MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze | input activation; the output shares the input's parameters |
+//! | MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Split, Slice, Gather, DepthToSpace, SpaceToDepth | input activation; the outputs share the input's parameters |
+//! | Resize | nearest: as data movement; linear and cubic interpolate new values: input and output activations |
+//! | Pad | reflect, edge, wrap, or constant 0 (every range includes 0): as data movement; another constant: input and output activations |
+//! | Sigmoid, HardSigmoid, HardSwish, LeakyRelu, PRelu, InstanceNormalization | input (data input only) and output activations; PRelu's slope, InstanceNormalization's scale and bias stay float |
 //! | Relu, Clip | removed where exact (the quantized zero is the grid's minimum, Clip's minimum is 0): the producer's output is calibrated on the activation's output; otherwise input and output activations |
+//!
+//! This follows ONNX Runtime's QDQ registry (`QDQDirect8BitOp`, `QDQResize`, `QDQPad`,
+//! `QDQSplit`, `QDQGather`), except Resize: ONNX Runtime shares parameters in every mode, qfold
+//! only where the output's values are the input's.
 //!
 //! Nothing is marked on tensors produced by Softmax: tract evaluates
 //! DequantizeLinear -> Softmax -> QuantizeLinear as a lookup table, which is wrong.
@@ -27,7 +34,8 @@ use crate::onnx::{ElemType, Model};
 
 use super::params::QType;
 
-/// Ops whose output shares the input's quantization parameters.
+/// Ops whose outputs share the input's quantization parameters (Resize and Pad only in the
+/// modes [`shares_input_params`] accepts; otherwise their outputs are calibrated).
 pub const SHARING_OPS: &[&str] = &[
     "MaxPool",
     "Reshape",
@@ -35,6 +43,13 @@ pub const SHARING_OPS: &[&str] = &[
     "Transpose",
     "Squeeze",
     "Unsqueeze",
+    "Split",
+    "Slice",
+    "Gather",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "Resize",
+    "Pad",
 ];
 
 /// Ops that get their own output parameters.
@@ -50,7 +65,45 @@ pub const QUANTIZED_OPS: &[&str] = &[
     "GlobalAveragePool",
     "Relu",
     "Clip",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "LeakyRelu",
+    "PRelu",
+    "InstanceNormalization",
 ];
+
+/// Whether node `n` of a sharing op moves its input's values without computing new ones, so
+/// that its outputs can carry the input's quantization parameters exactly: always for the
+/// pure data-movement ops; Resize in `nearest` mode; Pad in `reflect`, `edge` or `wrap` mode or
+/// padding with the constant 0 (every quantized range includes 0). `opset` is the model's
+/// (Pad's constant is an attribute before 11, an input from 11).
+pub fn shares_input_params(g: &Graph, n: &crate::onnx::proto::NodeProto, opset: i64) -> bool {
+    match n.op_type.as_str() {
+        "Resize" => attr::string(n, "mode")
+            .ok()
+            .flatten()
+            .is_none_or(|m| m == "nearest"),
+        "Pad" => {
+            let mode = attr::string(n, "mode").ok().flatten();
+            if mode.as_deref().is_some_and(|m| m != "constant") {
+                return true;
+            }
+            if opset < 11 {
+                return attr::float(n, "value", 0.0).is_ok_and(|v| v == 0.0);
+            }
+            match n.input.get(2).filter(|s| !s.is_empty()) {
+                None => true,
+                Some(c) => g
+                    .constant(c)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|t| t.len() == 1 && t.to_f64().iter().all(|&v| v == 0.0)),
+            }
+        }
+        op => SHARING_OPS.contains(&op),
+    }
+}
 
 /// Settings the plan depends on.
 #[derive(Debug, Clone, Serialize)]
@@ -126,9 +179,38 @@ pub struct QuantPlan {
     /// Nodes left float, with the reason.
     #[serde(serialize_with = "crate::report::ser::node_reasons")]
     pub float: Vec<(String, String)>,
+    /// The nodes left float by op type: how many, and their distinct reasons.
+    pub float_by_op: BTreeMap<String, FloatOps>,
+}
+
+/// The nodes of one op type left float.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct FloatOps {
+    pub count: usize,
+    /// Distinct reasons, in the order first met.
+    pub reasons: Vec<String>,
 }
 
 impl QuantPlan {
+    fn leave_float(&mut self, n: &crate::onnx::proto::NodeProto, reason: String) {
+        let group = self.float_by_op.entry(n.op_type.clone()).or_default();
+        group.count += 1;
+        if !group.reasons.contains(&reason) {
+            group.reasons.push(reason.clone());
+        }
+        self.float.push((label(n), reason));
+    }
+
+    /// One line per op type left float, most nodes first: `Shape 6 (reason; reason)`.
+    pub fn float_summary(&self) -> Vec<String> {
+        let mut groups: Vec<(&String, &FloatOps)> = self.float_by_op.iter().collect();
+        groups.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(b.0)));
+        groups
+            .into_iter()
+            .map(|(op, f)| format!("{op} {} ({})", f.count, f.reasons.join("; ")))
+            .collect()
+    }
+
     fn mark_activation(&mut self, g: &Graph, name: &str, source: Source) {
         if name.is_empty() || self.activations.contains_key(name) {
             return;
@@ -230,6 +312,11 @@ fn op_float_reason(
         return Some(format!("malformed {}: {r}", n.op_type));
     }
     let op = n.op_type.as_str();
+    if op == "Softmax" {
+        return Some(
+            "tract evaluates a QDQ Softmax wrongly (as an element-wise lookup table)".into(),
+        );
+    }
     if !QUANTIZED_OPS.contains(&op) && !SHARING_OPS.contains(&op) {
         return Some(format!("no quantized form for {op}"));
     }
@@ -307,6 +394,7 @@ fn clip_bound(
 /// Marks the model's tensors.
 pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
     let g = Graph::of_model(model);
+    let opset = model.opset().unwrap_or(0);
     let excl = excluded(&g, opts)?;
     let mut plan = QuantPlan::default();
     let types = crate::graph::types::elem_types(&g);
@@ -319,7 +407,7 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
     let order = g.topo_order()?;
     for &i in order.iter().rev() {
         let n = g.node(i);
-        if float_reason[i].is_some() || !SHARING_OPS.contains(&n.op_type.as_str()) {
+        if float_reason[i].is_some() || !shares_input_params(&g, n, opset) {
             continue;
         }
         // Softmax outputs stay float (see `mark_activation`), so there are no parameters to
@@ -333,9 +421,10 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
             float_reason[i] = Some("it reads a Softmax output, which stays float".into());
             continue;
         }
-        let read = g
-            .consumers(&n.output[0])
+        let read = n
+            .output
             .iter()
+            .flat_map(|o| g.consumers(o))
             .any(|&c| float_reason[c].is_none());
         if !read {
             float_reason[i] = Some("no quantized op reads its output".into());
@@ -363,7 +452,7 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
             continue;
         }
         if let Some(reason) = quantizable(i) {
-            plan.float.push((label(n), reason));
+            plan.leave_float(n, reason);
             continue;
         }
         if absorbed_nodes.contains(&i) {
@@ -445,11 +534,18 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
                     plan.mark_input(&g, x);
                 }
             }
-            _ => {
-                // data movement: the output shares the input's parameters
+            _ if shares_input_params(&g, n, opset) => {
+                // data movement: the outputs share the input's parameters
                 plan.mark_input(&g, &n.input[0]);
-                plan.mark_activation(&g, &out, Source::SharedWith(n.input[0].clone()));
+                for o in n.output.iter().filter(|o| !o.is_empty()) {
+                    plan.mark_activation(&g, o, Source::SharedWith(n.input[0].clone()));
+                }
                 continue;
+            }
+            _ => {
+                // an activation function, a normalization, an interpolating Resize, a Pad
+                // with a non-zero constant: the data input, and the output calibrated
+                plan.mark_input(&g, &n.input[0]);
             }
         }
         plan.mark_activation(&g, &out_value, Source::Calibrated(calib_value));

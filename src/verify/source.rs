@@ -795,6 +795,7 @@ fn open_arrays(
     if npz && decl.len() == 1 && arrays.len() == 1 && arrays[0].0 != decl[0].0 {
         arrays[0].0 = decl[0].0.clone();
     }
+    let scalars = scalar_inputs(model);
     let mut feeds = Vec::new();
     let mut count: Option<(usize, String)> = None;
     let mut rows_per_sample = 1;
@@ -833,9 +834,24 @@ fn open_arrays(
         };
         let no_names = Vec::new();
         let dim_names = names.get(name).unwrap_or(&no_names);
-        let (split, n, rows, note) = plan_split(&array_what, name, array.shape(), dims, dim_names)?;
+        // A declared scalar (an LSTM's sample rate) is a [S] array of S samples, or one value
+        // for every sample.
+        let scalar = scalars.contains(name);
+        let (split, n, rows, note) = match array.shape() {
+            [n] if scalar => (Split::Stacked, *n, 1, None),
+            _ => plan_split(&array_what, name, array.shape(), dims, dim_names)?,
+        };
         notes.extend(note);
         let cast = plan_cast(&array_what, name, array.elem_type(), *ty, &mut notes)?;
+        if scalar && split == Split::Whole && decl.len() > 1 {
+            feeds.push(Feed {
+                input: name.clone(),
+                array,
+                split,
+                cast,
+            });
+            continue;
+        }
         match &count {
             Some((c, first)) if *c != n => {
                 return Err(bad_data(
@@ -865,7 +881,8 @@ fn open_arrays(
             list(arrays.iter().map(|(n, _)| n))
         ));
     }
-    let len = count.map_or(0, |(c, _)| c);
+    // every input a scalar given once: one sample
+    let len = count.map_or(usize::from(!feeds.is_empty()), |(c, _)| c);
     if len == 0 {
         return Err(bad_data(&what, "holds no sample (an array of 0 rows)"));
     }
@@ -877,6 +894,22 @@ fn open_arrays(
         labels: labels.map(|l| (l, first_row)),
         notes,
     })
+}
+
+/// The model inputs declared as scalars (a shape of rank 0, not an absent shape).
+fn scalar_inputs(model: &Model) -> Vec<String> {
+    use crate::onnx::proto::type_proto;
+    crate::graph::Graph::of_model(model)
+        .real_inputs()
+        .into_iter()
+        .filter(|v| match v.type_.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(type_proto::Value::TensorType(t)) => {
+                t.shape.as_ref().is_some_and(|s| s.dim.is_empty())
+            }
+            _ => false,
+        })
+        .map(|v| v.name.clone())
+        .collect()
 }
 
 fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {

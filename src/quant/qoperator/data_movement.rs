@@ -1,17 +1,29 @@
-//! DQ -> Reshape / Flatten / Transpose / Squeeze / Unsqueeze / MaxPool -> Q  =>  the op on the
-//! 8-bit tensor.
+//! DQ -> data movement -> Q  =>  the op on the 8-bit tensor.
 //!
 //! ```text
-//! before:  xq -> DQ -> Reshape -> Q -> yq
-//! after:   xq -> Reshape -> yq
+//! before:  xq -> DQ -> Reshape -> Q -> yq          xq -> DQ -> Split -> Q -> aq
+//!                                                                    \-> Q -> bq
+//! after:   xq -> Reshape -> yq                     xq -> Split -> aq, bq
 //! ```
 //!
-//! Conditions: the Q after the op has the same per-tensor scale and the same zero point as the
-//! DQ before it, so the op commutes with (de)quantization exactly.
+//! Ops: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, MaxPool, Split, Slice, Gather (every
+//! standard-domain version takes 8-bit tensors), Resize in `nearest` mode (it copies input
+//! values), Pad from opset 11 (where it takes 8-bit tensors). DepthToSpace and SpaceToDepth
+//! stay between DQ and Q: ONNX allows them on 8-bit tensors, but ONNX Runtime 1.20 has no such
+//! kernel, and a QOperator model must run there too.
+//!
+//! Conditions: every output goes to one QuantizeLinear with the same per-tensor scale and the
+//! same zero point as the DQ before the op, so the op commutes with (de)quantization exactly.
+//! Pad in `constant` mode pads with a value `c`: its 8-bit form pads with `q = c / scale + zp`,
+//! which is exact only when `q` is an integer of the grid (c = 0 gives the zero point); another
+//! `c` is declined. Gather's data input and Slice's, Resize's and Pad's first input are the
+//! quantized ones; their other inputs (indices, starts, sizes, pads) are read as they are.
 
 use super::common::*;
 use crate::error::Result;
-use crate::graph::{Graph, Patch};
+use crate::graph::{Graph, Names, Patch};
+use crate::onnx::attr;
+use crate::onnx::{ElemType, TensorData};
 
 pub const DATA_MOVEMENT: &[&str] = &[
     "Reshape",
@@ -20,34 +32,123 @@ pub const DATA_MOVEMENT: &[&str] = &[
     "Squeeze",
     "Unsqueeze",
     "MaxPool",
+    "Split",
+    "Slice",
+    "Gather",
+    "Resize",
+    "Pad",
 ];
 
+/// The 8-bit pad value of a constant-mode Pad with per-tensor input parameters `(scale, zp)`
+/// on the grid of `ty`: `Ok(None)` when the Pad is not constant-mode (or pads with 0 and the
+/// zero point is 0, so no value input is needed), `Err` when the float value has no exact code.
+fn pad_code(
+    g: &Graph,
+    n: &crate::onnx::proto::NodeProto,
+    scale: f32,
+    zp: i64,
+    ty: ElemType,
+) -> Result<std::result::Result<Option<i64>, String>> {
+    let mode = attr::string(n, "mode")?.unwrap_or_else(|| "constant".into());
+    if mode != "constant" {
+        return Ok(Ok(None));
+    }
+    let c = match n.input.get(2).filter(|s| !s.is_empty()) {
+        None => 0.0,
+        Some(name) => match g.constant(name)?.map(|t| t.to_f64()) {
+            Some(v) if v.len() == 1 => v.iter().copied().next().unwrap_or(0.0),
+            _ => return Ok(Err("its pad value is not a constant scalar".into())),
+        },
+    };
+    let q = c / scale as f64 + zp as f64;
+    let (lo, hi) = if ty == ElemType::I8 {
+        (-128.0, 127.0)
+    } else {
+        (0.0, 255.0)
+    };
+    if q.fract() != 0.0 || q < lo || q > hi {
+        return Ok(Err(format!(
+            "its pad value {c} is not on the 8-bit grid (scale {scale}, zero point {zp})"
+        )));
+    }
+    Ok(Ok((q != 0.0
+        || n.input.get(2).is_some_and(|s| !s.is_empty()))
+    .then_some(q as i64)))
+}
+
 /// DQ -> data movement -> Q with the same parameters  =>  the op on the 8-bit tensor.
-pub fn data_movement(g: &Graph, i: usize) -> Result<Option<Outcome>> {
+/// `opset` is the model's (Pad takes 8-bit tensors from 11).
+pub fn data_movement(
+    g: &Graph,
+    i: usize,
+    names: &mut Names,
+    opset: i64,
+) -> Result<Option<Outcome>> {
     let n = g.node(i);
-    if !DATA_MOVEMENT.iter().any(|op| is_op(n, op)) || n.output.len() != 1 {
+    if !DATA_MOVEMENT.iter().any(|op| is_op(n, op)) {
         return Ok(None);
     }
-    if is_op(n, "MaxPool") && n.output.len() > 1 {
+    let op = n.op_type.as_str();
+    let multi_output = op == "Split";
+    if !multi_output && n.output.len() != 1 {
+        return Ok(None); // MaxPool with its indices
+    }
+    if op == "Resize" && attr::string(n, "mode")?.is_some_and(|m| m != "nearest") {
+        return Ok(None);
+    }
+    if op == "Pad" && opset < 11 {
         return Ok(None);
     }
     let Some(x) = dq_of(g, &n.input[0]) else {
         return Ok(None);
     };
-    let Some(q) = q_after(g, &n.output[0]) else {
+    let mut qs = Vec::with_capacity(n.output.len());
+    for o in &n.output {
+        match q_after(g, o) {
+            Some(q) => qs.push(q),
+            None => return Ok(None),
+        }
+    }
+    let x_scale = f32s(g, &x.scale)?;
+    let x_zp = zps(g, x.zp.as_ref())?;
+    let Some(scale) = x_scale.as_ref().filter(|s| s.len() == 1).map(|s| s[0]) else {
         return Ok(None);
     };
-    let same_scale = f32s(g, &x.scale)? == f32s(g, &q.scale)?
-        && f32s(g, &x.scale)?.is_some_and(|s| s.len() == 1);
-    let same_zp = zps(g, x.zp.as_ref())? == zps(g, q.zp.as_ref())?;
-    if !same_scale || !same_zp {
-        return Ok(None);
+    for q in &qs {
+        if f32s(g, &q.scale)? != x_scale || zps(g, q.zp.as_ref())? != x_zp {
+            return Ok(None);
+        }
     }
     let mut patch = Patch::new(format!("8-bit {}", label(n)));
     let mut m = n.clone();
     m.input[0] = x.q.clone();
-    m.output = vec![q.output.clone()];
-    patch.replace_node(i, m).remove_node(q.node);
+    m.output = qs.iter().map(|q| q.output.clone()).collect();
+    if op == "Pad" {
+        let Some((zp, ty)) = x_zp.as_ref().and_then(|(z, t)| Some((*z.first()?, *t))) else {
+            return Ok(None);
+        };
+        match pad_code(g, n, scale, zp, ty)? {
+            Err(why) => return Ok(Some(decline(label(n), why))),
+            Ok(None) => {}
+            Ok(Some(code)) => {
+                let name = names.fresh(&format!("{}_pad_value", label(n)));
+                let t = if ty == ElemType::I8 {
+                    TensorData::I8(ndarray::arr0(code as i8).into_dyn())
+                } else {
+                    TensorData::U8(ndarray::arr0(code as u8).into_dyn())
+                };
+                patch.add_initializer(t.to_proto(&name));
+                while m.input.len() < 3 {
+                    m.input.push(String::new());
+                }
+                m.input[2] = name;
+            }
+        }
+    }
+    patch.replace_node(i, m);
+    for q in &qs {
+        patch.remove_node(q.node);
+    }
     drop_private_dq(g, &mut patch, &x, i);
     Ok(Some(converted(patch, vec![label(n)])))
 }
@@ -59,8 +160,8 @@ mod tests {
     use crate::onnx::proto::NodeProto;
     use crate::onnx::{ElemType, Model, TensorData};
 
-    fn rule(g: &Graph, i: usize, _: &mut crate::graph::Names) -> Result<Option<Outcome>> {
-        data_movement(g, i)
+    fn rule(g: &Graph, i: usize, names: &mut crate::graph::Names) -> Result<Option<Outcome>> {
+        data_movement(g, i, names, 13)
     }
 
     /// x [1, 2, 4, 4] -> Q -> DQ -> op -> Q(ys, yz) -> DQ -> y
@@ -130,6 +231,130 @@ mod tests {
             assert_eq!(n.output, ["yq"]);
             assert_within_steps(&m, &f, &x(), 0.02, 0.0);
         }
+    }
+
+    fn pads() -> TensorData {
+        TensorData::I64(ndarray::arr1(&[0i64, 0, 1, 1, 0, 0, 1, 1]).into_dyn())
+    }
+
+    #[test]
+    fn pad_with_zero_pads_with_the_zero_point_on_8_bit_tensors() {
+        let mut m = dm_model(
+            node("Pad", "op", &["xd", "pads"], &["t"], vec![]),
+            0.02,
+            128,
+        );
+        set_init(&mut m, "pads", pads());
+        let (f, rec) = rewrite(&m, "op", rule);
+        assert_eq!(rec.nodes, ["op"]);
+        let n = node_named(&f, "op");
+        assert_eq!(n.input[0], "xq");
+        // the float 0 is the code 128
+        assert_eq!(init(&f, &n.input[2]), u8_scalar(128));
+        assert_within_steps(&m, &f, &x(), 0.02, 0.0);
+        // reflect mode needs no value
+        let mut m = dm_model(
+            node(
+                "Pad",
+                "op",
+                &["xd", "pads"],
+                &["t"],
+                vec![string("mode", "reflect")],
+            ),
+            0.02,
+            128,
+        );
+        set_init(&mut m, "pads", pads());
+        let (f, _) = rewrite(&m, "op", rule);
+        assert_eq!(node_named(&f, "op").input.len(), 2);
+        assert_within_steps(&m, &f, &x(), 0.02, 0.0);
+    }
+
+    #[test]
+    fn pad_with_a_value_off_the_grid_is_declined() {
+        // 0.04 = 2 steps: code 130, exact
+        let mut m = dm_model(
+            node("Pad", "op", &["xd", "pads", "v"], &["t"], vec![]),
+            0.02,
+            128,
+        );
+        set_init(&mut m, "pads", pads());
+        set_init(&mut m, "v", f32_scalar(0.04));
+        let (f, _) = rewrite(&m, "op", rule);
+        assert_eq!(init(&f, &node_named(&f, "op").input[2]), u8_scalar(130));
+        assert_within_steps(&m, &f, &x(), 0.02, 0.0);
+        set_init(&mut m, "v", f32_scalar(0.05));
+        let (_, why) = declined(&m, "op", rule);
+        assert!(why.contains("not on the 8-bit grid"), "{why}");
+    }
+
+    #[test]
+    fn split_runs_on_8_bit_tensors_when_every_output_is_requantized_alike() {
+        let mut m = model(
+            vec![
+                quantize("qx", "x", "xs", "xz", "xq"),
+                dequantize("dqx", "xq", "xs", "xz", "xd", None),
+                node(
+                    "Split",
+                    "op",
+                    &["xd", "parts"],
+                    &["a", "b"],
+                    vec![int("axis", 1)],
+                ),
+                quantize("qa", "a", "xs", "xz", "aq"),
+                quantize("qb", "b", "xs", "xz", "bq"),
+                dequantize("dqa", "aq", "xs", "xz", "ad", None),
+                dequantize("dqb", "bq", "xs", "xz", "y", None),
+            ],
+            vec![
+                ("xs", f32_scalar(0.02)),
+                ("xz", u8_scalar(128)),
+                (
+                    "parts",
+                    TensorData::I64(ndarray::arr1(&[1i64, 1]).into_dyn()),
+                ),
+            ],
+            value_info("x", ElemType::F32, &[1, 2, 4, 4]),
+            "y",
+        );
+        add_output(&mut m, "ad");
+        let (f, _) = rewrite(&m, "op", rule);
+        let n = node_named(&f, "op");
+        assert_eq!(n.input[0], "xq");
+        assert_eq!(n.output, ["aq", "bq"]);
+        assert_eq!(count(&f, "QuantizeLinear"), 1);
+        assert_within_steps(&m, &f, &x(), 0.02, 0.0);
+        // one output requantized differently: not converted
+        set_init(&mut m, "ys", f32_scalar(0.04));
+        m.graph_mut().node[4].input[1] = "ys".into();
+        not_applied(&m, "op", rule);
+    }
+
+    #[test]
+    fn only_a_nearest_resize_runs_on_8_bit_tensors() {
+        let scales = TensorData::F32(ndarray::arr1(&[1.0f32, 1.0, 2.0, 2.0]).into_dyn());
+        let mut m = dm_model(
+            node("Resize", "op", &["xd", "", "sc"], &["t"], vec![]),
+            0.02,
+            128,
+        );
+        set_init(&mut m, "sc", scales.clone());
+        let (f, _) = rewrite(&m, "op", rule);
+        assert_eq!(node_named(&f, "op").input[0], "xq");
+        assert_within_steps(&m, &f, &x(), 0.02, 0.0);
+        let mut m = dm_model(
+            node(
+                "Resize",
+                "op",
+                &["xd", "", "sc"],
+                &["t"],
+                vec![string("mode", "linear")],
+            ),
+            0.02,
+            128,
+        );
+        set_init(&mut m, "sc", scales);
+        not_applied(&m, "op", rule);
     }
 
     #[test]

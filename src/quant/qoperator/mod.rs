@@ -33,8 +33,9 @@
 //!   and per-channel scales exactly. `alpha` folds into the weight scale, `beta` into C.
 //! - `matmul` ([`matmul`]): DQ(a), DQ(b) -> MatMul [-> Relu] -> Q becomes QLinearMatMul (b per tensor or per
 //!   column).
-//! - `data_movement` ([`data_movement`]): DQ -> Reshape / Flatten / Transpose / Squeeze / Unsqueeze / MaxPool -> Q
-//!   with the same scale and zero point runs on the 8-bit tensor directly.
+//! - `data_movement` ([`data_movement`]): DQ -> Reshape / Flatten / Transpose / Squeeze / Unsqueeze / MaxPool /
+//!   Split / Slice / Gather / nearest Resize / Pad -> Q with the same scale
+//!   and zero point runs on the 8-bit tensor directly (Pad's constant becomes its 8-bit code).
 //!
 //! - `contrib` ([`contrib`]), with `allow_contrib_ops` only: ONNX Runtime's com.microsoft
 //!   QLinearAdd, QLinearMul, QLinearConcat and QLinearGlobalAveragePool.
@@ -122,8 +123,8 @@ fn rules(opts: ConvertOptions, opset: i64) -> Vec<Rule<'static, Converted>> {
             gemm::gemm(g, i, n, opset)
         }),
         Rule::new("matmul", matmul::matmul),
-        Rule::new("data_movement", |g: &Graph, i, _: &mut _| {
-            data_movement::data_movement(g, i)
+        Rule::new("data_movement", move |g: &Graph, i, n: &mut _| {
+            data_movement::data_movement(g, i, n, opset)
         }),
     ];
     if opts.allow_contrib_ops {
