@@ -496,89 +496,43 @@ impl Runner {
         extra_outputs: &[String],
         max_elements: usize,
     ) -> Result<Runner> {
-        let graph = Graph::of_model(model);
-        graph.check()?;
-        // tract reports bad tensor data without naming the tensor, or not at all.
-        for_each_tensor(&model.proto, &mut check_for_runner)?;
-        let real_inputs: Vec<String> = graph.real_inputs().iter().map(|v| v.name.clone()).collect();
-        let mut facts = Vec::with_capacity(real_inputs.len());
-        for name in &real_inputs {
-            let t = sample
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t)
-                .ok_or_else(|| Error::input(name, "no value given for this model input"))?;
-            facts.push(InferenceFact::dt_shape(
-                datum_type(t.elem_type())?,
-                t.shape(),
-            ));
-        }
-        for (n, _) in sample {
-            if !real_inputs.contains(n) {
-                return Err(Error::input(n, "the model has no such input"));
-            }
-        }
-        check_declared(&graph, sample)?;
-        let ranks: Vec<(String, usize)> = sample
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shape().len()))
-            .collect();
-        crate::graph::guard::check_for_tract(&graph, &ranks)?;
-        for name in extra_outputs {
-            if graph.producer(name).is_none() && !graph.is_input(name) {
-                return Err(Error::Usage(format!(
-                    "value '{name}' is not produced by any node of the main graph"
-                )));
-            }
-        }
-        let mut outputs: Vec<String> = model
-            .graph()
-            .output
-            .iter()
-            .map(|o| o.name.clone())
-            .collect();
-        outputs.extend(extra_outputs.iter().cloned());
+        let prepared = Prepared::new(model, sample, extra_outputs)?;
         let proto = tract_proto_with(model, true)?;
-        let selected = &outputs;
-        // External data left in its files (`load_lazy`) is read by tract, through
-        // `FileResolver`, relative to the model's folder.
-        let dir = match &model.dir {
-            Some(d) => Some(d.to_str().map(str::to_string).ok_or_else(|| {
-                Error::Usage(format!("{}: the model's folder is not UTF-8", d.display()))
-            })?),
-            None => None,
-        };
-        let typed = guarded("loading the model", move || {
-            let mut onnx = tract_onnx::onnx()
-                .with_ignore_output_shapes(true)
-                .with_ignore_value_info(true);
-            onnx.provider = Arc::new(FileResolver);
-            let parsed = onnx.parse(&proto, dir.as_deref())?;
-            if !parsed.unresolved_inputs.is_empty() {
-                return Err(TractError::msg(format!(
-                    "could not resolve inputs at top level: {:?}",
-                    parsed.unresolved_inputs
-                )));
-            }
-            let mut m = parsed.model;
-            // tract holds its own copy of every weight now
-            drop(proto);
-            for (i, f) in facts.into_iter().enumerate() {
-                m.set_input_fact(i, f)?;
-            }
-            m.select_outputs_by_name(selected)?;
-            m.into_typed()
-        })
-        .map_err(|e| crate::graph::guard::explain_tract_failure(&graph, e))?;
-        check_sizes(&typed, max_elements)?;
-        let plan = guarded("optimizing the model", || {
-            typed.into_optimized()?.into_runnable()
-        })?;
-        Ok(Runner {
-            plan,
-            inputs: real_inputs,
-            outputs,
-        })
+        let typed = prepared
+            .parse(proto)
+            .map_err(|e| crate::graph::guard::explain_tract_failure(&Graph::of_model(model), e))?;
+        prepared.finish(typed, max_elements)
+    }
+
+    /// [`Runner::new`] lending `model`'s initializer data to tract instead of copying it: the
+    /// data moves into tract's protobuf message, tract makes its own tensors from it, and it
+    /// moves back, so preparing the runner never holds a third copy of the weights. `model`
+    /// is as it was afterwards, whatever happened.
+    pub fn new_lending(
+        model: &mut Model,
+        sample: &Sample,
+        extra_outputs: &[String],
+    ) -> Result<Runner> {
+        let prepared = Prepared::new(model, sample, extra_outputs)?;
+        let mut proto = tract_proto_with(&skeleton_only(model), false)?;
+        let graph = proto.graph.get_or_insert_with(Default::default);
+        graph.initializer = model
+            .graph_mut()
+            .initializer
+            .iter_mut()
+            .map(tensor_to_pb_moved)
+            .collect();
+        let mut lent = Vec::new();
+        let typed = prepared.parse_keeping(&proto);
+        if let Some(g) = proto.graph.as_mut() {
+            lent = std::mem::take(&mut g.initializer);
+        }
+        for (ours, theirs) in model.graph_mut().initializer.iter_mut().zip(lent) {
+            give_back(ours, theirs);
+        }
+        let typed = typed
+            .map_err(|e| crate::graph::guard::explain_tract_failure(&Graph::of_model(model), e))?;
+        prepared.finish(typed, MAX_TENSOR_ELEMENTS)
     }
 
     /// Names of the values `run` returns, in order.
@@ -707,6 +661,200 @@ impl tract_onnx::data_resolver::ModelDataResolver for FileResolver {
     }
 }
 
+/// What [`Runner`]'s constructors check and compute before tract reads the model.
+struct Prepared {
+    facts: Vec<InferenceFact>,
+    real_inputs: Vec<String>,
+    outputs: Vec<String>,
+    /// The model's folder, for external data tract reads itself.
+    dir: Option<String>,
+}
+
+impl Prepared {
+    fn new(model: &Model, sample: &Sample, extra_outputs: &[String]) -> Result<Prepared> {
+        let graph = Graph::of_model(model);
+        graph.check()?;
+        // tract reports bad tensor data without naming the tensor, or not at all.
+        for_each_tensor(&model.proto, &mut check_for_runner)?;
+        let real_inputs: Vec<String> = graph.real_inputs().iter().map(|v| v.name.clone()).collect();
+        let mut facts = Vec::with_capacity(real_inputs.len());
+        for name in &real_inputs {
+            let t = sample
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| Error::input(name, "no value given for this model input"))?;
+            facts.push(InferenceFact::dt_shape(
+                datum_type(t.elem_type())?,
+                t.shape(),
+            ));
+        }
+        for (n, _) in sample {
+            if !real_inputs.contains(n) {
+                return Err(Error::input(n, "the model has no such input"));
+            }
+        }
+        check_declared(&graph, sample)?;
+        let ranks: Vec<(String, usize)> = sample
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape().len()))
+            .collect();
+        crate::graph::guard::check_for_tract(&graph, &ranks)?;
+        for name in extra_outputs {
+            if graph.producer(name).is_none() && !graph.is_input(name) {
+                return Err(Error::Usage(format!(
+                    "value '{name}' is not produced by any node of the main graph"
+                )));
+            }
+        }
+        let mut outputs: Vec<String> = model
+            .graph()
+            .output
+            .iter()
+            .map(|o| o.name.clone())
+            .collect();
+        outputs.extend(extra_outputs.iter().cloned());
+        // External data left in its files (`load_lazy`) is read by tract, through
+        // `FileResolver`, relative to the model's folder.
+        let dir = match &model.dir {
+            Some(d) => Some(d.to_str().map(str::to_string).ok_or_else(|| {
+                Error::Usage(format!("{}: the model's folder is not UTF-8", d.display()))
+            })?),
+            None => None,
+        };
+        Ok(Prepared {
+            facts,
+            real_inputs,
+            outputs,
+            dir,
+        })
+    }
+
+    /// tract reads `proto` (dropped as soon as tract holds its own copy of the weights).
+    fn parse(&self, proto: tract_onnx::pb::ModelProto) -> Result<TypedModel> {
+        guarded("loading the model", move || {
+            let m = self.read(&proto)?;
+            drop(proto);
+            self.typed(m)
+        })
+    }
+
+    /// [`Prepared::parse`] leaving `proto` to the caller (whose data it lends).
+    fn parse_keeping(&self, proto: &tract_onnx::pb::ModelProto) -> Result<TypedModel> {
+        guarded("loading the model", || self.typed(self.read(proto)?))
+    }
+
+    fn read(&self, proto: &tract_onnx::pb::ModelProto) -> TractResult<InferenceModel> {
+        let mut onnx = tract_onnx::onnx()
+            .with_ignore_output_shapes(true)
+            .with_ignore_value_info(true);
+        onnx.provider = Arc::new(FileResolver);
+        let parsed = onnx.parse(proto, self.dir.as_deref())?;
+        if !parsed.unresolved_inputs.is_empty() {
+            return Err(TractError::msg(format!(
+                "could not resolve inputs at top level: {:?}",
+                parsed.unresolved_inputs
+            )));
+        }
+        Ok(parsed.model)
+    }
+
+    fn typed(&self, mut m: InferenceModel) -> TractResult<TypedModel> {
+        for (i, f) in self.facts.iter().enumerate() {
+            m.set_input_fact(i, f.clone())?;
+        }
+        m.select_outputs_by_name(&self.outputs)?;
+        m.into_typed()
+    }
+
+    fn finish(self, typed: TypedModel, max_elements: usize) -> Result<Runner> {
+        check_sizes(&typed, max_elements)?;
+        let plan = guarded("optimizing the model", || {
+            typed.into_optimized()?.into_runnable()
+        })?;
+        Ok(Runner {
+            plan,
+            inputs: self.real_inputs,
+            outputs: self.outputs,
+        })
+    }
+}
+
+/// A model with everything but its main graph's initializers (which [`Runner::new_lending`]
+/// moves in by itself).
+fn skeleton_only(model: &Model) -> Model {
+    use crate::onnx::proto::{GraphProto, ModelProto};
+    let p = &model.proto;
+    let g = model.graph();
+    let mut graph = GraphProto::new();
+    graph.name = g.name.clone();
+    graph.node = g.node.clone();
+    graph.input = g.input.clone();
+    graph.output = g.output.clone();
+    graph.value_info = g.value_info.clone();
+    graph.sparse_initializer = g.sparse_initializer.clone();
+    let mut proto = ModelProto::new();
+    proto.ir_version = p.ir_version;
+    proto.opset_import = p.opset_import.clone();
+    proto.producer_name = p.producer_name.clone();
+    proto.producer_version = p.producer_version.clone();
+    proto.domain = p.domain.clone();
+    proto.model_version = p.model_version;
+    proto.functions = p.functions.clone();
+    proto.graph = protobuf::MessageField::some(graph);
+    Model {
+        proto,
+        dir: model.dir.clone(),
+        external: Default::default(),
+        files: Vec::new(),
+    }
+}
+
+/// [`tensor_to_pb`] moving the data fields out of `t` (given back by [`give_back`]).
+fn tensor_to_pb_moved(t: &mut crate::onnx::proto::TensorProto) -> tract_onnx::pb::TensorProto {
+    use tract_onnx::pb;
+    pb::TensorProto {
+        dims: t.dims.clone(),
+        data_type: t.data_type,
+        segment: t.segment.as_ref().map(|s| pb::tensor_proto::Segment {
+            begin: s.begin,
+            end: s.end,
+        }),
+        float_data: std::mem::take(&mut t.float_data),
+        int32_data: std::mem::take(&mut t.int32_data),
+        string_data: std::mem::take(&mut t.string_data),
+        int64_data: std::mem::take(&mut t.int64_data),
+        name: t.name.clone(),
+        doc_string: t.doc_string.clone(),
+        raw_data: std::mem::take(&mut t.raw_data),
+        double_data: std::mem::take(&mut t.double_data),
+        uint64_data: std::mem::take(&mut t.uint64_data),
+        data_location: match t.data_location.value() {
+            0 => None,
+            v => Some(v),
+        },
+        external_data: t
+            .external_data
+            .iter()
+            .map(|e| pb::StringStringEntryProto {
+                key: e.key.clone(),
+                value: e.value.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Moves the data [`tensor_to_pb_moved`] lent back into `t`.
+fn give_back(t: &mut crate::onnx::proto::TensorProto, pb: tract_onnx::pb::TensorProto) {
+    t.raw_data = pb.raw_data;
+    t.float_data = pb.float_data;
+    t.int32_data = pb.int32_data;
+    t.int64_data = pb.int64_data;
+    t.double_data = pb.double_data;
+    t.uint64_data = pb.uint64_data;
+    t.string_data = pb.string_data;
+}
+
 /// An output as [`Runner::run_visit`] hands it over.
 pub enum Output<'a> {
     /// Float32 values, borrowed from tract.
@@ -793,5 +941,49 @@ mod lazy_tests {
         let g = Graph::of_model(&lazy);
         let e = g.constant(name).unwrap_err().to_string();
         assert!(e.contains(name.as_str()) && e.contains("external"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod lending_tests {
+    use super::*;
+
+    /// A runner prepared with the weights lent gives the same outputs as one prepared from a
+    /// copy, and the model is the same message afterwards.
+    #[test]
+    fn lending_runs_alike_and_gives_everything_back() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("onnx_models/digits_cnn/model.onnx");
+        let mut model = crate::onnx::load(&path).unwrap();
+        let before = model.to_bytes().unwrap();
+        let sample = vec![(
+            "input".to_string(),
+            TensorData::F32(ndarray::ArrayD::from_shape_fn(
+                ndarray::IxDyn(&[2, 1, 8, 8]),
+                |i| ((i[0] * 64 + i[2] * 8 + i[3]) % 17) as f32 / 16.0,
+            )),
+        )];
+        let copied = Runner::new(&model, &sample, &[])
+            .unwrap()
+            .run(&sample)
+            .unwrap();
+        let lent = Runner::new_lending(&mut model, &sample, &[])
+            .unwrap()
+            .run(&sample)
+            .unwrap();
+        assert_eq!(copied, lent);
+        assert_eq!(model.to_bytes().unwrap(), before);
+        // a failure inside tract (an op it does not know) gives the data back too
+        let relu = model
+            .graph()
+            .node
+            .iter()
+            .position(|n| n.op_type == "Relu")
+            .unwrap();
+        model.graph_mut().node[relu].op_type = "NoSuchOp".into();
+        let broken = model.to_bytes().unwrap();
+        let e = Runner::new_lending(&mut model, &sample, &[]).err().unwrap();
+        assert!(e.to_string().contains("NoSuchOp"), "{e}");
+        assert_eq!(model.to_bytes().unwrap(), broken);
     }
 }

@@ -106,23 +106,54 @@ pub fn observe<S: SampleSource + ?Sized>(
     method: Method,
     threads: usize,
 ) -> Result<BTreeMap<String, Observer>> {
+    observe_model(ModelRef::Shared(model), values, samples, method, threads)
+}
+
+/// [`observe`], lending `model`'s weights to tract rather than copying them
+/// ([`Runner::new_lending`]): preparing the run holds the weights twice (qfold's and
+/// tract's), not three times. `model` is unchanged afterwards.
+pub fn observe_lending<S: SampleSource + ?Sized>(
+    model: &mut Model,
+    values: &[String],
+    samples: &S,
+    method: Method,
+    threads: usize,
+) -> Result<BTreeMap<String, Observer>> {
+    observe_model(ModelRef::Lent(model), values, samples, method, threads)
+}
+
+/// How [`observe_model`] has the model: its tract runner copies or borrows the weights.
+enum ModelRef<'a> {
+    Shared(&'a Model),
+    Lent(&'a mut Model),
+}
+
+fn observe_model<S: SampleSource + ?Sized>(
+    model: ModelRef<'_>,
+    values: &[String],
+    samples: &S,
+    method: Method,
+    threads: usize,
+) -> Result<BTreeMap<String, Observer>> {
     if samples.is_empty() {
         return Err(Error::Usage("no calibration samples".into()));
     }
     let first = samples.read(0)?;
-    let outputs: Vec<String> = model
-        .graph()
-        .output
-        .iter()
-        .map(|o| o.name.clone())
-        .collect();
+    let graph_outputs = match &model {
+        ModelRef::Shared(m) => &m.graph().output,
+        ModelRef::Lent(m) => &m.graph().output,
+    };
+    let outputs: Vec<String> = graph_outputs.iter().map(|o| o.name.clone()).collect();
     let output_set: HashSet<&String> = outputs.iter().collect();
     let extra: Vec<String> = values
         .iter()
         .filter(|v| !output_set.contains(v))
         .cloned()
         .collect();
-    let runner = Runner::new(model, &first.inputs, &extra)?;
+    let runner = match model {
+        ModelRef::Shared(m) => Runner::new(m, &first.inputs, &extra)?,
+        ModelRef::Lent(m) => Runner::new_lending(m, &first.inputs, &extra)?,
+    };
     drop(first);
     let position_of: HashMap<&str, usize> = runner
         .output_names()
@@ -244,9 +275,31 @@ pub fn calibrate<S: SampleSource + ?Sized>(
     threads: usize,
 ) -> Result<Ranges> {
     let observers = observe(model, values, samples, method, threads)?;
+    ranges_of(&observers, method, samples.len(), target)
+}
+
+/// [`calibrate`], lending `model`'s weights to tract ([`observe_lending`]).
+pub fn calibrate_lending<S: SampleSource + ?Sized>(
+    model: &mut Model,
+    values: &[String],
+    samples: &S,
+    method: Method,
+    target: Target,
+    threads: usize,
+) -> Result<Ranges> {
+    let observers = observe_lending(model, values, samples, method, threads)?;
+    ranges_of(&observers, method, samples.len(), target)
+}
+
+fn ranges_of(
+    observers: &BTreeMap<String, Observer>,
+    method: Method,
+    samples: usize,
+    target: Target,
+) -> Result<Ranges> {
     let mut observed = BTreeMap::new();
     let mut ranges = BTreeMap::new();
-    for (v, o) in &observers {
+    for (v, o) in observers {
         match (o.min_max(), o.range(target)) {
             (Some(mm), Some(r)) => {
                 observed.insert(v.clone(), mm);
@@ -262,7 +315,7 @@ pub fn calibrate<S: SampleSource + ?Sized>(
     }
     Ok(Ranges {
         method,
-        samples: samples.len(),
+        samples,
         observed,
         ranges,
     })
