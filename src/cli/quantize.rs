@@ -201,6 +201,12 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[S
     for b in &r.qdq.bias_adjustments {
         println!("  bias: {b}");
     }
+    if !r.decomposed.is_empty() {
+        println!(
+            "  {} HardSwish quantized as x * HardSigmoid(x) (as ONNX Runtime's pre-processing does)",
+            r.decomposed.len()
+        );
+    }
     if let Some((a, b)) = r.qdq.opset {
         println!("  opset raised from {a} to {b}");
     }

@@ -5,6 +5,7 @@
 //! ([`qdq`]) -> check on tract.
 
 pub mod calibrate;
+pub mod decompose;
 pub mod observe;
 pub mod params;
 pub mod plan;
@@ -199,6 +200,8 @@ pub struct QuantizeReport {
     pub qdq: QdqReport,
     pub calibration_samples: usize,
     pub ranges_from_file: bool,
+    /// HardSwish nodes quantized as `x * HardSigmoid(x)` ([`decompose`]).
+    pub decomposed: Vec<String>,
 }
 
 /// Where activation ranges come from.
@@ -278,6 +281,17 @@ pub fn quantize(
         )?)
     } else {
         None
+    };
+    // HardSwish quantized as x * HardSigmoid(x), as ONNX Runtime's pre-processing presents
+    // it (see `decompose`), unless the op type is left float.
+    let decomposed = if opts
+        .exclude_op_types
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case("HardSwish"))
+    {
+        Vec::new()
+    } else {
+        decompose::hardswish(&mut float, &opts.exclude)?
     };
     let mut plan = plan::plan(&float, &opts.plan_options())?;
     // Raise the opset the QDQ form needs before calibrating: the upgraded float model is the
@@ -360,6 +374,7 @@ pub fn quantize(
         qdq,
         calibration_samples: ranges.samples,
         ranges_from_file: from_file,
+        decomposed,
     };
     Ok((quantized, ranges, report))
 }
