@@ -14,6 +14,7 @@ use crate::fusion::{fuse, FuseOptions, FuseReport};
 use crate::inspect::{summarize, ModelSummary};
 use crate::onnx::{Model, SaveOptions};
 use crate::progress;
+use crate::quant::analyze::{Evaluator, LayerAnalysis};
 use crate::quant::calibrate::Ranges;
 use crate::quant::observe::Method;
 use crate::quant::params::QType;
@@ -48,6 +49,10 @@ impl Report for UpgradeOutput {
 
 impl Report for QuantizeOutput {
     const SCHEMA: &'static str = "qfold.quantize/1";
+}
+
+impl Report for AnalyzeOutput {
+    const SCHEMA: &'static str = "qfold.analyze/1";
 }
 
 /// Where a command's input samples come from.
@@ -483,6 +488,9 @@ pub struct QuantizeJob {
     /// Write nothing when an output's SQNR against the float model is below `min_sqnr`.
     pub check: bool,
     pub min_sqnr: f64,
+    /// Also analyze every quantized tensor ([`crate::quant::analyze`]) on this many
+    /// evaluation samples (0: all).
+    pub report_layers: Option<usize>,
 }
 
 /// The quantization settings as the command line spells them: a preset and overrides.
@@ -512,6 +520,10 @@ pub struct QuantizeSettings {
     /// Keep constant subgraphs, Identity and inference Dropout nodes as they are.
     pub no_constant_folding: bool,
     pub threads: usize,
+    /// Cross-layer equalization before quantizing (`None`: the preset's).
+    pub equalize: Option<bool>,
+    /// Correct biases for the mean shift weight quantization causes.
+    pub bias_correction: bool,
 }
 
 impl Default for QuantizeSettings {
@@ -532,6 +544,8 @@ impl Default for QuantizeSettings {
             fuse: true,
             no_constant_folding: false,
             threads: 0,
+            equalize: None,
+            bias_correction: false,
         }
     }
 }
@@ -632,6 +646,10 @@ impl QuantizeSettings {
         o.fuse = self.fuse;
         o.no_constant_folding = self.no_constant_folding;
         o.threads = self.threads;
+        if let Some(e) = self.equalize {
+            o.equalize = e;
+        }
+        o.bias_correction = self.bias_correction;
         Ok(o)
     }
 }
@@ -654,6 +672,9 @@ pub struct QuantizeOutput {
     pub size_before: u64,
     pub size_after: u64,
     pub conversion: Option<ConvertReport>,
+    /// The per-tensor analysis (`--report-layers`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<LayerAnalysis>,
     /// The path written, `None` when the check failed.
     pub written: Option<String>,
     /// How the calibration and evaluation data were read (layouts, casts, files left out,
@@ -791,6 +812,21 @@ pub fn quantize_file(
         None => Calibration::Source(calib.as_ref()),
     };
     let (mut quantized, ranges, report) = quantize(&model, calibration, &job.options)?;
+    let layers = match job.report_layers {
+        Some(n) => {
+            let eval = eval_cases.as_deref().unwrap_or(calib.as_ref());
+            let source = eval_source.clone();
+            Some(analyze_with_ranges(
+                &model,
+                &ranges,
+                &job.options,
+                eval,
+                n,
+                source,
+            )?)
+        }
+        None => None,
+    };
     let mut conversion = if job.qoperator {
         Some(crate::quant::qoperator::convert(&mut quantized)?)
     } else {
@@ -852,6 +888,7 @@ pub fn quantize_file(
         size_before,
         size_after,
         conversion,
+        layers,
         written: dest.written(passed),
         notes,
         min_sqnr: job.min_sqnr,
@@ -917,5 +954,98 @@ pub fn upgrade_file(
         upgrade: report,
         check: comparison,
         written: dest.written(passed),
+    })
+}
+
+/// The report of `qfold analyze --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnalyzeOutput {
+    pub options: QuantizeOptions,
+    pub calibration_samples: usize,
+    pub analysis: LayerAnalysis,
+    /// How the calibration and evaluation data were read.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// Prepares `model` as `quantize` does, takes `ranges` (no calibration), and analyzes every
+/// quantized tensor on `samples` samples of `eval` (0: all).
+fn analyze_with_ranges(
+    model: &Model,
+    ranges: &Ranges,
+    opts: &QuantizeOptions,
+    eval: &dyn SampleSource,
+    samples: usize,
+    source: String,
+) -> Result<LayerAnalysis> {
+    let mut opts = opts.clone();
+    // bias correction changed the weights' biases only; the analysis is of the same plan
+    opts.bias_correction = false;
+    let prepared = crate::quant::prepare(model, &opts)?;
+    let (ranges, _) =
+        crate::quant::calibrate_prepared(&prepared, Calibration::Ranges(ranges), &opts)?;
+    let reference = analysis_reference(model, &prepared)?;
+    let cases = crate::quant::analyze::take_samples(eval, samples)?;
+    let evaluator = Evaluator::new(&reference, cases, opts.threads)?;
+    crate::quant::analyze::analyze(&prepared, &ranges, &opts, &evaluator, source)
+}
+
+/// The float model variants are compared with: the original, at the opset quantization raised
+/// it to.
+fn analysis_reference<'m>(
+    model: &'m Model,
+    prepared: &crate::quant::Prepared,
+) -> Result<std::borrow::Cow<'m, Model>> {
+    Ok(match prepared.upgraded {
+        Some((_, to, _)) => {
+            let mut m = model.clone();
+            crate::graph::upgrade::upgrade(&mut m, to)?;
+            std::borrow::Cow::Owned(m)
+        }
+        None => std::borrow::Cow::Borrowed(model),
+    })
+}
+
+/// `qfold analyze`: calibrates `model` once with `settings`, then measures every quantized
+/// tensor on `samples` samples (0: all) of `eval` (default: the calibration data).
+pub fn analyze_file(
+    model_path: &Path,
+    settings: &QuantizeSettings,
+    calibration: Inputs,
+    eval: Option<(Inputs, String)>,
+    samples: usize,
+) -> Result<AnalyzeOutput> {
+    calibration.check_count("--calib-random")?;
+    let opts = settings.options()?;
+    if opts.bias_correction {
+        return Err(Error::Usage(
+            "analyze measures the plain quantization: drop --bias-correction".into(),
+        ));
+    }
+    let model = load(model_path)?;
+    let calib = calibration.open(&model)?;
+    let (eval, source) = match eval {
+        Some((i, s)) => (Some(i.open(&model)?), s),
+        None => (None, "the calibration data (no --eval given)".into()),
+    };
+    let prepared = crate::quant::prepare(&model, &opts)?;
+    let (ranges, _) =
+        crate::quant::calibrate_prepared(&prepared, Calibration::Source(calib.as_ref()), &opts)?;
+    let eval_source = eval.as_deref().unwrap_or(calib.as_ref());
+    let reference = analysis_reference(&model, &prepared)?;
+    let cases = crate::quant::analyze::take_samples(eval_source, samples)?;
+    let evaluator = Evaluator::new(&reference, cases, opts.threads)?;
+    let analysis = crate::quant::analyze::analyze(&prepared, &ranges, &opts, &evaluator, source)?;
+    let mut notes = calib.notes();
+    for n in eval_source.notes() {
+        if !notes.contains(&n) {
+            notes.push(n);
+        }
+    }
+    Ok(AnalyzeOutput {
+        options: opts,
+        calibration_samples: ranges.samples,
+        analysis,
+        notes,
     })
 }

@@ -260,6 +260,8 @@ impl From<Settings> for QuantizeSettings {
             fuse: s.fuse,
             no_constant_folding: false,
             threads: s.threads,
+            equalize: None,
+            bias_correction: false,
         }
     }
 }
@@ -335,6 +337,7 @@ fn quantize(
             save_ranges,
             check,
             min_sqnr,
+            report_layers: None,
         };
         let o = commands::quantize_file(&path, &dest, job)?;
         Ok((to_json(&o), o.failure()))

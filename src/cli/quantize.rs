@@ -2,9 +2,7 @@
 
 use std::path::PathBuf;
 
-use qfold::commands::{
-    quantize_file, CalibrationData, EvalData, Evaluation, Inputs, QuantizeJob, QuantizeSettings,
-};
+use qfold::commands::{quantize_file, CalibrationData, EvalData, Evaluation, Inputs, QuantizeJob};
 use qfold::quant::QuantizeReport;
 use qfold::verify;
 use qfold::{Error, Result};
@@ -34,51 +32,8 @@ pub struct Args {
     /// Shape of an input with symbolic dims: `name:1,3,224,224` (repeatable).
     #[arg(long = "input-shape", value_name = "NAME:DIMS")]
     input_shape: Vec<String>,
-    /// Named settings (the other options override them).
-    #[arg(long, value_enum, ignore_case = true, default_value = "qfold")]
-    preset: super::PresetArg,
-    /// How each activation's range is chosen (default: the preset's).
-    #[arg(long, value_enum, ignore_case = true)]
-    method: Option<super::MethodArg>,
-    /// Percentile for --method percentile, in (50, 100] [default: 99.999].
-    #[arg(long)]
-    percentile: Option<f64>,
-    /// Activation type (default: the preset's).
-    #[arg(long, value_enum, ignore_case = true)]
-    activation: Option<super::QTypeArg>,
-    /// Weight type (default: the preset's).
-    #[arg(long, value_enum, ignore_case = true)]
-    weight: Option<super::QTypeArg>,
-    /// Symmetric activations (zero point at the grid's middle; Relu is then kept).
-    #[arg(long)]
-    symmetric_activations: bool,
-    /// Per-channel weight scales.
-    #[arg(long, conflicts_with = "per_tensor")]
-    per_channel: bool,
-    /// One scale per weight tensor.
-    #[arg(long)]
-    per_tensor: bool,
-    /// With per-channel weights, keep per tensor every weight that quantizes per tensor with at
-    /// least this SQNR in dB (faster QLinearConv in tract).
-    #[arg(long, value_name = "DB", conflicts_with = "per_tensor")]
-    per_tensor_min_sqnr: Option<f64>,
-    /// 7-bit activations (PyTorch fbgemm's reduce_range).
-    #[arg(long)]
-    reduce_range: bool,
-    /// Leave this node or PyTorch module path float (repeatable).
-    #[arg(long, value_name = "NAME")]
-    exclude: Vec<String>,
-    /// Leave these op types float: `--op-types Gemm,Add` (case-insensitive; a type no node
-    /// has is an error).
-    #[arg(long, value_name = "A,B")]
-    op_types: Option<String>,
-    /// Do not fuse before quantizing.
-    #[arg(long)]
-    no_fuse: bool,
-    /// Keep constant subgraphs, Identity and inference Dropout nodes as they are (by default
-    /// fusion folds and removes them first).
-    #[arg(long)]
-    no_constant_folding: bool,
+    #[command(flatten)]
+    settings: super::settings::SettingsArgs,
     /// Save the calibrated ranges to this JSON file.
     #[arg(long, value_name = "FILE")]
     save_ranges: Option<PathBuf>,
@@ -101,38 +56,19 @@ pub struct Args {
     /// runs on the standard-domain model and the written model is for ONNX Runtime.
     #[arg(long)]
     allow_contrib_ops: bool,
-    /// Calibration threads (0: every core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
+    /// Also print the per-tensor sensitivity table of `qfold analyze` (its variants run on
+    /// --samples evaluation samples).
+    #[arg(long)]
+    report_layers: bool,
+    /// With --report-layers: evaluation samples (runs of the model) each variant runs on
+    /// (0: all).
+    #[arg(long, value_name = "N", default_value_t = qfold::quant::analyze::DEFAULT_SAMPLES)]
+    samples: usize,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     data: super::data::PreprocessArgs,
-}
-
-fn settings(a: &Args) -> QuantizeSettings {
-    QuantizeSettings {
-        preset: super::spelling(&a.preset),
-        format: a.format.as_ref().map(super::spelling),
-        method: a.method.as_ref().map(super::spelling),
-        percentile: a.percentile.unwrap_or(99.999),
-        activation: a.activation.as_ref().map(super::spelling),
-        weight: a.weight.as_ref().map(super::spelling),
-        symmetric_activations: a.symmetric_activations,
-        per_channel: match (a.per_channel, a.per_tensor) {
-            (true, _) => Some(true),
-            (_, true) => Some(false),
-            _ => None,
-        },
-        per_tensor_min_sqnr: a.per_tensor_min_sqnr,
-        reduce_range: a.reduce_range,
-        exclude: a.exclude.clone(),
-        op_types: a.op_types.iter().cloned().collect(),
-        fuse: !a.no_fuse,
-        no_constant_folding: a.no_constant_folding,
-        threads: a.threads,
-    }
 }
 
 fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[String]) {
@@ -221,21 +157,10 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[S
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    let settings = settings(&a);
+    let settings = a.settings.settings(a.format.as_ref().map(super::spelling));
     let qoperator = settings.qoperator()?;
     let opts = settings.options()?;
-    if let (Some(p), false) = (
-        a.percentile,
-        matches!(
-            opts.method,
-            qfold::quant::observe::Method::Percentile { .. }
-        ),
-    ) {
-        return Err(Error::Usage(format!(
-            "--percentile {p} applies to --method percentile; the method is {}",
-            opts.method.name()
-        )));
-    }
+    a.settings.check(&opts)?;
     let dest = a.out.destination(&a.model, a.output.as_deref())?;
     verify::parse_input_shapes(&a.input_shape)?;
     let calibration = match (&a.calib, a.calib_random, &a.ranges) {
@@ -278,6 +203,7 @@ pub fn run(a: Args) -> Result<i32> {
         save_ranges: a.save_ranges.clone(),
         check: a.check,
         min_sqnr: a.min_sqnr,
+        report_layers: a.report_layers.then_some(a.samples),
     };
     let out = quantize_file(&a.model, &dest, job)?;
     Ok(super::finish(
@@ -293,6 +219,9 @@ pub fn run(a: Args) -> Result<i32> {
             );
             if let Some(c) = &out.conversion {
                 super::convert::print_report(c);
+            }
+            if let Some(l) = &out.layers {
+                super::analyze::print_table(l, usize::MAX);
             }
         },
         None,

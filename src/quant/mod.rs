@@ -4,7 +4,10 @@
 //! every batch into [`observe`] observers) -> compute parameters ([`params`]) -> emit QDQ
 //! ([`qdq`]) -> check on tract.
 
+pub mod analyze;
+pub mod bias_correction;
 pub mod calibrate;
+pub mod equalize;
 pub mod observe;
 pub mod params;
 pub mod plan;
@@ -41,7 +44,8 @@ pub enum Preset {
     /// TensorRT: symmetric int8 activations with zero point 0 (entropy), Relu kept, per-channel
     /// weights, float bias.
     Tensorrt,
-    /// tract: per-tensor weights (its integer kernels are fastest with them), MinMax.
+    /// tract: per-tensor weights (its integer kernels are fastest with them), MinMax, with
+    /// cross-layer equalization so that per-tensor weights lose little.
     Tract,
 }
 
@@ -95,6 +99,8 @@ impl Preset {
             exclude: vec![],
             exclude_op_types: vec![],
             threads: 0,
+            equalize: false,
+            bias_correction: false,
         };
         match self {
             Preset::Qfold => {}
@@ -113,7 +119,10 @@ impl Preset {
                 o.int32_bias = false;
                 o.method = Method::Entropy;
             }
-            Preset::Tract => o.per_channel = false,
+            Preset::Tract => {
+                o.per_channel = false;
+                o.equalize = true;
+            }
         }
         o
     }
@@ -144,6 +153,11 @@ pub struct QuantizeOptions {
     pub exclude_op_types: Vec<String>,
     /// Calibration threads (0: every core).
     pub threads: usize,
+    /// Cross-layer equalization before planning ([`equalize`]).
+    pub equalize: bool,
+    /// Correct each quantized layer's bias for the mean shift its weight quantization causes
+    /// ([`bias_correction`]).
+    pub bias_correction: bool,
 }
 
 impl Default for QuantizeOptions {
@@ -191,6 +205,12 @@ impl QuantizeOptions {
 pub struct QuantizeReport {
     pub options: QuantizeOptions,
     pub fusion: Option<FuseReport>,
+    /// Cross-layer equalization (`--equalize`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub equalization: Option<equalize::EqualizeReport>,
+    /// Bias correction (`--bias-correction`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bias_correction: Option<bias_correction::BiasCorrectionReport>,
     pub plan: QuantPlan,
     pub qdq: QdqReport,
     pub calibration_samples: usize,
@@ -249,13 +269,21 @@ fn check_quantizable(model: &Model) -> Result<()> {
     Ok(())
 }
 
-/// Fuses (unless disabled), plans, calibrates and emits a QDQ model. Returns the quantized
-/// model, the ranges used and the report; `model` is not changed.
-pub fn quantize(
-    model: &Model,
-    calibration: Calibration,
-    opts: &QuantizeOptions,
-) -> Result<(Model, Ranges, QuantizeReport)> {
+/// The float model as quantization sees it (fused unless disabled, equalized when asked, its
+/// opset raised to what the QDQ form needs) and its plan: everything before calibration.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub float: Model,
+    pub plan: QuantPlan,
+    pub fusion: Option<FuseReport>,
+    pub equalization: Option<equalize::EqualizeReport>,
+    /// The opset raised (from, to) and the nodes rewritten on the way.
+    pub upgraded: Option<(i64, i64, Vec<String>)>,
+}
+
+/// Fuses (unless disabled), equalizes (when asked), plans and raises the opset: the steps of
+/// [`quantize`] before calibration. `model` is not changed.
+pub fn prepare(model: &Model, opts: &QuantizeOptions) -> Result<Prepared> {
     check_quantizable(model)?;
     plan::check_op_types(&Graph::of_model(model), &opts.exclude_op_types)?;
     let mut float = model.clone();
@@ -271,6 +299,15 @@ pub fn quantize(
     } else {
         None
     };
+    let equalization = if opts.equalize {
+        let _p = crate::progress::phase("equalizing weight ranges across layers");
+        Some(equalize::equalize(
+            &mut float,
+            &equalize::EqualizeOptions::default(),
+        )?)
+    } else {
+        None
+    };
     let mut plan = plan::plan(&float, &opts.plan_options())?;
     // Raise the opset the QDQ form needs before calibrating: the upgraded float model is the
     // one calibrated (tract runs it where it may not run the old ops, e.g. Upsample), and a
@@ -279,15 +316,37 @@ pub fn quantize(
         Some((from, to)) => {
             let r = crate::graph::upgrade::upgrade(&mut float, to)?;
             plan = plan::plan(&float, &opts.plan_options())?;
-            Some((from, to, r))
+            let rewritten = r
+                .rewritten
+                .iter()
+                .map(|w| format!("{} ({}): {}", w.node, w.op_type, w.change))
+                .collect();
+            Some((from, to, rewritten))
         }
         None => None,
     };
-    let values = plan.calibrated_values();
+    Ok(Prepared {
+        float,
+        plan,
+        fusion,
+        equalization,
+        upgraded,
+    })
+}
+
+/// Calibrates `prepared.float` (or takes the ranges given) for the plan's values; the model's
+/// outputs keep their observed range. Returns the ranges and whether they came from a file.
+pub fn calibrate_prepared(
+    prepared: &Prepared,
+    calibration: Calibration,
+    opts: &QuantizeOptions,
+) -> Result<(Ranges, bool)> {
+    let values = prepared.plan.calibrated_values();
+    let float = &prepared.float;
     let (ranges, from_file) = match calibration {
         Calibration::Samples(samples) => (
             calibrate::calibrate(
-                &float,
+                float,
                 &values,
                 samples,
                 opts.method,
@@ -298,7 +357,7 @@ pub fn quantize(
         ),
         Calibration::Source(samples) => (
             calibrate::calibrate(
-                &float,
+                float,
                 &values,
                 samples,
                 opts.method,
@@ -320,38 +379,105 @@ pub fn quantize(
     // do to intermediate activations) changes answers, so they keep the observed range.
     let mut ranges = ranges;
     if !from_file {
-        for o in &float.graph().output {
-            if let Some(&mm) = ranges.observed.get(&o.name) {
-                let r = if opts.symmetric_activations {
-                    let t = mm.0.abs().max(mm.1.abs());
-                    (-t, t)
-                } else {
-                    mm
-                };
-                ranges.ranges.insert(o.name.clone(), r);
-            }
+        keep_output_ranges(float, &mut ranges, opts.symmetric_activations);
+    }
+    Ok((ranges, from_file))
+}
+
+/// Sets the range of each graph output of `float` to its observed range.
+pub fn keep_output_ranges(float: &Model, ranges: &mut Ranges, symmetric: bool) {
+    for o in &float.graph().output {
+        if let Some(&mm) = ranges.observed.get(&o.name) {
+            let r = if symmetric {
+                let t = mm.0.abs().max(mm.1.abs());
+                (-t, t)
+            } else {
+                mm
+            };
+            ranges.ranges.insert(o.name.clone(), r);
         }
     }
-    let mut quantized = float;
-    let mut qdq = {
-        let _p = crate::progress::phase("inserting QuantizeLinear / DequantizeLinear");
-        qdq::materialize(&mut quantized, &plan, &ranges.ranges, &opts.qdq_options())?
-    };
-    if let Some((from, to, r)) = upgraded {
-        qdq.opset = Some((from, to));
-        qdq.upgraded = r
-            .rewritten
-            .iter()
-            .map(|w| format!("{} ({}): {}", w.node, w.op_type, w.change))
-            .collect();
+}
+
+/// Emits the QDQ model of `prepared` with `ranges` (the plan may be a subset of
+/// `prepared.plan`, as the analyzer's variants are).
+pub fn emit(
+    prepared: &Prepared,
+    plan: &QuantPlan,
+    ranges: &Ranges,
+    opts: &QuantizeOptions,
+) -> Result<(Model, QdqReport)> {
+    let mut quantized = prepared.float.clone();
+    let mut qdq = qdq::materialize(&mut quantized, plan, &ranges.ranges, &opts.qdq_options())?;
+    if let Some((from, to, r)) = &prepared.upgraded {
+        qdq.opset = Some((*from, *to));
+        qdq.upgraded = r.clone();
     }
+    Ok((quantized, qdq))
+}
+
+/// Fuses (unless disabled), plans, calibrates and emits a QDQ model. Returns the quantized
+/// model, the ranges used and the report; `model` is not changed.
+pub fn quantize(
+    model: &Model,
+    calibration: Calibration,
+    opts: &QuantizeOptions,
+) -> Result<(Model, Ranges, QuantizeReport)> {
+    let mut prepared = prepare(model, opts)?;
+    let bias_samples = match (&calibration, opts.bias_correction) {
+        (Calibration::Samples(s), true) => Some(BiasSamples::Samples(s)),
+        (Calibration::Source(s), true) => Some(BiasSamples::Source(*s)),
+        (Calibration::Ranges(_), true) => {
+            return Err(Error::Usage(
+                "--bias-correction measures on calibration samples: give --calib, not --ranges"
+                    .into(),
+            ))
+        }
+        _ => None,
+    };
+    let (ranges, from_file) = calibrate_prepared(&prepared, calibration, opts)?;
+    let bias_correction = match bias_samples {
+        Some(s) => {
+            let _p = crate::progress::phase("correcting biases for weight quantization");
+            Some(match s {
+                BiasSamples::Samples(s) => {
+                    bias_correction::correct(&mut prepared.float, &prepared.plan, opts, s)?
+                }
+                BiasSamples::Source(s) => {
+                    bias_correction::correct(&mut prepared.float, &prepared.plan, opts, s)?
+                }
+            })
+        }
+        None => None,
+    };
+    if bias_correction.is_some() {
+        // new bias initializers may have new names
+        prepared.plan = plan::plan(&prepared.float, &opts.plan_options())?;
+    }
+    let (quantized, qdq) = {
+        let _p = crate::progress::phase("inserting QuantizeLinear / DequantizeLinear");
+        emit(&prepared, &prepared.plan, &ranges, opts)?
+    };
+    let Prepared {
+        plan,
+        fusion,
+        equalization,
+        ..
+    } = prepared;
     let report = QuantizeReport {
         options: opts.clone(),
         fusion,
+        equalization,
+        bias_correction,
         plan,
         qdq,
         calibration_samples: ranges.samples,
         ranges_from_file: from_file,
     };
     Ok((quantized, ranges, report))
+}
+
+enum BiasSamples<'a> {
+    Samples(&'a [Sample]),
+    Source(&'a dyn crate::verify::SampleSource),
 }

@@ -1,0 +1,472 @@
+//! Cross-layer equalization (Nagel, van Baalen, Blankevoort, Welling, "Data-Free Quantization
+//! Through Weight Equalization and Bias Correction", ICCV 2019, section 4.1).
+//!
+//! ```text
+//! before:  x -> L1(W1, b1) -> f -> ... -> L2(W2, b2) -> y
+//! after:   x -> L1(S^-1 W1, S^-1 b1) -> f -> ... -> L2(W2 S, b2) -> y      (the same y)
+//! ```
+//!
+//! For a positively homogeneous `f` (`f(s x) = s f(x)` for `s > 0`: Relu, LeakyRelu, PRelu,
+//! Identity, MaxPool, and no activation at all), scaling output channel `i` of `L1` by
+//! `1 / s_i` and input channel `i` of `L2` by `s_i` computes the same function. With
+//! `r1_i` the range of output channel `i` of `W1` and `r2_i` that of input channel `i` of `W2`
+//! (largest magnitude), the paper's choice
+//!
+//! ```text
+//! s_i = (1 / r2_i) * sqrt(r1_i * r2_i)
+//! ```
+//!
+//! makes both ranges `sqrt(r1_i * r2_i)`, which maximizes the product of the per-channel
+//! precisions `r_i / R` of the two layers (eq. 8-10): per-tensor weight quantization then loses
+//! little against per-channel. Chains (`L1 -> L2 -> L3`) are equalized pair by pair, sweeping
+//! until no scale moves by more than `tolerance` (the paper's iteration).
+//!
+//! Layers: Conv (any group: a depthwise conv's channel `i` is both its input and its output
+//! channel, so it equalizes with the layer before and the layer after it) and Gemm (output
+//! channel `n` is row `n` of `B` with `transB = 1`, column `n` otherwise; a bias `C` is
+//! scaled along its last axis). The value between the two layers, and every value of the chain
+//! of activations between them, must have exactly one consumer and not be a graph output; the
+//! weights must be constant. A channel whose range is zero on either side keeps `s_i = 1`.
+//!
+//! High-bias absorption (section 4.1.1) is not done: it is exact only where the absorbed
+//! amount never exceeds the activation's input, which a data-free pass can only assume from
+//! BatchNormalization statistics that fusion has already folded away. Bias correction
+//! ([`super::bias_correction`]) removes the mean shift it would otherwise address.
+
+use std::collections::BTreeMap;
+
+use ndarray::{ArrayD, Axis};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::fusion::rules::label;
+use crate::graph::{Graph, Names, Patch};
+use crate::onnx::attr::{self, defaults};
+use crate::onnx::{ElemType, Model, TensorData};
+
+/// Ops between the two layers through which a positive per-channel scale passes unchanged.
+const HOMOGENEOUS: &[&str] = &["Relu", "LeakyRelu", "PRelu", "Identity", "MaxPool"];
+
+/// How equalization runs.
+#[derive(Debug, Clone)]
+pub struct EqualizeOptions {
+    /// Stop when no scale of a sweep differs from 1 by more than this.
+    pub tolerance: f64,
+    /// At most this many sweeps over all pairs.
+    pub max_sweeps: usize,
+}
+
+impl Default for EqualizeOptions {
+    fn default() -> Self {
+        EqualizeOptions {
+            tolerance: 1e-4,
+            max_sweeps: 100,
+        }
+    }
+}
+
+/// What equalization did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EqualizeReport {
+    /// The pairs equalized, `first -> [between ->] second`.
+    pub pairs: Vec<String>,
+    /// Sweeps over all pairs until the scales settled.
+    pub sweeps: usize,
+    /// The mean SQNR (dB) of the equalized layers' weights quantized per tensor (symmetric
+    /// int8), before and after: what equalization is for.
+    pub per_tensor_weight_sqnr_before: f64,
+    pub per_tensor_weight_sqnr_after: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Conv { group: usize },
+    Gemm { trans_b: bool },
+}
+
+/// A layer's weight and bias, as f64, with where they came from.
+#[derive(Debug, Clone)]
+struct Layer {
+    node: usize,
+    kind: Kind,
+    w: ArrayD<f64>,
+    w_type: ElemType,
+    b: Option<(ArrayD<f64>, ElemType)>,
+    touched: bool,
+}
+
+impl Layer {
+    fn out_axis(&self) -> usize {
+        match self.kind {
+            Kind::Conv { .. } => 0,
+            Kind::Gemm { trans_b } => usize::from(!trans_b),
+        }
+    }
+
+    fn out_channels(&self) -> usize {
+        self.w.shape()[self.out_axis()]
+    }
+
+    fn in_channels(&self) -> Option<usize> {
+        match self.kind {
+            Kind::Conv { group } => self.w.shape()[1].checked_mul(group),
+            Kind::Gemm { trans_b } => Some(self.w.shape()[usize::from(trans_b)]),
+        }
+    }
+
+    /// Largest magnitude of each output channel.
+    fn out_ranges(&self) -> Vec<f64> {
+        self.w
+            .axis_iter(Axis(self.out_axis()))
+            .map(|c| c.iter().fold(0.0f64, |m, v| m.max(v.abs())))
+            .collect()
+    }
+
+    /// Largest magnitude of each input channel.
+    fn in_ranges(&self) -> Vec<f64> {
+        let n = self.in_channels().unwrap_or(0);
+        let mut r = vec![0.0f64; n];
+        for (idx, v) in self.w.indexed_iter() {
+            if let Some(c) = self.in_channel_of(&idx) {
+                r[c] = r[c].max(v.abs());
+            }
+        }
+        r
+    }
+
+    /// The input channel a weight element reads.
+    fn in_channel_of(&self, idx: &ndarray::IxDyn) -> Option<usize> {
+        match self.kind {
+            Kind::Conv { group } => {
+                let m = self.w.shape()[0];
+                let per_group_out = m / group.max(1);
+                let per_group_in = self.w.shape()[1];
+                let g = idx[0] / per_group_out.max(1);
+                Some(g * per_group_in + idx[1])
+            }
+            Kind::Gemm { trans_b } => Some(idx[usize::from(trans_b)]),
+        }
+    }
+
+    /// Divides output channel `i` (weights and bias) by `s[i]`.
+    fn scale_out(&mut self, s: &[f64]) {
+        let ax = self.out_axis();
+        for (i, mut c) in self.w.axis_iter_mut(Axis(ax)).enumerate() {
+            c.mapv_inplace(|v| v / s[i]);
+        }
+        if let Some((b, _)) = &mut self.b {
+            let last = b.ndim().saturating_sub(1);
+            if b.ndim() > 0 {
+                for (i, mut c) in b.axis_iter_mut(Axis(last)).enumerate() {
+                    c.mapv_inplace(|v| v / s[i]);
+                }
+            }
+        }
+        self.touched = true;
+    }
+
+    /// Multiplies input channel `i` by `s[i]`.
+    fn scale_in(&mut self, s: &[f64]) {
+        let kind = self.kind;
+        let shape = self.w.shape().to_vec();
+        for (idx, v) in self.w.indexed_iter_mut() {
+            let c = match kind {
+                Kind::Conv { group } => {
+                    let per_group_out = shape[0] / group.max(1);
+                    (idx[0] / per_group_out.max(1)) * shape[1] + idx[1]
+                }
+                Kind::Gemm { trans_b } => idx[usize::from(trans_b)],
+            };
+            *v *= s[c];
+        }
+        self.touched = true;
+    }
+}
+
+/// Reads the layer at node `i` when it is a Conv or Gemm with constant float weights (and a
+/// per-channel bias, if any), else `None`.
+fn layer(g: &Graph, i: usize) -> Result<Option<Layer>> {
+    let n = g.node(i);
+    let kind = match n.op_type.as_str() {
+        "Conv" if n.domain.is_empty() || n.domain == "ai.onnx" => Kind::Conv {
+            group: attr::int(n, "group", defaults::GROUP)?.max(1) as usize,
+        },
+        "Gemm" if n.domain.is_empty() || n.domain == "ai.onnx" => Kind::Gemm {
+            trans_b: attr::int(n, "transB", defaults::GEMM_TRANS)? != 0,
+        },
+        _ => return Ok(None),
+    };
+    if let Kind::Gemm { .. } = kind {
+        if attr::int(n, "transA", defaults::GEMM_TRANS)? != 0 {
+            return Ok(None);
+        }
+    }
+    let Some(wname) = n.input.get(1) else {
+        return Ok(None);
+    };
+    let Some(w) = g.constant(wname)? else {
+        return Ok(None);
+    };
+    if !w.elem_type().is_float() {
+        return Ok(None);
+    }
+    let w_type = w.elem_type();
+    let w = w.to_f64();
+    let min_rank = if matches!(kind, Kind::Conv { .. }) {
+        3
+    } else {
+        2
+    };
+    if w.ndim() < min_rank || (matches!(kind, Kind::Gemm { .. }) && w.ndim() != 2) {
+        return Ok(None);
+    }
+    if let Kind::Conv { group } = kind {
+        if w.shape()[0] % group != 0 {
+            return Ok(None);
+        }
+    }
+    let b = match n.input.get(2).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(bname) => {
+            let Some(b) = g.constant(bname)? else {
+                return Ok(None);
+            };
+            if !b.elem_type().is_float() {
+                return Ok(None);
+            }
+            Some((b.elem_type(), b.to_f64()))
+        }
+    };
+    let mut l = Layer {
+        node: i,
+        kind,
+        w,
+        w_type,
+        b: None,
+        touched: false,
+    };
+    if let Some((ty, b)) = b {
+        // the bias must be per output channel along its last axis
+        let m = l.out_channels();
+        if b.ndim() == 0 || b.shape()[b.ndim() - 1] != m {
+            return Ok(None);
+        }
+        l.b = Some((b, ty));
+    }
+    Ok(Some(l))
+}
+
+/// A pair to equalize: the two layers (indices into the layer table) and the ops between.
+struct Pair {
+    first: usize,
+    second: usize,
+    between: Vec<String>,
+}
+
+/// Follows the single-consumer chain of homogeneous ops from node `from`'s output to the next
+/// Conv or Gemm reading it as its data input.
+fn next_layer(g: &Graph, from: usize) -> Option<(usize, Vec<String>)> {
+    let mut value = g.node(from).output.first()?.clone();
+    let mut between = Vec::new();
+    loop {
+        if g.is_output(&value) {
+            return None;
+        }
+        let consumers = g.consumers(&value);
+        if consumers.len() != 1 {
+            return None;
+        }
+        let c = consumers[0];
+        let n = g.node(c);
+        if n.input.first() != Some(&value) || !(n.domain.is_empty() || n.domain == "ai.onnx") {
+            return None;
+        }
+        // the value must not feed any other input of the consumer (weights, slopes)
+        if n.input.iter().skip(1).any(|x| *x == value) {
+            return None;
+        }
+        match n.op_type.as_str() {
+            "Conv" | "Gemm" => return Some((c, between)),
+            op if HOMOGENEOUS.contains(&op) => {
+                if op == "MaxPool" && n.output.len() > 1 {
+                    return None; // the Indices output is not scale-invariant in meaning
+                }
+                if op == "PRelu" && n.input.get(1).is_some_and(|s| g.const_source(s).is_none()) {
+                    return None;
+                }
+                between.push(label(n));
+                value = n.output.first()?.clone();
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Equalizes every Conv / Gemm pair of `model` (see the module docs). The model computes the
+/// same function afterwards, up to float rounding.
+pub fn equalize(model: &mut Model, opts: &EqualizeOptions) -> Result<EqualizeReport> {
+    let g = Graph::of_model(model);
+    let mut layers: Vec<Layer> = Vec::new();
+    let mut index: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut pairs: Vec<Pair> = Vec::new();
+    for i in g.topo_order()? {
+        let Some(l1) = layer(&g, i)? else { continue };
+        let Some((j, between)) = next_layer(&g, i) else {
+            continue;
+        };
+        let Some(l2) = layer(&g, j)? else { continue };
+        if l2.in_channels() != Some(l1.out_channels()) {
+            continue;
+        }
+        // a Gemm reads [N, K] and a Conv [N, C, ...]: both channel axes are 1
+        let first = *index.entry(i).or_insert_with(|| {
+            layers.push(l1);
+            layers.len() - 1
+        });
+        let second = *index.entry(j).or_insert_with(|| {
+            layers.push(l2);
+            layers.len() - 1
+        });
+        pairs.push(Pair {
+            first,
+            second,
+            between,
+        });
+    }
+    let mut report = EqualizeReport::default();
+    if pairs.is_empty() {
+        return Ok(report);
+    }
+    let mean_sqnr = |layers: &[Layer]| -> f64 {
+        let v: Vec<f64> = layers
+            .iter()
+            .map(|l| super::plan::per_tensor_weight_sqnr(&l.w))
+            .filter(|d| d.is_finite())
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    report.per_tensor_weight_sqnr_before = mean_sqnr(&layers);
+    for sweep in 1..=opts.max_sweeps {
+        report.sweeps = sweep;
+        let mut moved = 0.0f64;
+        for p in &pairs {
+            let r1 = layers[p.first].out_ranges();
+            let r2 = layers[p.second].in_ranges();
+            let s: Vec<f64> = r1
+                .iter()
+                .zip(&r2)
+                .map(|(&a, &b)| {
+                    let s = (a * b).sqrt() / b;
+                    if a > 0.0 && b > 0.0 && s.is_finite() && s > 0.0 {
+                        s
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
+            moved = moved.max(s.iter().fold(0.0f64, |m, &v| m.max((v - 1.0).abs())));
+            layers[p.first].scale_out(&s);
+            layers[p.second].scale_in(&s);
+        }
+        if moved <= opts.tolerance {
+            break;
+        }
+    }
+    report.per_tensor_weight_sqnr_after = mean_sqnr(&layers);
+    report.pairs = pairs
+        .iter()
+        .map(|p| {
+            let mut parts = vec![label(g.node(layers[p.first].node))];
+            parts.extend(p.between.iter().cloned());
+            parts.push(label(g.node(layers[p.second].node)));
+            parts.join(" -> ")
+        })
+        .collect();
+
+    // Write the new weights under fresh names (the old ones may be shared with other nodes;
+    // apply sweeps those left unused).
+    let mut names = Names::new(g.proto());
+    let mut patch = Patch::new("cross-layer equalization");
+    for l in layers.iter().filter(|l| l.touched) {
+        let n = g.node(l.node);
+        let mut node = n.clone();
+        let wname = names.fresh(&format!("{}_equalized", n.input[1]));
+        patch.add_initializer(TensorData::from_f64(l.w.clone(), l.w_type)?.to_proto(&wname));
+        node.input[1] = wname;
+        if let Some((b, ty)) = &l.b {
+            let bname = names.fresh(&format!("{}_equalized", n.input[2]));
+            patch.add_initializer(TensorData::from_f64(b.clone(), *ty)?.to_proto(&bname));
+            node.input[2] = bname;
+        }
+        patch.replace_node(l.node, node);
+    }
+    drop(g);
+    patch.apply(model.graph_mut())?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::IxDyn;
+
+    fn conv(w: ArrayD<f64>, group: usize) -> Layer {
+        Layer {
+            node: 0,
+            kind: Kind::Conv { group },
+            w,
+            w_type: ElemType::F32,
+            b: None,
+            touched: false,
+        }
+    }
+
+    #[test]
+    fn one_step_makes_both_ranges_the_geometric_mean() {
+        // L1: 2 output channels with ranges 4 and 0.25; L2: 1x2 with ranges 1 and 4.
+        let mut l1 = conv(
+            ArrayD::from_shape_vec(IxDyn(&[2, 1, 1]), vec![4.0, -0.25]).unwrap(),
+            1,
+        );
+        let mut l2 = conv(
+            ArrayD::from_shape_vec(IxDyn(&[1, 2, 1]), vec![1.0, -4.0]).unwrap(),
+            1,
+        );
+        let (r1, r2) = (l1.out_ranges(), l2.in_ranges());
+        assert_eq!((r1.clone(), r2.clone()), (vec![4.0, 0.25], vec![1.0, 4.0]));
+        // s = sqrt(r1 r2) / r2 = [2, 0.25]
+        let s: Vec<f64> = r1
+            .iter()
+            .zip(&r2)
+            .map(|(a, b)| (a * b).sqrt() / b)
+            .collect();
+        assert_eq!(s, vec![2.0, 0.25]);
+        l1.scale_out(&s);
+        l2.scale_in(&s);
+        assert_eq!(l1.out_ranges(), vec![2.0, 1.0]);
+        assert_eq!(l2.in_ranges(), vec![2.0, 1.0]);
+    }
+
+    #[test]
+    fn depthwise_channels_are_their_own_inputs() {
+        // a depthwise conv, 3 channels, weight [3, 1, 1]
+        let mut dw = conv(
+            ArrayD::from_shape_vec(IxDyn(&[3, 1, 1]), vec![1.0, 2.0, 3.0]).unwrap(),
+            3,
+        );
+        assert_eq!(dw.in_channels(), Some(3));
+        assert_eq!(dw.in_ranges(), vec![1.0, 2.0, 3.0]);
+        dw.scale_in(&[2.0, 1.0, 0.5]);
+        assert_eq!(dw.out_ranges(), vec![2.0, 2.0, 1.5]);
+        // grouped: 4 outputs, 2 groups, 2 inputs per group: input channel of W[o, c] is
+        // (o / 2) * 2 + c
+        let g = conv(
+            ArrayD::from_shape_fn(IxDyn(&[4, 2, 1]), |i| (i[0] * 2 + i[1]) as f64),
+            2,
+        );
+        assert_eq!(g.in_channels(), Some(4));
+        // channel 0: W[0,0]=0, W[1,0]=2; channel 1: W[0,1]=1, W[1,1]=3; channel 2: W[2,0]=4,
+        // W[3,0]=6; channel 3: 5, 7
+        assert_eq!(g.in_ranges(), vec![2.0, 3.0, 6.0, 7.0]);
+    }
+}
