@@ -491,6 +491,18 @@ pub struct QuantizeJob {
     /// Also analyze every quantized tensor ([`crate::quant::analyze`]) on this many
     /// evaluation samples (0: all).
     pub report_layers: Option<usize>,
+    /// Accuracy-driven quantization ([`crate::quant::target`]).
+    pub target: Option<TargetJob>,
+}
+
+/// `--target-sqnr` / `--target-accuracy`.
+#[derive(Debug, Clone)]
+pub struct TargetJob {
+    pub goal: crate::quant::target::Goal,
+    /// Evaluation samples (runs of the model) the search scores variants on (0: all).
+    pub samples: usize,
+    /// Write the best model found even when it misses the goal (the run still exits 1).
+    pub write_best: bool,
 }
 
 /// The quantization settings as the command line spells them: a preset and overrides.
@@ -675,6 +687,9 @@ pub struct QuantizeOutput {
     /// The per-tensor analysis (`--report-layers`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers: Option<LayerAnalysis>,
+    /// The accuracy-driven search (`--target-sqnr`, `--target-accuracy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<crate::quant::target::TargetReport>,
     /// The path written, `None` when the check failed.
     pub written: Option<String>,
     /// How the calibration and evaluation data were read (layouts, casts, files left out,
@@ -684,6 +699,31 @@ pub struct QuantizeOutput {
     /// The SQNR threshold the evaluation was judged by.
     #[serde(skip)]
     pub min_sqnr: f64,
+    /// Why the target was missed, if it was.
+    #[serde(skip)]
+    pub target_failure: Option<String>,
+}
+
+fn goal_text(g: &crate::quant::target::Goal) -> String {
+    let mut parts = vec![];
+    if let Some(d) = g.sqnr_db {
+        parts.push(format!("SQNR >= {d} dB"));
+    }
+    if let Some(a) = g.accuracy {
+        parts.push(format!("accuracy >= {:.2}%", 100.0 * a));
+    }
+    parts.join(", ")
+}
+
+fn score_text(s: &crate::quant::analyze::Score) -> String {
+    let db = match s.sqnr_db {
+        Some(d) => format!("SQNR {d:.2} dB"),
+        None => "SQNR infinite".into(),
+    };
+    match s.accuracy {
+        Some(a) => format!("{db}, accuracy {:.2}%", 100.0 * a),
+        None => db,
+    }
 }
 
 impl QuantizeOutput {
@@ -691,6 +731,9 @@ impl QuantizeOutput {
     /// `--check`; without it the model was written, and the run still fails (exit 1), so a
     /// model below the criterion never reads as success.
     pub fn failure(&self) -> Option<String> {
+        if let Some(f) = &self.target_failure {
+            return Some(f.clone());
+        }
         if self.written.is_none() {
             Some(format!(
                 "SQNR below {} dB against the float model; nothing written",
@@ -804,14 +847,47 @@ pub fn quantize_file(
         EvalData::Calibration => (None, "the calibration data (no --eval given)".into()),
     };
     let ranges_file;
-    let calibration = match &loaded {
-        Some(p) => {
+    let mut options = job.options.clone();
+    let mut target = None;
+    let calibration = match (&loaded, &job.target) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Usage(
+                "--target-sqnr / --target-accuracy calibrate: give --calib, not --ranges".into(),
+            ))
+        }
+        (Some(p), None) => {
             ranges_file = Ranges::load(p)?;
             Calibration::Ranges(&ranges_file)
         }
-        None => Calibration::Source(calib.as_ref()),
+        (None, Some(t)) => {
+            let eval = eval_cases.as_deref().unwrap_or(calib.as_ref());
+            let mut search_opts = options.clone();
+            search_opts.bias_correction = false;
+            let prepared = crate::quant::prepare(&model, &search_opts)?;
+            let reference = analysis_reference(&model, &prepared)?;
+            let cases = crate::quant::analyze::take_samples(eval, t.samples)?;
+            let evaluator = Evaluator::new(&reference, cases, options.threads)?;
+            drop(reference);
+            let found = crate::quant::target::search(
+                &prepared,
+                &search_opts,
+                calib.as_ref(),
+                &evaluator,
+                t.goal,
+            )?;
+            options.exclude.extend(found.exclude.iter().cloned());
+            ranges_file = found.ranges;
+            target = Some(found.report);
+            Calibration::Chosen {
+                ranges: &ranges_file,
+                samples: calib.as_ref(),
+            }
+        }
+        (None, None) => Calibration::Source(calib.as_ref()),
     };
-    let (mut quantized, ranges, report) = quantize(&model, calibration, &job.options)?;
+    let (mut quantized, ranges, mut report) = quantize(&model, calibration, &options)?;
+    // the options the user gave; the exclusions the search added are in the target report
+    report.options = job.options.clone();
     let layers = match job.report_layers {
         Some(n) => {
             let eval = eval_cases.as_deref().unwrap_or(calib.as_ref());
@@ -878,7 +954,40 @@ pub fn quantize_file(
     // the encoded sizes (tensor data included), computed without encoding
     let size_before = protobuf::Message::compute_size(&model.proto);
     let size_after = protobuf::Message::compute_size(&quantized.proto);
-    let passed = !job.check || evaluation.comparison.passed;
+    // The target is judged on the whole evaluation set, in tract.
+    let target_failure = match (&job.target, &mut target) {
+        (Some(t), Some(r)) => {
+            let worst = evaluation
+                .comparison
+                .outputs
+                .iter()
+                .map(|o| o.sqnr_db.unwrap_or(f64::INFINITY))
+                .fold(f64::INFINITY, f64::min);
+            let score = crate::quant::analyze::Score {
+                sqnr_db: worst.is_finite().then_some(worst),
+                accuracy: evaluation.quantized_accuracy,
+            };
+            r.met = t.goal.met(&score);
+            (!r.met).then(|| {
+                format!(
+                    "the target ({}) is not reached: the best model found, with {} node(s) left \
+                     float, has {} on {}{}",
+                    goal_text(&t.goal),
+                    r.fallback.len(),
+                    score_text(&score),
+                    evaluation.source,
+                    if t.write_best {
+                        "; written all the same (--write-best)"
+                    } else {
+                        "; nothing written (--write-best writes it)"
+                    }
+                )
+            })
+        }
+        _ => None,
+    };
+    let passed = (!job.check || evaluation.comparison.passed)
+        && (target_failure.is_none() || job.target.as_ref().is_some_and(|t| t.write_best));
     if passed {
         dest.save(&quantized)?;
     }
@@ -889,9 +998,11 @@ pub fn quantize_file(
         size_after,
         conversion,
         layers,
+        target,
         written: dest.written(passed),
         notes,
         min_sqnr: job.min_sqnr,
+        target_failure,
     })
 }
 

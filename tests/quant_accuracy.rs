@@ -201,3 +201,181 @@ fn equalization_is_exact_in_float_and_evens_the_channel_ranges() {
         );
     }
 }
+
+fn outlier_path(sub: &str) -> String {
+    models_dir()
+        .join("accuracy_outlier")
+        .join(sub)
+        .display()
+        .to_string()
+}
+
+/// The worst output's SQNR in a `qfold quantize --json` report.
+fn reported_sqnr(report: &serde_json::Value) -> f64 {
+    report["evaluation"]["comparison"]["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["sqnr_db"].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn quantize_outlier(out: &std::path::Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let mut args = vec![
+        "quantize".to_string(),
+        outlier_path("model.onnx"),
+        "-o".into(),
+        out.display().to_string(),
+        "--calib".into(),
+        outlier_path("calib"),
+        "--eval".into(),
+        outlier_path("eval"),
+        "--json".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stdout, stderr) = run_qfold(&refs);
+    let v = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}"));
+    (code, v, stderr)
+}
+
+#[test]
+fn target_sqnr_recovers_what_minmax_misses_in_tract_and_onnx_runtime() {
+    let scratch = TempDir::new("target");
+    // plain MinMax: the outlier channel of fc1 sets h1's scale, the others are crushed
+    let (code, v, _) = quantize_outlier(&scratch.join("minmax.onnx"), &[]);
+    assert_eq!(code, 1); // below the default --min-sqnr 20
+    let minmax = reported_sqnr(&v);
+    assert!((minmax - 17.96).abs() < 0.05, "{minmax}");
+    // the target mode: every method scored, then fc2 and fc1 (with their Relus) left float
+    let out = scratch.join("target.onnx");
+    // (two of its three Gemms must be left float: allow it)
+    let (code, v, stderr) =
+        quantize_outlier(&out, &["--target-sqnr", "30", "--min-quantized", "30"]);
+    assert_eq!(code, 0, "{stderr}");
+    let reached = reported_sqnr(&v);
+    assert!(
+        reached >= 30.0 && (reached - 34.76).abs() < 0.05,
+        "{reached}"
+    );
+    let t = &v["target"];
+    assert_eq!(t["methods"].as_array().unwrap().len(), 5);
+    let left: Vec<&str> = t["fallback"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, ["fc2", "fc1"]);
+    assert_eq!(
+        (t["compute_quantized"].as_u64(), t["compute_nodes"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(t["met"], true);
+    // the written model is the one evaluated: fc3 quantized, fc1 and fc2 float, Relus kept
+    let m = qfold::onnx::load(&out).unwrap();
+    assert_eq!(count(&m, "Relu"), 2);
+    assert!(count(&m, "QuantizeLinear") >= 2);
+    // ONNX Runtime agrees (tools/check_target_ort.py --record wrote these figures)
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(models_dir().join("accuracy_outlier/ort_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let ort_target = r["target"]["ort_sqnr_db"].as_f64().unwrap();
+    let ort_minmax = r["minmax"]["ort_sqnr_db"].as_f64().unwrap();
+    assert!(ort_minmax < 30.0 && ort_target >= 30.0);
+    assert!((ort_target - reached).abs() < 0.05 && (ort_minmax - minmax).abs() < 0.05);
+}
+
+#[test]
+fn unreachable_target_exits_1_and_writes_only_with_write_best() {
+    let scratch = TempDir::new("target");
+    let out = scratch.join("never.onnx");
+    // a cheap search: --samples 1, and a target only the float model reaches, while half of
+    // the Gemms must stay quantized (the default --min-quantized 50)
+    let (code, v, stderr) = quantize_outlier(&out, &["--target-sqnr", "300", "--samples", "1"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!out.exists());
+    assert!(v["written"].is_null());
+    assert_eq!(v["target"]["met"], false);
+    assert!(
+        stderr.contains("the target (SQNR >= 300 dB) is not reached"),
+        "{stderr}"
+    );
+    let (code, v, _) = quantize_outlier(
+        &out,
+        &["--target-sqnr", "300", "--samples", "1", "--write-best"],
+    );
+    assert_eq!(code, 1);
+    assert!(out.exists());
+    // the best model found leaves one Gemm float, the most the budget allows
+    assert_eq!(v["target"]["compute_quantized"], 2);
+    assert_eq!(v["target"]["fallback"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn bias_correction_removes_a_systematic_weight_rounding_shift() {
+    use qfold::onnx::{ElemType, TensorData};
+    use qfold::quant::quantize;
+    // y = x W^T with 4 output channels: one weight per row is 1.27 (scale 0.01 per channel),
+    // the 63 others sit 0.4 step above a grid point, so each rounds down by 0.004: for inputs
+    // of mean 1 every output shifts by about -0.25.
+    let (k, m) = (64usize, 4usize);
+    let w: Vec<f32> = (0..m * k)
+        .map(|i| {
+            if i % k == 0 {
+                1.27
+            } else {
+                0.01 * ((i * 7 + i / k * 3) % 40) as f32 + 0.004
+            }
+        })
+        .collect();
+    let w = TensorData::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[m, k]), w).unwrap());
+    let b = TensorData::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[m])));
+    let model = model_of(
+        vec![node_of(
+            "Gemm",
+            "fc",
+            &["x", "w", "b"],
+            &["y"],
+            vec![int("transB", 1)],
+        )],
+        vec![("w".into(), w), ("b".into(), b)],
+        value_info("x", ElemType::F32, &[8, k]),
+        "y",
+    );
+    let mut state = 7u64;
+    let mut case = |_| {
+        let v: Vec<f32> = (0..8 * k)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                0.5 + (state >> 40) as f32 / (1u64 << 24) as f32
+            })
+            .collect();
+        f32_case("x", &[8, k], v)
+    };
+    let calib: Vec<Case> = (0..8).map(&mut case).collect();
+    let eval: Vec<Case> = (0..4).map(&mut case).collect();
+    let sqnr = |bias_correction: bool| {
+        let opts = QuantizeOptions {
+            bias_correction,
+            ..QuantizeOptions::default()
+        };
+        let (q, _, r) = quantize(&model, Calibration::Source(&calib), &opts).unwrap();
+        let e = Evaluator::new(&model, eval.clone(), 1).unwrap();
+        (e.score(&q).unwrap().db(), r.bias_correction)
+    };
+    let (plain, none) = sqnr(false);
+    let (corrected, report) = sqnr(true);
+    assert!(none.is_none());
+    let report = report.unwrap();
+    assert_eq!(report.layers.len(), 1);
+    assert_eq!(report.samples, 8);
+    // the shift removed: 0.004 per weight times the mean input (1) times 63 weights
+    let shift = report.layers[0].mean_abs_shift;
+    assert!((shift - 0.252).abs() < 0.01, "{shift}");
+    assert!(plain > 25.0 && plain < 40.0, "{plain}");
+    assert!(corrected > plain + 10.0, "{plain} -> {corrected}");
+}

@@ -338,6 +338,7 @@ fn quantize(
             check,
             min_sqnr,
             report_layers: None,
+            target: None,
         };
         let o = commands::quantize_file(&path, &dest, job)?;
         Ok((to_json(&o), o.failure()))

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use qfold::commands::{quantize_file, CalibrationData, EvalData, Evaluation, Inputs, QuantizeJob};
+use qfold::commands::{
+    quantize_file, CalibrationData, EvalData, Evaluation, Inputs, QuantizeJob, TargetJob,
+};
 use qfold::quant::QuantizeReport;
 use qfold::verify;
 use qfold::{Error, Result};
@@ -60,10 +62,25 @@ pub struct Args {
     /// --samples evaluation samples).
     #[arg(long)]
     report_layers: bool,
-    /// With --report-layers: evaluation samples (runs of the model) each variant runs on
-    /// (0: all).
+    /// With --report-layers or a target: evaluation samples (runs of the model) each variant
+    /// runs on (0: all).
     #[arg(long, value_name = "N", default_value_t = qfold::quant::analyze::DEFAULT_SAMPLES)]
     samples: usize,
+    /// Leave float the fewest, least costly layers (after choosing each activation's
+    /// calibration method) until the worst output's SQNR against float reaches DB on the
+    /// evaluation data; exit 1 and write nothing when no model reaches it.
+    #[arg(long, value_name = "DB")]
+    target_sqnr: Option<f64>,
+    /// As --target-sqnr, for top-1 accuracy (percent) on labelled evaluation data.
+    #[arg(long, value_name = "PCT")]
+    target_accuracy: Option<f64>,
+    /// With a target: at least this percentage of the Conv / ConvTranspose / Gemm / MatMul
+    /// nodes stays quantized (a target that needs more fallback is unreachable).
+    #[arg(long, value_name = "PCT", default_value_t = 50.0)]
+    min_quantized: f64,
+    /// With a target: write the best model found even when it misses the target (exit 1).
+    #[arg(long)]
+    write_best: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -156,6 +173,84 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[S
     );
 }
 
+fn target(a: &Args) -> Result<Option<TargetJob>> {
+    if a.target_sqnr.is_none() && a.target_accuracy.is_none() {
+        if a.write_best {
+            return Err(Error::Usage(
+                "--write-best needs --target-sqnr or --target-accuracy".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    if let Some(p) = a.target_accuracy {
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(Error::Usage(format!(
+                "--target-accuracy {p}: use a percentage in (0, 100]"
+            )));
+        }
+    }
+    if !(0.0..=100.0).contains(&a.min_quantized) {
+        return Err(Error::Usage(format!(
+            "--min-quantized {}: use a percentage in [0, 100]",
+            a.min_quantized
+        )));
+    }
+    if a.target_sqnr.is_some_and(|d| !d.is_finite()) {
+        return Err(Error::Usage(
+            "--target-sqnr: use a finite number of dB".into(),
+        ));
+    }
+    Ok(Some(TargetJob {
+        goal: qfold::quant::target::Goal {
+            sqnr_db: a.target_sqnr,
+            accuracy: a.target_accuracy.map(|p| p / 100.0),
+            min_quantized: a.min_quantized / 100.0,
+        },
+        samples: a.samples,
+        write_best: a.write_best,
+    }))
+}
+
+fn print_target(t: &qfold::quant::target::TargetReport) {
+    println!(
+        "target search on {} samples ({} variants): methods {}; kept {}",
+        t.samples,
+        t.variants,
+        t.methods
+            .iter()
+            .map(|m| format!(
+                "{} {}",
+                m.method,
+                m.score
+                    .sqnr_db
+                    .map_or("exact".to_string(), |d| format!("{d:.2} dB"))
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        t.method
+    );
+    for f in &t.fallback {
+        println!(
+            "  left float: {} ({}): {}, then {}",
+            f.node,
+            f.op_type,
+            f.reason,
+            f.score
+                .sqnr_db
+                .map_or("exact".to_string(), |d| format!("{d:.2} dB"))
+        );
+    }
+    if !t.restored.is_empty() {
+        println!("  tried float, not needed: {}", t.restored.join(", "));
+    }
+    println!(
+        "  Conv/ConvTranspose/Gemm/MatMul quantized: {} of {} ({:.1}%)",
+        t.compute_quantized,
+        t.compute_nodes,
+        100.0 * t.compute_quantized as f64 / t.compute_nodes.max(1) as f64
+    );
+}
+
 pub fn run(a: Args) -> Result<i32> {
     let settings = a.settings.settings(a.format.as_ref().map(super::spelling));
     let qoperator = settings.qoperator()?;
@@ -204,6 +299,7 @@ pub fn run(a: Args) -> Result<i32> {
         check: a.check,
         min_sqnr: a.min_sqnr,
         report_layers: a.report_layers.then_some(a.samples),
+        target: target(&a)?,
     };
     let out = quantize_file(&a.model, &dest, job)?;
     Ok(super::finish(
@@ -219,6 +315,9 @@ pub fn run(a: Args) -> Result<i32> {
             );
             if let Some(c) = &out.conversion {
                 super::convert::print_report(c);
+            }
+            if let Some(t) = &out.target {
+                print_target(t);
             }
             if let Some(l) = &out.layers {
                 super::analyze::print_table(l, usize::MAX);

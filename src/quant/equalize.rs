@@ -21,6 +21,12 @@
 //! little against per-channel. Chains (`L1 -> L2 -> L3`) are equalized pair by pair, sweeping
 //! until no scale moves by more than `tolerance` (the paper's iteration).
 //!
+//! A Clip with minimum 0 and a constant maximum `M` (ReLU6) is not positively homogeneous:
+//! the paper replaces ReLU6 with ReLU, which changes the model. qfold keeps it exact instead:
+//! where the scales of the channels before it differ from 1, the Clip becomes
+//! `Relu -> Min(x, M / S)` with `S` the per-channel divisor applied to the layer before (the
+//! Relu is then absorbed by quantization as usual; Min stays float).
+//!
 //! Layers: Conv (any group: a depthwise conv's channel `i` is both its input and its output
 //! channel, so it equalizes with the layer before and the layer after it) and Gemm (output
 //! channel `n` is row `n` of `B` with `transB = 1`, column `n` otherwise; a bias `C` is
@@ -93,6 +99,8 @@ struct Layer {
     w_type: ElemType,
     b: Option<(ArrayD<f64>, ElemType)>,
     touched: bool,
+    /// The product of the divisors applied to each output channel.
+    divisor: Vec<f64>,
 }
 
 impl Layer {
@@ -151,6 +159,10 @@ impl Layer {
     /// Divides output channel `i` (weights and bias) by `s[i]`.
     fn scale_out(&mut self, s: &[f64]) {
         let ax = self.out_axis();
+        if self.divisor.len() != s.len() {
+            self.divisor = vec![1.0; s.len()];
+        }
+        self.divisor.iter_mut().zip(s).for_each(|(d, v)| *d *= v);
         for (i, mut c) in self.w.axis_iter_mut(Axis(ax)).enumerate() {
             c.mapv_inplace(|v| v / s[i]);
         }
@@ -244,6 +256,7 @@ fn layer(g: &Graph, i: usize) -> Result<Option<Layer>> {
         w_type,
         b: None,
         touched: false,
+        divisor: vec![],
     };
     if let Some((ty, b)) = b {
         // the bias must be per output channel along its last axis
@@ -261,13 +274,40 @@ struct Pair {
     first: usize,
     second: usize,
     between: Vec<String>,
+    /// Clip nodes between, with their upper bound.
+    clips: Vec<(usize, f64)>,
+}
+
+/// Clip's (min, max) when both are constant (absent bounds are infinite).
+fn clip_bounds(g: &Graph, n: &crate::onnx::proto::NodeProto) -> Result<Option<(f64, f64)>> {
+    let mut b = [f64::NEG_INFINITY, f64::INFINITY];
+    for (slot, name) in [(1usize, "min"), (2, "max")] {
+        match n.input.get(slot).filter(|s| !s.is_empty()) {
+            Some(x) => match g.constant(x)? {
+                Some(t) if t.len() == 1 => {
+                    b[slot - 1] = t.to_f64().iter().copied().next().unwrap_or(0.0)
+                }
+                _ => return Ok(None),
+            },
+            None => {
+                if let Some(v) = attr::find(n, name).map(|_| attr::float(n, name, 0.0)) {
+                    b[slot - 1] = v? as f64;
+                }
+            }
+        }
+    }
+    Ok(Some((b[0], b[1])))
 }
 
 /// Follows the single-consumer chain of homogeneous ops from node `from`'s output to the next
 /// Conv or Gemm reading it as its data input.
-fn next_layer(g: &Graph, from: usize) -> Option<(usize, Vec<String>)> {
+/// The next layer's node, the labels of the ops between, and the Clips among them.
+type Chain = (usize, Vec<String>, Vec<(usize, f64)>);
+
+fn next_layer(g: &Graph, from: usize) -> Option<Chain> {
     let mut value = g.node(from).output.first()?.clone();
     let mut between = Vec::new();
+    let mut clips = Vec::new();
     loop {
         if g.is_output(&value) {
             return None;
@@ -286,7 +326,16 @@ fn next_layer(g: &Graph, from: usize) -> Option<(usize, Vec<String>)> {
             return None;
         }
         match n.op_type.as_str() {
-            "Conv" | "Gemm" => return Some((c, between)),
+            "Conv" | "Gemm" => return Some((c, between, clips)),
+            "Clip" => {
+                let (lo, hi) = clip_bounds(g, n).ok().flatten()?;
+                if lo != 0.0 || hi <= 0.0 {
+                    return None;
+                }
+                clips.push((c, hi));
+                between.push(label(n));
+                value = n.output.first()?.clone();
+            }
             op if HOMOGENEOUS.contains(&op) => {
                 if op == "MaxPool" && n.output.len() > 1 {
                     return None; // the Indices output is not scale-invariant in meaning
@@ -311,7 +360,7 @@ pub fn equalize(model: &mut Model, opts: &EqualizeOptions) -> Result<EqualizeRep
     let mut pairs: Vec<Pair> = Vec::new();
     for i in g.topo_order()? {
         let Some(l1) = layer(&g, i)? else { continue };
-        let Some((j, between)) = next_layer(&g, i) else {
+        let Some((j, between, clips)) = next_layer(&g, i) else {
             continue;
         };
         let Some(l2) = layer(&g, j)? else { continue };
@@ -331,6 +380,7 @@ pub fn equalize(model: &mut Model, opts: &EqualizeOptions) -> Result<EqualizeRep
             first,
             second,
             between,
+            clips,
         });
     }
     let mut report = EqualizeReport::default();
@@ -400,6 +450,41 @@ pub fn equalize(model: &mut Model, opts: &EqualizeOptions) -> Result<EqualizeRep
         }
         patch.replace_node(l.node, node);
     }
+    // Clips between scaled channels: Relu -> Min(x, M / S) per channel.
+    for p in &pairs {
+        let l = &layers[p.first];
+        if l.divisor.iter().all(|&d| d == 1.0) {
+            continue;
+        }
+        // the channel axis is 1; the cap broadcasts as [C, 1, ...] over the spatial axes
+        let rank = match l.kind {
+            Kind::Conv { .. } => l.w.ndim(),
+            Kind::Gemm { .. } => 2,
+        };
+        let mut shape = vec![l.divisor.len()];
+        shape.extend(std::iter::repeat_n(1, rank.saturating_sub(2)));
+        for &(c, hi) in &p.clips {
+            let n = g.node(c);
+            let mid = names.fresh(&format!("{}_relu", n.output[0]));
+            let cap_name = names.fresh(&format!("{}_cap", n.name));
+            let cap: Vec<f32> = l.divisor.iter().map(|d| (hi / d) as f32).collect();
+            let cap = ArrayD::from_shape_vec(ndarray::IxDyn(&shape), cap)
+                .map_err(|e| crate::error::Error::tensor(&cap_name, e.to_string()))?;
+            patch.add_initializer(TensorData::F32(cap).to_proto(&cap_name));
+            let mut relu = crate::onnx::proto::NodeProto::new();
+            relu.op_type = "Relu".into();
+            relu.name = names.fresh(&format!("{}_relu", n.name));
+            relu.input = vec![n.input[0].clone()];
+            relu.output = vec![mid.clone()];
+            let mut min = crate::onnx::proto::NodeProto::new();
+            min.op_type = "Min".into();
+            min.name = n.name.clone();
+            min.input = vec![mid, cap_name];
+            min.output = vec![n.output[0].clone()];
+            patch.replace_node(c, relu);
+            patch.add_node(min);
+        }
+    }
     drop(g);
     patch.apply(model.graph_mut())?;
     Ok(report)
@@ -418,6 +503,7 @@ mod tests {
             w_type: ElemType::F32,
             b: None,
             touched: false,
+            divisor: vec![],
         }
     }
 

@@ -13,6 +13,7 @@ pub mod params;
 pub mod plan;
 pub mod qdq;
 pub mod qoperator;
+pub mod target;
 
 use serde::Serialize;
 
@@ -226,6 +227,12 @@ pub enum Calibration<'a> {
     Source(&'a dyn crate::verify::SampleSource),
     /// Ranges saved by an earlier run.
     Ranges(&'a Ranges),
+    /// Ranges chosen by the caller (the target mode), used as they are; the samples serve
+    /// bias correction.
+    Chosen {
+        ranges: &'a Ranges,
+        samples: &'a dyn crate::verify::SampleSource,
+    },
 }
 
 /// Refuses models `quantize` cannot handle, before any work: already quantized ones (their
@@ -374,6 +381,12 @@ pub fn calibrate_prepared(
             }
             (r.clone(), true)
         }
+        Calibration::Chosen { ranges: r, .. } => {
+            if let Some(missing) = values.iter().find(|v| !r.ranges.contains_key(*v)) {
+                return Err(Error::tensor(missing, "no range was chosen for this value"));
+            }
+            return Ok((r.clone(), false));
+        }
     };
     // A model's outputs are what the user reads: clipping them (as percentile, entropy and L2
     // do to intermediate activations) changes answers, so they keep the observed range.
@@ -427,6 +440,7 @@ pub fn quantize(
     let bias_samples = match (&calibration, opts.bias_correction) {
         (Calibration::Samples(s), true) => Some(BiasSamples::Samples(s)),
         (Calibration::Source(s), true) => Some(BiasSamples::Source(*s)),
+        (Calibration::Chosen { samples, .. }, true) => Some(BiasSamples::Source(*samples)),
         (Calibration::Ranges(_), true) => {
             return Err(Error::Usage(
                 "--bias-correction measures on calibration samples: give --calib, not --ranges"
