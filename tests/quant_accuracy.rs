@@ -379,3 +379,94 @@ fn bias_correction_removes_a_systematic_weight_rounding_shift() {
     assert!(plain > 25.0 && plain < 40.0, "{plain}");
     assert!(corrected > plain + 10.0, "{plain} -> {corrected}");
 }
+
+#[test]
+fn equalization_through_depthwise_convs_and_relu6_is_exact() {
+    use qfold::onnx::{ElemType, TensorData};
+    // 1x1 conv 4 -> 8, Clip(0, 6), depthwise 3x3 (group 8), Clip(0, 6), 1x1 conv 8 -> 4, with
+    // channel scales spread over two orders of magnitude
+    let mut state = 3u64;
+    let mut rnd = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    // spread: channel c scaled by 10^(c % 3 - 1) times `spread` (1: as is, -1: inverted)
+    let mut tensor = |shape: &[usize], spread: i32| {
+        let n: usize = shape.iter().product();
+        let per = n / shape[0];
+        let v: Vec<f32> = (0..n)
+            .map(|i| rnd() * 10f32.powi(spread * ((i / per) as i32 % 3 - 1)))
+            .collect();
+        TensorData::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), v).unwrap())
+    };
+    let inits = vec![
+        ("w1".to_string(), tensor(&[8, 4, 1, 1], 1)),
+        ("b1".to_string(), tensor(&[8], 0)),
+        ("w2".to_string(), tensor(&[8, 1, 3, 3], -1)),
+        ("b2".to_string(), tensor(&[8], 0)),
+        ("w3".to_string(), tensor(&[4, 8, 1, 1], 0)),
+        (
+            "lo".to_string(),
+            TensorData::F32(ndarray::arr0(0.0f32).into_dyn()),
+        ),
+        (
+            "hi".to_string(),
+            TensorData::F32(ndarray::arr0(6.0f32).into_dyn()),
+        ),
+    ];
+    let pads = || ints("pads", &[1, 1, 1, 1]);
+    let model = model_of(
+        vec![
+            node_of("Conv", "pw1", &["x", "w1", "b1"], &["a"], vec![]),
+            node_of("Clip", "relu6a", &["a", "lo", "hi"], &["b"], vec![]),
+            node_of(
+                "Conv",
+                "dw",
+                &["b", "w2", "b2"],
+                &["c"],
+                vec![int("group", 8), pads()],
+            ),
+            node_of("Clip", "relu6b", &["c", "lo", "hi"], &["d"], vec![]),
+            node_of("Conv", "pw2", &["d", "w3"], &["y"], vec![]),
+        ],
+        inits,
+        value_info("x", ElemType::F32, &[1, 4, 6, 6]),
+        "y",
+    );
+    let mut eq = model.clone();
+    let r = equalize::equalize(&mut eq, &Default::default()).unwrap();
+    assert_eq!(r.pairs, ["pw1 -> relu6a -> dw", "dw -> relu6b -> pw2"]);
+    assert!(
+        r.per_tensor_weight_sqnr_after > r.per_tensor_weight_sqnr_before + 3.0,
+        "{r:?}"
+    );
+    // each ReLU6 became Relu -> Min with a per-channel cap
+    assert_eq!(count(&eq, "Clip"), 0);
+    assert_eq!(count(&eq, "Min"), 2);
+    assert_eq!(count(&eq, "Relu"), 2);
+    let mut capped = 0;
+    for seed in 0..3 {
+        let v: Vec<f32> = (0..144)
+            .map(|i| ((i * 37 + seed * 11) % 29) as f32 - 14.0)
+            .collect();
+        let c = f32_case("x", &[1, 4, 6, 6], v);
+        let a = run(&model, &c);
+        let b = run(&eq, &c);
+        // the caps bind: some values of the first ReLU6 reach 6
+        let r = qfold::runtime::Runner::new(&model, &c.inputs, &["b".to_string()]).unwrap();
+        let relu6 = r.run(&c.inputs).unwrap()[1].to_f64();
+        capped += relu6.iter().filter(|&&v| v == 6.0).count();
+        assert_close(
+            &a,
+            &b,
+            qfold::verify::Criterion::Tolerance {
+                atol: 1e-4,
+                rtol: 1e-4,
+            },
+            "equalized",
+        );
+    }
+    assert!(capped > 0);
+}
