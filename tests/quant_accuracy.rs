@@ -470,3 +470,43 @@ fn equalization_through_depthwise_convs_and_relu6_is_exact() {
     }
     assert!(capped > 0);
 }
+
+/// Equalization is exact on any model given in `QFOLD_EQUALIZE_MODEL` (e.g. the torchvision
+/// exports of tools/export_torchvision.py, outside the repository):
+/// `QFOLD_EQUALIZE_MODEL=/tmp/qfold_acc_tv/resnet18/model.onnx cargo test --test quant_accuracy -- --ignored`
+#[test]
+#[ignore]
+fn equalization_is_exact_on_a_given_model() {
+    let path = std::env::var("QFOLD_EQUALIZE_MODEL").expect("QFOLD_EQUALIZE_MODEL");
+    let m = qfold::onnx::load(&path).unwrap();
+    let mut fused = m.clone();
+    qfold::fusion::fuse(&mut fused, &Default::default()).unwrap();
+    let mut eq = fused.clone();
+    let r = equalize::equalize(&mut eq, &Default::default()).unwrap();
+    eprintln!(
+        "{} spaces, {} sweeps, per-tensor weight SQNR {:.2} -> {:.2} dB",
+        r.pairs.len(),
+        r.sweeps,
+        r.per_tensor_weight_sqnr_before,
+        r.per_tensor_weight_sqnr_after
+    );
+    let cases = verify::random_cases(&m, 2, 5, &Default::default()).unwrap();
+    for c in &cases {
+        let a = run(&fused, c);
+        let b = run(&eq, c);
+        let cmp = compare(&a, &b, qfold::verify::Criterion::MinSqnr { db: 0.0 });
+        eprintln!(
+            "max abs {:e}, sqnr {:?}",
+            cmp.outputs[0].max_abs, cmp.outputs[0].sqnr_db
+        );
+        assert_close(
+            &a,
+            &b,
+            qfold::verify::Criterion::Tolerance {
+                atol: 1e-4,
+                rtol: 1e-3,
+            },
+            "equalized",
+        );
+    }
+}

@@ -39,7 +39,7 @@
 //! BatchNormalization statistics that fusion has already folded away. Bias correction
 //! ([`super::bias_correction`]) removes the mean shift it would otherwise address.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ndarray::{ArrayD, Axis};
 use serde::Serialize;
@@ -269,13 +269,126 @@ fn layer(g: &Graph, i: usize) -> Result<Option<Layer>> {
     Ok(Some(l))
 }
 
-/// A pair to equalize: the two layers (indices into the layer table) and the ops between.
+/// A channel space to equalize: the layers writing it and those reading it (indices into the
+/// layer table; one of each for a plain pair) and the ops between.
 struct Pair {
-    first: usize,
-    second: usize,
+    first: Vec<usize>,
+    second: Vec<usize>,
     between: Vec<String>,
     /// Clip nodes between, with their upper bound.
     clips: Vec<(usize, f64)>,
+}
+
+/// A channel space found in the graph, by node index.
+struct Space {
+    writers: BTreeSet<usize>,
+    readers: BTreeSet<usize>,
+    between: Vec<String>,
+    clips: Vec<(usize, f64)>,
+}
+
+fn is_layer_op(n: &crate::onnx::proto::NodeProto) -> bool {
+    matches!(n.op_type.as_str(), "Conv" | "Gemm") && (n.domain.is_empty() || n.domain == "ai.onnx")
+}
+
+/// Whether `n` passes a positive per-channel scale of its data input(s) to its output; Clip's
+/// upper bound when it is a Clip with minimum 0.
+fn passes_scale(g: &Graph, n: &crate::onnx::proto::NodeProto) -> Option<Option<f64>> {
+    if !(n.domain.is_empty() || n.domain == "ai.onnx") || n.output.len() != 1 {
+        return None;
+    }
+    match n.op_type.as_str() {
+        "Add" if n.input.len() == 2 => Some(None),
+        "Clip" => {
+            let (lo, hi) = clip_bounds(g, n).ok().flatten()?;
+            (lo == 0.0 && hi > 0.0).then_some(Some(hi))
+        }
+        "PRelu" if n.input.get(1).is_some_and(|s| g.const_source(s).is_none()) => None,
+        op if HOMOGENEOUS.contains(&op) => Some(None),
+        _ => None,
+    }
+}
+
+/// The channel space the output of layer `w` belongs to: every value reachable from it
+/// through ops that pass a per-channel scale (Relu, MaxPool, Clip(0, M), Add of two such
+/// values, ...), with the layers writing and reading those values. `None` when a value of it
+/// is a graph output, comes from or goes to anything else, or a layer both reads and writes it.
+/// Scaling every writer's output channel `i` by `1 / s_i` and every reader's input channel `i`
+/// by `s_i` is then exact: Add of two scaled values is the scaled sum.
+fn space_from(g: &Graph, w: usize) -> Option<Space> {
+    let mut space = Space {
+        writers: BTreeSet::from([w]),
+        readers: BTreeSet::new(),
+        between: vec![],
+        clips: vec![],
+    };
+    let mut values: BTreeSet<String> = BTreeSet::new();
+    let mut queue = std::collections::VecDeque::new();
+    let mut seen_ops: BTreeSet<usize> = BTreeSet::new();
+    let first = g.node(w).output.first()?.clone();
+    values.insert(first.clone());
+    queue.push_back(first);
+    while let Some(v) = queue.pop_front() {
+        if g.is_output(&v) || values.len() > 10_000 {
+            return None;
+        }
+        // how v is made
+        let p = g.producer(&v)?;
+        let pn = g.node(p);
+        if is_layer_op(pn) {
+            if pn.output.len() != 1 {
+                return None;
+            }
+            space.writers.insert(p);
+        } else {
+            let clip = passes_scale(g, pn)?;
+            let data = if pn.op_type == "Add" { 2 } else { 1 };
+            if seen_ops.insert(p) {
+                space.between.push(label(pn));
+                if let Some(hi) = clip {
+                    space.clips.push((p, hi));
+                }
+                for x in pn.input.iter().take(data) {
+                    if values.insert(x.clone()) {
+                        queue.push_back(x.clone());
+                    }
+                }
+            }
+        }
+        // where v goes
+        for &c in g.consumers(&v) {
+            let n = g.node(c);
+            if is_layer_op(n) {
+                if n.input.first() != Some(&v) || n.input.iter().skip(1).any(|x| *x == v) {
+                    return None;
+                }
+                space.readers.insert(c);
+                continue;
+            }
+            let clip = passes_scale(g, n)?;
+            if n.op_type != "Add"
+                && (n.input.first() != Some(&v) || n.input.iter().skip(1).any(|x| *x == v))
+            {
+                return None;
+            }
+            if seen_ops.insert(c) {
+                space.between.push(label(n));
+                if let Some(hi) = clip {
+                    space.clips.push((c, hi));
+                }
+                let data = if n.op_type == "Add" { 2 } else { 1 };
+                for x in n.input.iter().take(data).chain(n.output.iter()) {
+                    if values.insert(x.clone()) {
+                        queue.push_back(x.clone());
+                    }
+                }
+            }
+        }
+    }
+    if space.readers.is_empty() || space.writers.intersection(&space.readers).next().is_some() {
+        return None;
+    }
+    Some(space)
 }
 
 /// Clip's (min, max) when both are constant (absent bounds are infinite).
@@ -299,58 +412,6 @@ fn clip_bounds(g: &Graph, n: &crate::onnx::proto::NodeProto) -> Result<Option<(f
     Ok(Some((b[0], b[1])))
 }
 
-/// Follows the single-consumer chain of homogeneous ops from node `from`'s output to the next
-/// Conv or Gemm reading it as its data input.
-/// The next layer's node, the labels of the ops between, and the Clips among them.
-type Chain = (usize, Vec<String>, Vec<(usize, f64)>);
-
-fn next_layer(g: &Graph, from: usize) -> Option<Chain> {
-    let mut value = g.node(from).output.first()?.clone();
-    let mut between = Vec::new();
-    let mut clips = Vec::new();
-    loop {
-        if g.is_output(&value) {
-            return None;
-        }
-        let consumers = g.consumers(&value);
-        if consumers.len() != 1 {
-            return None;
-        }
-        let c = consumers[0];
-        let n = g.node(c);
-        if n.input.first() != Some(&value) || !(n.domain.is_empty() || n.domain == "ai.onnx") {
-            return None;
-        }
-        // the value must not feed any other input of the consumer (weights, slopes)
-        if n.input.iter().skip(1).any(|x| *x == value) {
-            return None;
-        }
-        match n.op_type.as_str() {
-            "Conv" | "Gemm" => return Some((c, between, clips)),
-            "Clip" => {
-                let (lo, hi) = clip_bounds(g, n).ok().flatten()?;
-                if lo != 0.0 || hi <= 0.0 {
-                    return None;
-                }
-                clips.push((c, hi));
-                between.push(label(n));
-                value = n.output.first()?.clone();
-            }
-            op if HOMOGENEOUS.contains(&op) => {
-                if op == "MaxPool" && n.output.len() > 1 {
-                    return None; // the Indices output is not scale-invariant in meaning
-                }
-                if op == "PRelu" && n.input.get(1).is_some_and(|s| g.const_source(s).is_none()) {
-                    return None;
-                }
-                between.push(label(n));
-                value = n.output.first()?.clone();
-            }
-            _ => return None,
-        }
-    }
-}
-
 /// Equalizes every Conv / Gemm pair of `model` (see the module docs). The model computes the
 /// same function afterwards, up to float rounding.
 pub fn equalize(model: &mut Model, opts: &EqualizeOptions) -> Result<EqualizeReport> {
@@ -358,29 +419,51 @@ pub fn equalize(model: &mut Model, opts: &EqualizeOptions) -> Result<EqualizeRep
     let mut layers: Vec<Layer> = Vec::new();
     let mut index: BTreeMap<usize, usize> = BTreeMap::new();
     let mut pairs: Vec<Pair> = Vec::new();
-    for i in g.topo_order()? {
-        let Some(l1) = layer(&g, i)? else { continue };
-        let Some((j, between, clips)) = next_layer(&g, i) else {
-            continue;
-        };
-        let Some(l2) = layer(&g, j)? else { continue };
-        if l2.in_channels() != Some(l1.out_channels()) {
+    let mut claimed: BTreeSet<usize> = BTreeSet::new();
+    'layers: for i in g.topo_order()? {
+        if claimed.contains(&i) || !is_layer_op(g.node(i)) || layer(&g, i)?.is_none() {
             continue;
         }
-        // a Gemm reads [N, K] and a Conv [N, C, ...]: both channel axes are 1
-        let first = *index.entry(i).or_insert_with(|| {
-            layers.push(l1);
-            layers.len() - 1
+        let Some(space) = space_from(&g, i) else {
+            continue;
+        };
+        claimed.extend(space.writers.iter().copied());
+        let mut read = Vec::new();
+        for &n in space.writers.iter().chain(&space.readers) {
+            let Some(l) = layer(&g, n)? else {
+                continue 'layers;
+            };
+            read.push((n, l));
+        }
+        let channels = read[0].1.out_channels();
+        let consistent = read.iter().all(|(n, l)| {
+            if space.writers.contains(n) {
+                l.out_channels() == channels
+            } else {
+                l.in_channels() == Some(channels)
+            }
         });
-        let second = *index.entry(j).or_insert_with(|| {
-            layers.push(l2);
-            layers.len() - 1
-        });
+        if !consistent {
+            continue;
+        }
+        let mut first = vec![];
+        let mut second = vec![];
+        for (n, l) in read {
+            let k = *index.entry(n).or_insert_with(|| {
+                layers.push(l);
+                layers.len() - 1
+            });
+            if space.writers.contains(&n) {
+                first.push(k);
+            } else {
+                second.push(k);
+            }
+        }
         pairs.push(Pair {
             first,
             second,
-            between,
-            clips,
+            between: space.between,
+            clips: space.clips,
         });
     }
     let mut report = EqualizeReport::default();
@@ -400,8 +483,15 @@ pub fn equalize(model: &mut Model, opts: &EqualizeOptions) -> Result<EqualizeRep
         report.sweeps = sweep;
         let mut moved = 0.0f64;
         for p in &pairs {
-            let r1 = layers[p.first].out_ranges();
-            let r2 = layers[p.second].in_ranges();
+            let max_of = |v: Vec<Vec<f64>>| -> Vec<f64> {
+                let mut out = v[0].clone();
+                for r in &v[1..] {
+                    out.iter_mut().zip(r).for_each(|(a, b)| *a = a.max(*b));
+                }
+                out
+            };
+            let r1 = max_of(p.first.iter().map(|&k| layers[k].out_ranges()).collect());
+            let r2 = max_of(p.second.iter().map(|&k| layers[k].in_ranges()).collect());
             let s: Vec<f64> = r1
                 .iter()
                 .zip(&r2)
@@ -415,8 +505,12 @@ pub fn equalize(model: &mut Model, opts: &EqualizeOptions) -> Result<EqualizeRep
                 })
                 .collect();
             moved = moved.max(s.iter().fold(0.0f64, |m, &v| m.max((v - 1.0).abs())));
-            layers[p.first].scale_out(&s);
-            layers[p.second].scale_in(&s);
+            for &k in &p.first {
+                layers[k].scale_out(&s);
+            }
+            for &k in &p.second {
+                layers[k].scale_in(&s);
+            }
         }
         if moved <= opts.tolerance {
             break;
@@ -426,9 +520,15 @@ pub fn equalize(model: &mut Model, opts: &EqualizeOptions) -> Result<EqualizeRep
     report.pairs = pairs
         .iter()
         .map(|p| {
-            let mut parts = vec![label(g.node(layers[p.first].node))];
+            let names = |v: &[usize]| {
+                v.iter()
+                    .map(|&k| label(g.node(layers[k].node)))
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            };
+            let mut parts = vec![names(&p.first)];
             parts.extend(p.between.iter().cloned());
-            parts.push(label(g.node(layers[p.second].node)));
+            parts.push(names(&p.second));
             parts.join(" -> ")
         })
         .collect();
@@ -452,7 +552,7 @@ pub fn equalize(model: &mut Model, opts: &EqualizeOptions) -> Result<EqualizeRep
     }
     // Clips between scaled channels: Relu -> Min(x, M / S) per channel.
     for p in &pairs {
-        let l = &layers[p.first];
+        let l = &layers[p.first[0]];
         if l.divisor.iter().all(|&d| d == 1.0) {
             continue;
         }

@@ -137,8 +137,8 @@ fn candidate_methods(opts: &QuantizeOptions) -> Vec<Method> {
     ]
 }
 
-/// Every float value a plan of this model could calibrate: the outputs of nodes with a
-/// quantized form, and the graph inputs.
+/// Every float value a plan of this model could calibrate: the inputs and outputs of nodes
+/// with a quantized form, and the graph inputs.
 fn all_candidate_values(g: &Graph) -> Vec<String> {
     let types = crate::graph::types::elem_types(g);
     let mut out = BTreeSet::new();
@@ -149,8 +149,11 @@ fn all_candidate_values(g: &Graph) -> Vec<String> {
         let n = g.node(i);
         if QUANTIZED_OPS.contains(&n.op_type.as_str()) || SHARING_OPS.contains(&n.op_type.as_str())
         {
-            for o in n.output.iter().filter(|o| !o.is_empty()) {
-                out.insert(o.clone());
+            // what it reads (from any producer) and what it writes
+            for o in n.input.iter().chain(&n.output) {
+                if !o.is_empty() && g.const_source(o).is_none() {
+                    out.insert(o.clone());
+                }
             }
         }
     }
