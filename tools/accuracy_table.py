@@ -243,14 +243,23 @@ def main():
     ap.add_argument("--models", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    args.bin = os.path.abspath(args.bin)
+    if args.latency_bin:
+        args.latency_bin = os.path.abspath(args.latency_bin)
+    args.torchvision, args.corpus = os.path.abspath(args.torchvision), os.path.abspath(args.corpus)
     results = []
     log = open(os.path.join(tempfile.gettempdir(), "accuracy_table.log"), "a")
     for name, model, kind in models(args):
         with tempfile.TemporaryDirectory() as work:
+            # quant_pre_process writes its temporary files in the working directory
+            here = os.getcwd()
+            os.chdir(work)
             try:
-                r = measure(name, model, kind, args, work, log)
+                r = measure(name, os.path.abspath(model), kind, args, work, log)
             except Exception as e:
                 r = {"model": name, "error": f"{type(e).__name__}: {e}"[:300]}
+            finally:
+                os.chdir(here)
         results.append(r)
         print(json.dumps(r, default=str), file=sys.stderr, flush=True)
     cols = [("ORT MinMax", "ort_minmax"), ("ORT Percentile", "ort_percentile"), ("ORT Entropy", "ort_entropy"),
