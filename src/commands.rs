@@ -14,6 +14,7 @@ use crate::fusion::{fuse, FuseOptions, FuseReport};
 use crate::inspect::{summarize, ModelSummary};
 use crate::onnx::{Model, SaveOptions};
 use crate::progress;
+use crate::quant::analyze::{Evaluator, LayerAnalysis};
 use crate::quant::calibrate::Ranges;
 use crate::quant::observe::Method;
 use crate::quant::params::QType;
@@ -48,6 +49,10 @@ impl Report for UpgradeOutput {
 
 impl Report for QuantizeOutput {
     const SCHEMA: &'static str = "qfold.quantize/1";
+}
+
+impl Report for AnalyzeOutput {
+    const SCHEMA: &'static str = "qfold.analyze/1";
 }
 
 /// Where a command's input samples come from.
@@ -492,6 +497,21 @@ pub struct QuantizeJob {
     /// Write nothing when an output's SQNR against the float model is below `min_sqnr`.
     pub check: bool,
     pub min_sqnr: f64,
+    /// Also analyze every quantized tensor ([`crate::quant::analyze`]) on this many
+    /// evaluation samples (0: all).
+    pub report_layers: Option<usize>,
+    /// Accuracy-driven quantization ([`crate::quant::target`]).
+    pub target: Option<TargetJob>,
+}
+
+/// `--target-sqnr` / `--target-accuracy`.
+#[derive(Debug, Clone)]
+pub struct TargetJob {
+    pub goal: crate::quant::target::Goal,
+    /// Evaluation samples (runs of the model) the search scores variants on (0: all).
+    pub samples: usize,
+    /// Write the best model found even when it misses the goal (the run still exits 1).
+    pub write_best: bool,
 }
 
 /// The quantization settings as the command line spells them: a preset and overrides.
@@ -523,6 +543,10 @@ pub struct QuantizeSettings {
     /// Initializers that are also graph inputs become constants.
     pub inputs_as_constants: bool,
     pub threads: usize,
+    /// Cross-layer equalization before quantizing (`None`: the preset's).
+    pub equalize: Option<bool>,
+    /// Correct biases for the mean shift weight quantization causes.
+    pub bias_correction: bool,
 }
 
 impl Default for QuantizeSettings {
@@ -544,6 +568,8 @@ impl Default for QuantizeSettings {
             no_constant_folding: false,
             inputs_as_constants: false,
             threads: 0,
+            equalize: None,
+            bias_correction: false,
         }
     }
 }
@@ -645,6 +671,10 @@ impl QuantizeSettings {
         o.no_constant_folding = self.no_constant_folding;
         o.inputs_as_constants = self.inputs_as_constants;
         o.threads = self.threads;
+        if let Some(e) = self.equalize {
+            o.equalize = e;
+        }
+        o.bias_correction = self.bias_correction;
         Ok(o)
     }
 }
@@ -667,6 +697,12 @@ pub struct QuantizeOutput {
     pub size_before: u64,
     pub size_after: u64,
     pub conversion: Option<ConvertReport>,
+    /// The per-tensor analysis (`--report-layers`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<LayerAnalysis>,
+    /// The accuracy-driven search (`--target-sqnr`, `--target-accuracy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<crate::quant::target::TargetReport>,
     /// The path written, `None` when the check failed.
     pub written: Option<String>,
     /// How the calibration and evaluation data were read (layouts, casts, files left out,
@@ -676,6 +712,31 @@ pub struct QuantizeOutput {
     /// The SQNR threshold the evaluation was judged by.
     #[serde(skip)]
     pub min_sqnr: f64,
+    /// Why the target was missed, if it was.
+    #[serde(skip)]
+    pub target_failure: Option<String>,
+}
+
+fn goal_text(g: &crate::quant::target::Goal) -> String {
+    let mut parts = vec![];
+    if let Some(d) = g.sqnr_db {
+        parts.push(format!("SQNR >= {d} dB"));
+    }
+    if let Some(a) = g.accuracy {
+        parts.push(format!("accuracy >= {:.2}%", 100.0 * a));
+    }
+    parts.join(", ")
+}
+
+fn score_text(s: &crate::quant::analyze::Score) -> String {
+    let db = match s.sqnr_db {
+        Some(d) => format!("SQNR {d:.2} dB"),
+        None => "SQNR infinite".into(),
+    };
+    match s.accuracy {
+        Some(a) => format!("{db}, accuracy {:.2}%", 100.0 * a),
+        None => db,
+    }
 }
 
 impl QuantizeOutput {
@@ -683,6 +744,9 @@ impl QuantizeOutput {
     /// `--check`; without it the model was written, and the run still fails (exit 1), so a
     /// model below the criterion never reads as success.
     pub fn failure(&self) -> Option<String> {
+        if let Some(f) = &self.target_failure {
+            return Some(f.clone());
+        }
         if self.written.is_none() {
             Some(format!(
                 "SQNR below {} dB against the float model; nothing written",
@@ -796,14 +860,62 @@ pub fn quantize_file(
         EvalData::Calibration => (None, "the calibration data (no --eval given)".into()),
     };
     let ranges_file;
-    let calibration = match &loaded {
-        Some(p) => {
+    let mut options = job.options.clone();
+    let mut target = None;
+    let calibration = match (&loaded, &job.target) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Usage(
+                "--target-sqnr / --target-accuracy calibrate: give --calib, not --ranges".into(),
+            ))
+        }
+        (Some(p), None) => {
             ranges_file = Ranges::load(p)?;
             Calibration::Ranges(&ranges_file)
         }
-        None => Calibration::Source(calib.as_ref()),
+        (None, Some(t)) => {
+            let eval = eval_cases.as_deref().unwrap_or(calib.as_ref());
+            let mut search_opts = options.clone();
+            search_opts.bias_correction = false;
+            let prepared = crate::quant::prepare(&model, &search_opts)?;
+            let reference = analysis_reference(&model, &prepared)?;
+            let cases = crate::quant::analyze::take_samples(eval, t.samples)?;
+            let evaluator = Evaluator::new(&reference, cases, options.threads)?;
+            drop(reference);
+            let found = crate::quant::target::search(
+                &prepared,
+                &search_opts,
+                calib.as_ref(),
+                &evaluator,
+                t.goal,
+            )?;
+            options.exclude.extend(found.exclude.iter().cloned());
+            ranges_file = found.ranges;
+            target = Some(found.report);
+            Calibration::Chosen {
+                ranges: &ranges_file,
+                samples: calib.as_ref(),
+            }
+        }
+        (None, None) => Calibration::Source(calib.as_ref()),
     };
-    let (mut quantized, ranges, report) = quantize(&model, calibration, &job.options)?;
+    let (mut quantized, ranges, mut report) = quantize(&model, calibration, &options)?;
+    // the options the user gave; the exclusions the search added are in the target report
+    report.options = job.options.clone();
+    let layers = match job.report_layers {
+        Some(n) => {
+            let eval = eval_cases.as_deref().unwrap_or(calib.as_ref());
+            let source = eval_source.clone();
+            Some(analyze_with_ranges(
+                &model,
+                &ranges,
+                &job.options,
+                eval,
+                n,
+                source,
+            )?)
+        }
+        None => None,
+    };
     let mut conversion = if job.qoperator {
         Some(crate::quant::qoperator::convert(&mut quantized)?)
     } else {
@@ -855,7 +967,40 @@ pub fn quantize_file(
     // the encoded sizes (tensor data included), computed without encoding
     let size_before = protobuf::Message::compute_size(&model.proto);
     let size_after = protobuf::Message::compute_size(&quantized.proto);
-    let passed = !job.check || evaluation.comparison.passed;
+    // The target is judged on the whole evaluation set, in tract.
+    let target_failure = match (&job.target, &mut target) {
+        (Some(t), Some(r)) => {
+            let worst = evaluation
+                .comparison
+                .outputs
+                .iter()
+                .map(|o| o.sqnr_db.unwrap_or(f64::INFINITY))
+                .fold(f64::INFINITY, f64::min);
+            let score = crate::quant::analyze::Score {
+                sqnr_db: worst.is_finite().then_some(worst),
+                accuracy: evaluation.quantized_accuracy,
+            };
+            r.met = t.goal.met(&score);
+            (!r.met).then(|| {
+                format!(
+                    "the target ({}) is not reached: the best model found, with {} node(s) left \
+                     float, has {} on {}{}",
+                    goal_text(&t.goal),
+                    r.fallback.len(),
+                    score_text(&score),
+                    evaluation.source,
+                    if t.write_best {
+                        "; written all the same (--write-best)"
+                    } else {
+                        "; nothing written (--write-best writes it)"
+                    }
+                )
+            })
+        }
+        _ => None,
+    };
+    let passed = (!job.check || evaluation.comparison.passed)
+        && (target_failure.is_none() || job.target.as_ref().is_some_and(|t| t.write_best));
     if passed {
         dest.save(&quantized)?;
     }
@@ -865,9 +1010,12 @@ pub fn quantize_file(
         size_before,
         size_after,
         conversion,
+        layers,
+        target,
         written: dest.written(passed),
         notes,
         min_sqnr: job.min_sqnr,
+        target_failure,
     })
 }
 
@@ -930,5 +1078,98 @@ pub fn upgrade_file(
         upgrade: report,
         check: comparison,
         written: dest.written(passed),
+    })
+}
+
+/// The report of `qfold analyze --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnalyzeOutput {
+    pub options: QuantizeOptions,
+    pub calibration_samples: usize,
+    pub analysis: LayerAnalysis,
+    /// How the calibration and evaluation data were read.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// Prepares `model` as `quantize` does, takes `ranges` (no calibration), and analyzes every
+/// quantized tensor on `samples` samples of `eval` (0: all).
+fn analyze_with_ranges(
+    model: &Model,
+    ranges: &Ranges,
+    opts: &QuantizeOptions,
+    eval: &dyn SampleSource,
+    samples: usize,
+    source: String,
+) -> Result<LayerAnalysis> {
+    let mut opts = opts.clone();
+    // bias correction changed the weights' biases only; the analysis is of the same plan
+    opts.bias_correction = false;
+    let prepared = crate::quant::prepare(model, &opts)?;
+    let (ranges, _) =
+        crate::quant::calibrate_prepared(&prepared, Calibration::Ranges(ranges), &opts)?;
+    let reference = analysis_reference(model, &prepared)?;
+    let cases = crate::quant::analyze::take_samples(eval, samples)?;
+    let evaluator = Evaluator::new(&reference, cases, opts.threads)?;
+    crate::quant::analyze::analyze(&prepared, &ranges, &opts, &evaluator, source)
+}
+
+/// The float model variants are compared with: the original, at the opset quantization raised
+/// it to.
+fn analysis_reference<'m>(
+    model: &'m Model,
+    prepared: &crate::quant::Prepared,
+) -> Result<std::borrow::Cow<'m, Model>> {
+    Ok(match prepared.upgraded {
+        Some((_, to, _)) => {
+            let mut m = model.clone();
+            crate::graph::upgrade::upgrade(&mut m, to)?;
+            std::borrow::Cow::Owned(m)
+        }
+        None => std::borrow::Cow::Borrowed(model),
+    })
+}
+
+/// `qfold analyze`: calibrates `model` once with `settings`, then measures every quantized
+/// tensor on `samples` samples (0: all) of `eval` (default: the calibration data).
+pub fn analyze_file(
+    model_path: &Path,
+    settings: &QuantizeSettings,
+    calibration: Inputs,
+    eval: Option<(Inputs, String)>,
+    samples: usize,
+) -> Result<AnalyzeOutput> {
+    calibration.check_count("--calib-random")?;
+    let opts = settings.options()?;
+    if opts.bias_correction {
+        return Err(Error::Usage(
+            "analyze measures the plain quantization: drop --bias-correction".into(),
+        ));
+    }
+    let model = load(model_path)?;
+    let calib = calibration.open(&model)?;
+    let (eval, source) = match eval {
+        Some((i, s)) => (Some(i.open(&model)?), s),
+        None => (None, "the calibration data (no --eval given)".into()),
+    };
+    let prepared = crate::quant::prepare(&model, &opts)?;
+    let (ranges, _) =
+        crate::quant::calibrate_prepared(&prepared, Calibration::Source(calib.as_ref()), &opts)?;
+    let eval_source = eval.as_deref().unwrap_or(calib.as_ref());
+    let reference = analysis_reference(&model, &prepared)?;
+    let cases = crate::quant::analyze::take_samples(eval_source, samples)?;
+    let evaluator = Evaluator::new(&reference, cases, opts.threads)?;
+    let analysis = crate::quant::analyze::analyze(&prepared, &ranges, &opts, &evaluator, source)?;
+    let mut notes = calib.notes();
+    for n in eval_source.notes() {
+        if !notes.contains(&n) {
+            notes.push(n);
+        }
+    }
+    Ok(AnalyzeOutput {
+        options: opts,
+        calibration_samples: ranges.samples,
+        analysis,
+        notes,
     })
 }

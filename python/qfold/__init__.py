@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 from . import _native
 
-__all__ = ["QfoldError", "inspect", "fuse", "quantize", "convert", "check", "upgrade"]
+__all__ = ["QfoldError", "inspect", "fuse", "quantize", "convert", "check", "upgrade", "analyze"]
 __version__ = _native.__version__
 
 
@@ -302,6 +302,8 @@ def quantize(
     op_types=None,
     fuse=True,
     threads=0,
+    equalize=None,
+    bias_correction=False,
     eval=None,
     eval_labels=None,
     labels=None,
@@ -316,6 +318,12 @@ def quantize(
     allow_contrib_ops=False,
     in_place=False,
     external_data_threshold=None,
+    report_layers=False,
+    samples=8,
+    target_sqnr=None,
+    target_accuracy=None,
+    min_quantized=50.0,
+    write_best=False,
 ):
     """Fuse, calibrate on tract, and write a quantized model (QDQ, or QOperator with
     ``format="qoperator"``).
@@ -331,9 +339,17 @@ def quantize(
     :class:`QfoldError` (its ``report`` holds the figures): with ``check`` nothing is
     written, without it the model is written first.
 
+    Accuracy tools: ``equalize`` (cross-layer equalization; None: the preset's),
+    ``bias_correction``, ``report_layers`` (the per-tensor table of :func:`analyze` in
+    ``layers``, variants run on ``samples`` evaluation samples), ``target_sqnr`` (dB) /
+    ``target_accuracy`` (percent): leave float the fewest layers that reach it, keeping at
+    least ``min_quantized`` percent of Conv/Gemm/MatMul quantized; a missed target raises
+    :class:`QfoldError` and writes nothing unless ``write_best``.
+
     Returns ``qfold quantize --json``'s report: ``quantization`` (options, fusion, plan,
     qdq), ``evaluation`` (``comparison`` with per-output ``sqnr_db``, accuracies),
-    ``size_before``, ``size_after``, ``conversion`` (QOperator) and ``written``.
+    ``size_before``, ``size_after``, ``conversion`` (QOperator), ``layers``, ``target`` and
+    ``written``.
     """
     given = sum(x is not None for x in (calibration, random, ranges))
     if given != 1:
@@ -365,12 +381,23 @@ def quantize(
         "op_types": _names(op_types),
         "fuse": bool(fuse),
         "threads": int(threads),
+        "equalize": None if equalize is None else bool(equalize),
+        "bias_correction": bool(bias_correction),
+    }
+    accuracy = {
+        "report_layers": bool(report_layers),
+        "samples": int(samples),
+        "target_sqnr": None if target_sqnr is None else float(target_sqnr),
+        "target_accuracy": None if target_accuracy is None else float(target_accuracy),
+        "min_quantized": float(min_quantized),
+        "write_best": bool(write_best),
     }
     return _rewrite(
         _native.quantize,
         _path(path),
         _path(out),
         settings,
+        accuracy,
         calib,
         _path(ranges),
         _path(save_ranges),
@@ -429,3 +456,64 @@ def upgrade(
         bool(in_place),
         external_data_threshold,
     )
+
+
+def analyze(
+    path,
+    calibration=None,
+    *,
+    eval=None,
+    samples=8,
+    random=None,
+    seed=0,
+    input_shapes=None,
+    labels=None,
+    eval_labels=None,
+    batch_size=1,
+    preset="qfold",
+    method=None,
+    percentile=99.999,
+    activation=None,
+    weight=None,
+    symmetric_activations=False,
+    per_channel=None,
+    per_tensor_min_sqnr=None,
+    reduce_range=False,
+    exclude=None,
+    op_types=None,
+    fuse=True,
+    threads=0,
+    equalize=None,
+):
+    """Per-tensor quantization sensitivity (``qfold analyze --json``): calibrate once, then for
+    every quantized tensor its own SQNR, the model's output SQNR with only it quantized and with
+    only it left float, its range, clipped fraction and per-channel weight range spread, sorted
+    by sensitivity. Variants run on ``samples`` samples of ``eval`` (default: the calibration
+    samples). Settings as :func:`quantize`.
+    """
+    if (calibration is None) == (random is None):
+        raise QfoldError("give calibration data (arrays, dicts or a folder) or random=N")
+    if calibration is not None:
+        calib = _inputs(calibration, "calibration", batch_size, labels)
+    else:
+        calib = _random(random, seed, input_shapes)
+    eval_spec = None if eval is None else _inputs(eval, "eval", batch_size, eval_labels)
+    settings = {
+        "preset": str(preset),
+        "format": None,
+        "method": method,
+        "percentile": float(percentile),
+        "activation": activation,
+        "weight": weight,
+        "symmetric_activations": bool(symmetric_activations),
+        "per_channel": per_channel,
+        "per_tensor_min_sqnr": per_tensor_min_sqnr,
+        "reduce_range": bool(reduce_range),
+        "exclude": [exclude] if isinstance(exclude, str) else [str(e) for e in exclude or []],
+        "op_types": _names(op_types),
+        "fuse": bool(fuse),
+        "threads": int(threads),
+        "equalize": None if equalize is None else bool(equalize),
+        "bias_correction": False,
+    }
+    return json.loads(_run(_native.analyze, _path(path), settings, calib, eval_spec, int(samples)))

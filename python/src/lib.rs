@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 
 use qfold::commands::{
     self, CalibrationData, Destination, EvalData, FuseCheck, Inputs, QuantizeJob, QuantizeSettings,
+    TargetJob,
 };
 use qfold::fusion::FuseOptions;
 use qfold::onnx::proto::TensorProto;
@@ -241,6 +242,56 @@ struct Settings {
     op_types: Vec<String>,
     fuse: bool,
     threads: usize,
+    equalize: Option<bool>,
+    bias_correction: bool,
+}
+
+/// The accuracy tools' options of `quantize` (issue 11), from a dict with every key.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct Accuracy {
+    report_layers: bool,
+    samples: usize,
+    target_sqnr: Option<f64>,
+    target_accuracy: Option<f64>,
+    min_quantized: f64,
+    write_best: bool,
+}
+
+impl Accuracy {
+    fn target(&self) -> PyResult<Option<TargetJob>> {
+        if self.target_sqnr.is_none() && self.target_accuracy.is_none() {
+            if self.write_best {
+                return Err(usage("write_best needs target_sqnr or target_accuracy".into()));
+            }
+            return Ok(None);
+        }
+        if let Some(p) = self.target_accuracy {
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(usage(format!(
+                    "target_accuracy={p}: use a percentage in (0, 100]"
+                )));
+            }
+        }
+        if self.target_sqnr.is_some_and(|d| !d.is_finite()) {
+            return Err(usage("target_sqnr: use a finite number of dB".into()));
+        }
+        if !(0.0..=100.0).contains(&self.min_quantized) {
+            return Err(usage(format!(
+                "min_quantized={}: use a percentage in [0, 100]",
+                self.min_quantized
+            )));
+        }
+        Ok(Some(TargetJob {
+            goal: qfold::quant::target::Goal {
+                sqnr_db: self.target_sqnr,
+                accuracy: self.target_accuracy.map(|p| p / 100.0),
+                min_quantized: self.min_quantized / 100.0,
+            },
+            samples: self.samples,
+            write_best: self.write_best,
+        }))
+    }
 }
 
 impl From<Settings> for QuantizeSettings {
@@ -262,6 +313,8 @@ impl From<Settings> for QuantizeSettings {
             no_constant_folding: false,
             inputs_as_constants: false,
             threads: s.threads,
+            equalize: s.equalize,
+            bias_correction: s.bias_correction,
         }
     }
 }
@@ -277,6 +330,7 @@ fn quantize(
     path: PathBuf,
     out: Option<PathBuf>,
     settings: Settings,
+    accuracy: Accuracy,
     calibration: Option<Bound<'_, PyAny>>,
     ranges: Option<PathBuf>,
     save_ranges: Option<PathBuf>,
@@ -324,6 +378,8 @@ fn quantize(
         },
     };
     let settings = QuantizeSettings::from(settings);
+    let target = accuracy.target()?;
+    let report_layers = accuracy.report_layers.then_some(accuracy.samples);
     py.allow_threads(|| {
         let qoperator = settings.qoperator()?;
         let options = settings.options()?;
@@ -337,6 +393,8 @@ fn quantize(
             save_ranges,
             check,
             min_sqnr,
+            report_layers,
+            target,
         };
         let o = commands::quantize_file(&path, &dest, job)?;
         Ok((to_json(&o), o.failure()))
@@ -372,6 +430,29 @@ fn upgrade(
     .map_err(err)
 }
 
+/// `qfold analyze MODEL --calib ... --json`: the report. `eval` `None`: the calibration
+/// samples.
+#[pyfunction]
+fn analyze(
+    py: Python<'_>,
+    path: PathBuf,
+    settings: Settings,
+    calibration: Bound<'_, PyAny>,
+    eval: Option<Bound<'_, PyAny>>,
+    samples: usize,
+) -> PyResult<String> {
+    let calibration = inputs(&calibration)?;
+    let eval = match eval {
+        Some(spec) => Some((inputs(&spec)?, "the evaluation samples".to_string())),
+        None => None,
+    };
+    let settings = QuantizeSettings::from(settings);
+    py.allow_threads(|| {
+        commands::analyze_file(&path, &settings, calibration, eval, samples).map(|o| to_json(&o))
+    })
+    .map_err(err)
+}
+
 /// The extension module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -383,5 +464,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(upgrade, m)?)?;
+    m.add_function(wrap_pyfunction!(analyze, m)?)?;
     Ok(())
 }

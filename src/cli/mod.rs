@@ -1,11 +1,13 @@
 //! clap definitions and dispatch. Exit codes: 0 ok, 1 a check failed, 2 usage or input error.
 
+mod analyze;
 mod check;
 mod convert;
 mod data;
 mod fuse;
 mod inspect;
 mod quantize;
+mod settings;
 mod upgrade;
 
 use std::path::Path;
@@ -50,6 +52,8 @@ enum Command {
     Check(check::Args),
     /// Raise a model's opset, rewriting every op that changed on the way.
     Upgrade(upgrade::Args),
+    /// Per-tensor quantization sensitivity: which tensor costs the model its accuracy.
+    Analyze(Box<analyze::Args>),
 }
 
 /// `--preset`: named settings.
@@ -241,6 +245,7 @@ pub fn main() -> i32 {
         Command::Quantize(a) => ("quantize", a.json),
         Command::Convert(a) => ("convert", a.json),
         Command::Upgrade(a) => ("upgrade", a.json),
+        Command::Analyze(a) => ("analyze", a.json),
     };
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
@@ -249,6 +254,7 @@ pub fn main() -> i32 {
         Command::Quantize(a) => quantize::run(*a),
         Command::Convert(a) => convert::run(a),
         Command::Upgrade(a) => upgrade::run(a),
+        Command::Analyze(a) => analyze::run(*a),
     };
     match result {
         Ok(code) => code,

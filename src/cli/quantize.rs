@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use qfold::commands::{
-    quantize_file, CalibrationData, EvalData, Evaluation, Inputs, QuantizeJob, QuantizeSettings,
+    quantize_file, CalibrationData, EvalData, Evaluation, Inputs, QuantizeJob, TargetJob,
 };
 use qfold::quant::QuantizeReport;
 use qfold::verify;
@@ -34,55 +34,8 @@ pub struct Args {
     /// Shape of an input with symbolic dims: `name:1,3,224,224` (repeatable).
     #[arg(long = "input-shape", value_name = "NAME:DIMS")]
     input_shape: Vec<String>,
-    /// Named settings (the other options override them).
-    #[arg(long, value_enum, ignore_case = true, default_value = "qfold")]
-    preset: super::PresetArg,
-    /// How each activation's range is chosen (default: the preset's).
-    #[arg(long, value_enum, ignore_case = true)]
-    method: Option<super::MethodArg>,
-    /// Percentile for --method percentile, in (50, 100] [default: 99.999].
-    #[arg(long)]
-    percentile: Option<f64>,
-    /// Activation type (default: the preset's).
-    #[arg(long, value_enum, ignore_case = true)]
-    activation: Option<super::QTypeArg>,
-    /// Weight type (default: the preset's).
-    #[arg(long, value_enum, ignore_case = true)]
-    weight: Option<super::QTypeArg>,
-    /// Symmetric activations (zero point at the grid's middle; Relu is then kept).
-    #[arg(long)]
-    symmetric_activations: bool,
-    /// Per-channel weight scales.
-    #[arg(long, conflicts_with = "per_tensor")]
-    per_channel: bool,
-    /// One scale per weight tensor.
-    #[arg(long)]
-    per_tensor: bool,
-    /// With per-channel weights, keep per tensor every weight that quantizes per tensor with at
-    /// least this SQNR in dB (faster QLinearConv in tract).
-    #[arg(long, value_name = "DB", conflicts_with = "per_tensor")]
-    per_tensor_min_sqnr: Option<f64>,
-    /// 7-bit activations (PyTorch fbgemm's reduce_range).
-    #[arg(long)]
-    reduce_range: bool,
-    /// Leave this node or PyTorch module path float (repeatable).
-    #[arg(long, value_name = "NAME")]
-    exclude: Vec<String>,
-    /// Leave these op types float: `--op-types Gemm,Add` (case-insensitive; a type no node
-    /// has is an error).
-    #[arg(long, value_name = "A,B")]
-    op_types: Option<String>,
-    /// Do not fuse before quantizing.
-    #[arg(long)]
-    no_fuse: bool,
-    /// Keep constant subgraphs, Identity and inference Dropout nodes as they are (by default
-    /// fusion folds and removes them first).
-    #[arg(long)]
-    no_constant_folding: bool,
-    /// Treat initializers that are also graph inputs as constants (for IR >= 4 they are
-    /// defaults a caller may override, so they are not folded otherwise).
-    #[arg(long)]
-    inputs_as_constants: bool,
+    #[command(flatten)]
+    settings: super::settings::SettingsArgs,
     /// Save the calibrated ranges to this JSON file.
     #[arg(long, value_name = "FILE")]
     save_ranges: Option<PathBuf>,
@@ -105,39 +58,34 @@ pub struct Args {
     /// runs on the standard-domain model and the written model is for ONNX Runtime.
     #[arg(long)]
     allow_contrib_ops: bool,
-    /// Calibration threads (0: every core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
+    /// Also print the per-tensor sensitivity table of `qfold analyze` (its variants run on
+    /// --samples evaluation samples).
+    #[arg(long)]
+    report_layers: bool,
+    /// With --report-layers or a target: evaluation samples (runs of the model) each variant
+    /// runs on (0: all).
+    #[arg(long, value_name = "N", default_value_t = qfold::quant::analyze::DEFAULT_SAMPLES)]
+    samples: usize,
+    /// Leave float the fewest, least costly layers (after choosing each activation's
+    /// calibration method) until the worst output's SQNR against float reaches DB on the
+    /// evaluation data; exit 1 and write nothing when no model reaches it.
+    #[arg(long, value_name = "DB")]
+    target_sqnr: Option<f64>,
+    /// As --target-sqnr, for top-1 accuracy (percent) on labelled evaluation data.
+    #[arg(long, value_name = "PCT")]
+    target_accuracy: Option<f64>,
+    /// With a target: at least this percentage of the Conv / ConvTranspose / Gemm / MatMul
+    /// nodes stays quantized (a target that needs more fallback is unreachable).
+    #[arg(long, value_name = "PCT", default_value_t = 50.0)]
+    min_quantized: f64,
+    /// With a target: write the best model found even when it misses the target (exit 1).
+    #[arg(long)]
+    write_best: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     data: super::data::PreprocessArgs,
-}
-
-fn settings(a: &Args) -> QuantizeSettings {
-    QuantizeSettings {
-        preset: super::spelling(&a.preset),
-        format: a.format.as_ref().map(super::spelling),
-        method: a.method.as_ref().map(super::spelling),
-        percentile: a.percentile.unwrap_or(99.999),
-        activation: a.activation.as_ref().map(super::spelling),
-        weight: a.weight.as_ref().map(super::spelling),
-        symmetric_activations: a.symmetric_activations,
-        per_channel: match (a.per_channel, a.per_tensor) {
-            (true, _) => Some(true),
-            (_, true) => Some(false),
-            _ => None,
-        },
-        per_tensor_min_sqnr: a.per_tensor_min_sqnr,
-        reduce_range: a.reduce_range,
-        exclude: a.exclude.clone(),
-        op_types: a.op_types.iter().cloned().collect(),
-        fuse: !a.no_fuse,
-        no_constant_folding: a.no_constant_folding,
-        inputs_as_constants: a.inputs_as_constants,
-        threads: a.threads,
-    }
 }
 
 fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[String]) {
@@ -238,22 +186,89 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[S
     );
 }
 
-pub fn run(a: Args) -> Result<i32> {
-    let settings = settings(&a);
-    let qoperator = settings.qoperator()?;
-    let opts = settings.options()?;
-    if let (Some(p), false) = (
-        a.percentile,
-        matches!(
-            opts.method,
-            qfold::quant::observe::Method::Percentile { .. }
-        ),
-    ) {
+fn target(a: &Args) -> Result<Option<TargetJob>> {
+    if a.target_sqnr.is_none() && a.target_accuracy.is_none() {
+        if a.write_best {
+            return Err(Error::Usage(
+                "--write-best needs --target-sqnr or --target-accuracy".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    if let Some(p) = a.target_accuracy {
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(Error::Usage(format!(
+                "--target-accuracy {p}: use a percentage in (0, 100]"
+            )));
+        }
+    }
+    if !(0.0..=100.0).contains(&a.min_quantized) {
         return Err(Error::Usage(format!(
-            "--percentile {p} applies to --method percentile; the method is {}",
-            opts.method.name()
+            "--min-quantized {}: use a percentage in [0, 100]",
+            a.min_quantized
         )));
     }
+    if a.target_sqnr.is_some_and(|d| !d.is_finite()) {
+        return Err(Error::Usage(
+            "--target-sqnr: use a finite number of dB".into(),
+        ));
+    }
+    Ok(Some(TargetJob {
+        goal: qfold::quant::target::Goal {
+            sqnr_db: a.target_sqnr,
+            accuracy: a.target_accuracy.map(|p| p / 100.0),
+            min_quantized: a.min_quantized / 100.0,
+        },
+        samples: a.samples,
+        write_best: a.write_best,
+    }))
+}
+
+fn print_target(t: &qfold::quant::target::TargetReport) {
+    println!(
+        "target search on {} samples ({} variants): methods {}; kept {}",
+        t.samples,
+        t.variants,
+        t.methods
+            .iter()
+            .map(|m| format!(
+                "{} {}",
+                m.method,
+                m.score
+                    .sqnr_db
+                    .map_or("exact".to_string(), |d| format!("{d:.2} dB"))
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        t.method
+    );
+    for f in &t.fallback {
+        println!(
+            "  left float: {} ({}): {}, then {}",
+            f.node,
+            f.op_type,
+            f.reason,
+            f.score
+                .sqnr_db
+                .map_or("exact".to_string(), |d| format!("{d:.2} dB"))
+        );
+    }
+    if !t.restored.is_empty() {
+        println!("  tried float, not needed: {}", t.restored.join(", "));
+    }
+    println!(
+        "  Conv/ConvTranspose/Gemm/MatMul quantized: {} of {} ({:.1}%)",
+        t.compute_quantized,
+        t.compute_nodes,
+        100.0 * t.compute_quantized as f64 / t.compute_nodes.max(1) as f64
+    );
+}
+
+pub fn run(a: Args) -> Result<i32> {
+    let settings = a.settings.settings(a.format.as_ref().map(super::spelling));
+    let qoperator = settings.qoperator()?;
+    let opts = settings.options()?;
+    a.settings.check(&opts)?;
     let dest = a.out.destination(&a.model, a.output.as_deref())?;
     verify::parse_input_shapes(&a.input_shape)?;
     let calibration = match (&a.calib, a.calib_random, &a.ranges) {
@@ -296,6 +311,8 @@ pub fn run(a: Args) -> Result<i32> {
         save_ranges: a.save_ranges.clone(),
         check: a.check,
         min_sqnr: a.min_sqnr,
+        report_layers: a.report_layers.then_some(a.samples),
+        target: target(&a)?,
     };
     let out = quantize_file(&a.model, &dest, job)?;
     Ok(super::finish(
@@ -311,6 +328,12 @@ pub fn run(a: Args) -> Result<i32> {
             );
             if let Some(c) = &out.conversion {
                 super::convert::print_report(c);
+            }
+            if let Some(t) = &out.target {
+                print_target(t);
+            }
+            if let Some(l) = &out.layers {
+                super::analyze::print_table(l, usize::MAX);
             }
         },
         None,

@@ -4,13 +4,17 @@
 //! every batch into [`observe`] observers) -> compute parameters ([`params`]) -> emit QDQ
 //! ([`qdq`]) -> check on tract.
 
+pub mod analyze;
+pub mod bias_correction;
 pub mod calibrate;
 pub mod decompose;
+pub mod equalize;
 pub mod observe;
 pub mod params;
 pub mod plan;
 pub mod qdq;
 pub mod qoperator;
+pub mod target;
 
 use serde::Serialize;
 
@@ -42,7 +46,8 @@ pub enum Preset {
     /// TensorRT: symmetric int8 activations with zero point 0 (entropy), Relu kept, per-channel
     /// weights, float bias.
     Tensorrt,
-    /// tract: per-tensor weights (its integer kernels are fastest with them), MinMax.
+    /// tract: per-tensor weights (its integer kernels are fastest with them), MinMax, with
+    /// cross-layer equalization so that per-tensor weights lose little.
     Tract,
 }
 
@@ -97,6 +102,8 @@ impl Preset {
             exclude: vec![],
             exclude_op_types: vec![],
             threads: 0,
+            equalize: false,
+            bias_correction: false,
         };
         match self {
             Preset::Qfold => {}
@@ -115,7 +122,10 @@ impl Preset {
                 o.int32_bias = false;
                 o.method = Method::Entropy;
             }
-            Preset::Tract => o.per_channel = false,
+            Preset::Tract => {
+                o.per_channel = false;
+                o.equalize = true;
+            }
         }
         o
     }
@@ -149,6 +159,11 @@ pub struct QuantizeOptions {
     pub exclude_op_types: Vec<String>,
     /// Calibration threads (0: every core).
     pub threads: usize,
+    /// Cross-layer equalization before planning ([`equalize`]).
+    pub equalize: bool,
+    /// Correct each quantized layer's bias for the mean shift its weight quantization causes
+    /// ([`bias_correction`]).
+    pub bias_correction: bool,
 }
 
 impl Default for QuantizeOptions {
@@ -196,6 +211,12 @@ impl QuantizeOptions {
 pub struct QuantizeReport {
     pub options: QuantizeOptions,
     pub fusion: Option<FuseReport>,
+    /// Cross-layer equalization (`--equalize`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub equalization: Option<equalize::EqualizeReport>,
+    /// Bias correction (`--bias-correction`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bias_correction: Option<bias_correction::BiasCorrectionReport>,
     pub plan: QuantPlan,
     pub qdq: QdqReport,
     pub calibration_samples: usize,
@@ -213,6 +234,12 @@ pub enum Calibration<'a> {
     Source(&'a dyn crate::verify::SampleSource),
     /// Ranges saved by an earlier run.
     Ranges(&'a Ranges),
+    /// Ranges chosen by the caller (the target mode), used as they are; the samples serve
+    /// bias correction.
+    Chosen {
+        ranges: &'a Ranges,
+        samples: &'a dyn crate::verify::SampleSource,
+    },
 }
 
 /// Refuses models `quantize` cannot handle, before any work: already quantized ones (their
@@ -256,13 +283,23 @@ fn check_quantizable(model: &Model) -> Result<()> {
     Ok(())
 }
 
-/// Fuses (unless disabled), plans, calibrates and emits a QDQ model. Returns the quantized
-/// model, the ranges used and the report; `model` is not changed.
-pub fn quantize(
-    model: &Model,
-    calibration: Calibration,
-    opts: &QuantizeOptions,
-) -> Result<(Model, Ranges, QuantizeReport)> {
+/// The float model as quantization sees it (fused unless disabled, equalized when asked, its
+/// opset raised to what the QDQ form needs) and its plan: everything before calibration.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub float: Model,
+    pub plan: QuantPlan,
+    pub fusion: Option<FuseReport>,
+    pub equalization: Option<equalize::EqualizeReport>,
+    /// The opset raised (from, to) and the nodes rewritten on the way.
+    pub upgraded: Option<(i64, i64, Vec<String>)>,
+    /// HardSwish nodes rewritten as `x * HardSigmoid(x)` ([`decompose`]).
+    pub decomposed: Vec<String>,
+}
+
+/// Fuses (unless disabled), equalizes (when asked), plans and raises the opset: the steps of
+/// [`quantize`] before calibration. `model` is not changed.
+pub fn prepare(model: &Model, opts: &QuantizeOptions) -> Result<Prepared> {
     check_quantizable(model)?;
     plan::check_op_types(&Graph::of_model(model), &opts.exclude_op_types)?;
     let mut float = model.clone();
@@ -278,6 +315,15 @@ pub fn quantize(
                 inputs_as_constants: opts.inputs_as_constants,
                 ..FuseOptions::default()
             },
+        )?)
+    } else {
+        None
+    };
+    let equalization = if opts.equalize {
+        let _p = crate::progress::phase("equalizing weight ranges across layers");
+        Some(equalize::equalize(
+            &mut float,
+            &equalize::EqualizeOptions::default(),
         )?)
     } else {
         None
@@ -301,15 +347,38 @@ pub fn quantize(
         Some((from, to)) => {
             let r = crate::graph::upgrade::upgrade(&mut float, to)?;
             plan = plan::plan(&float, &opts.plan_options())?;
-            Some((from, to, r))
+            let rewritten = r
+                .rewritten
+                .iter()
+                .map(|w| format!("{} ({}): {}", w.node, w.op_type, w.change))
+                .collect();
+            Some((from, to, rewritten))
         }
         None => None,
     };
-    let values = plan.calibrated_values();
+    Ok(Prepared {
+        float,
+        plan,
+        fusion,
+        equalization,
+        upgraded,
+        decomposed,
+    })
+}
+
+/// Calibrates `prepared.float` (or takes the ranges given) for the plan's values; the model's
+/// outputs keep their observed range. Returns the ranges and whether they came from a file.
+pub fn calibrate_prepared(
+    prepared: &Prepared,
+    calibration: Calibration,
+    opts: &QuantizeOptions,
+) -> Result<(Ranges, bool)> {
+    let values = prepared.plan.calibrated_values();
+    let float = &prepared.float;
     let (ranges, from_file) = match calibration {
         Calibration::Samples(samples) => (
             calibrate::calibrate(
-                &float,
+                float,
                 &values,
                 samples,
                 opts.method,
@@ -320,7 +389,7 @@ pub fn quantize(
         ),
         Calibration::Source(samples) => (
             calibrate::calibrate(
-                &float,
+                float,
                 &values,
                 samples,
                 opts.method,
@@ -337,39 +406,109 @@ pub fn quantize(
             }
             (r.clone(), true)
         }
+        Calibration::Chosen { ranges: r, .. } => {
+            if let Some(missing) = values.iter().find(|v| !r.ranges.contains_key(*v)) {
+                return Err(Error::tensor(missing, "no range was chosen for this value"));
+            }
+            return Ok((r.clone(), false));
+        }
     };
     // A model's outputs are what the user reads: clipping them (as percentile, entropy and L2
     // do to intermediate activations) changes answers, so they keep the observed range.
     let mut ranges = ranges;
     if !from_file {
-        for o in &float.graph().output {
-            if let Some(&mm) = ranges.observed.get(&o.name) {
-                let r = if opts.symmetric_activations {
-                    let t = mm.0.abs().max(mm.1.abs());
-                    (-t, t)
-                } else {
-                    mm
-                };
-                ranges.ranges.insert(o.name.clone(), r);
-            }
+        keep_output_ranges(float, &mut ranges, opts.symmetric_activations);
+    }
+    Ok((ranges, from_file))
+}
+
+/// Sets the range of each graph output of `float` to its observed range.
+pub fn keep_output_ranges(float: &Model, ranges: &mut Ranges, symmetric: bool) {
+    for o in &float.graph().output {
+        if let Some(&mm) = ranges.observed.get(&o.name) {
+            let r = if symmetric {
+                let t = mm.0.abs().max(mm.1.abs());
+                (-t, t)
+            } else {
+                mm
+            };
+            ranges.ranges.insert(o.name.clone(), r);
         }
     }
-    let mut quantized = float;
-    let mut qdq = {
-        let _p = crate::progress::phase("inserting QuantizeLinear / DequantizeLinear");
-        qdq::materialize(&mut quantized, &plan, &ranges.ranges, &opts.qdq_options())?
-    };
-    if let Some((from, to, r)) = upgraded {
-        qdq.opset = Some((from, to));
-        qdq.upgraded = r
-            .rewritten
-            .iter()
-            .map(|w| format!("{} ({}): {}", w.node, w.op_type, w.change))
-            .collect();
+}
+
+/// Emits the QDQ model of `prepared` with `ranges` (the plan may be a subset of
+/// `prepared.plan`, as the analyzer's variants are).
+pub fn emit(
+    prepared: &Prepared,
+    plan: &QuantPlan,
+    ranges: &Ranges,
+    opts: &QuantizeOptions,
+) -> Result<(Model, QdqReport)> {
+    let mut quantized = prepared.float.clone();
+    let mut qdq = qdq::materialize(&mut quantized, plan, &ranges.ranges, &opts.qdq_options())?;
+    if let Some((from, to, r)) = &prepared.upgraded {
+        qdq.opset = Some((*from, *to));
+        qdq.upgraded = r.clone();
     }
+    Ok((quantized, qdq))
+}
+
+/// Fuses (unless disabled), plans, calibrates and emits a QDQ model. Returns the quantized
+/// model, the ranges used and the report; `model` is not changed.
+pub fn quantize(
+    model: &Model,
+    calibration: Calibration,
+    opts: &QuantizeOptions,
+) -> Result<(Model, Ranges, QuantizeReport)> {
+    let mut prepared = prepare(model, opts)?;
+    let bias_samples = match (&calibration, opts.bias_correction) {
+        (Calibration::Samples(s), true) => Some(BiasSamples::Samples(s)),
+        (Calibration::Source(s), true) => Some(BiasSamples::Source(*s)),
+        (Calibration::Chosen { samples, .. }, true) => Some(BiasSamples::Source(*samples)),
+        (Calibration::Ranges(_), true) => {
+            return Err(Error::Usage(
+                "--bias-correction measures on calibration samples: give --calib, not --ranges"
+                    .into(),
+            ))
+        }
+        _ => None,
+    };
+    let (ranges, from_file) = calibrate_prepared(&prepared, calibration, opts)?;
+    let bias_correction = match bias_samples {
+        Some(s) => {
+            let _p = crate::progress::phase("correcting biases for weight quantization");
+            Some(match s {
+                BiasSamples::Samples(s) => {
+                    bias_correction::correct(&mut prepared.float, &prepared.plan, opts, s)?
+                }
+                BiasSamples::Source(s) => {
+                    bias_correction::correct(&mut prepared.float, &prepared.plan, opts, s)?
+                }
+            })
+        }
+        None => None,
+    };
+    if bias_correction.is_some() {
+        // new bias initializers may have new names
+        prepared.plan = plan::plan(&prepared.float, &opts.plan_options())?;
+    }
+    let (quantized, qdq) = {
+        let _p = crate::progress::phase("inserting QuantizeLinear / DequantizeLinear");
+        emit(&prepared, &prepared.plan, &ranges, opts)?
+    };
+    let Prepared {
+        plan,
+        fusion,
+        equalization,
+        decomposed,
+        ..
+    } = prepared;
     let report = QuantizeReport {
         options: opts.clone(),
         fusion,
+        equalization,
+        bias_correction,
         plan,
         qdq,
         calibration_samples: ranges.samples,
@@ -377,4 +516,9 @@ pub fn quantize(
         decomposed,
     };
     Ok((quantized, ranges, report))
+}
+
+enum BiasSamples<'a> {
+    Samples(&'a [Sample]),
+    Source(&'a dyn crate::verify::SampleSource),
 }

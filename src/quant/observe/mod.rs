@@ -237,6 +237,25 @@ impl Observer {
         Some(finish(lo, hi, target, extremes))
     }
 
+    /// The range `method` would choose from what this observer saw: a histogram observer
+    /// answers for every histogram method and MinMax (one calibration pass, several methods);
+    /// other observers answer with their own method.
+    pub fn range_as(&self, method: Method, target: Target) -> Option<(f32, f32)> {
+        match (&self.state, method) {
+            (State::Histogram(_), Method::Percentile { .. } | Method::Entropy | Method::L2) => {
+                let mut o = self.clone();
+                o.method = method;
+                o.range(target)
+            }
+            (_, Method::MinMax) => {
+                let (min, max) = self.seen.get()?;
+                let extremes = (f64::from(min), f64::from(max));
+                Some(finish(extremes.0, extremes.1, target, extremes))
+            }
+            _ => self.range(target),
+        }
+    }
+
     /// The observed min and max (exact).
     pub fn min_max(&self) -> Option<(f32, f32)> {
         self.seen.get()

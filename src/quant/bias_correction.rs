@@ -1,0 +1,294 @@
+//! Empirical bias correction (Nagel, van Baalen, Blankevoort, Welling, "Data-Free Quantization
+//! Through Weight Equalization and Bias Correction", ICCV 2019, section 4.2).
+//!
+//! Quantizing a layer's weights `W` to `W~ = W + eps` shifts its expected output:
+//!
+//! ```text
+//! E[y~] - E[y] = E[W~ x] - E[W x] = eps E[x]          (eq. 13)
+//! ```
+//!
+//! The shift is systematic where the rounding errors of a channel do not cancel (few weights
+//! per channel, or weights sitting on one side of their grid points), and it is the same for
+//! every input. Correcting the bias by it, `b' = b - (E[W~ x] - E[W x])`, per output channel,
+//! removes it. The paper estimates `E[x]` from the BatchNormalization statistics before the
+//! layer (the data-free variant) or from data (the empirical variant); qfold measures the
+//! shift itself from the calibration data: for each corrected layer a probe node computes
+//! `eps * x` with the layer's attributes (padding included, so border effects are exact) and
+//! its mean over the batch and spatial positions is taken, per output channel, on the float
+//! model's activations.
+//!
+//! Layers: every Conv and Gemm of the plan whose weight is quantized; the weight is quantized
+//! exactly as [`super::qdq`] will (same grid, symmetry and axis). A layer without a bias gets
+//! one. The corrected bias is float; it is then quantized to int32 as any bias.
+
+use std::collections::BTreeMap;
+
+use ndarray::{ArrayD, Axis, IxDyn};
+use serde::Serialize;
+
+use super::params::{compute_scale_zp, dequantize, quantize};
+use super::plan::QuantPlan;
+use super::QuantizeOptions;
+use crate::error::{Error, Result};
+use crate::fusion::rules::label;
+use crate::graph::{Graph, Names, Patch};
+use crate::onnx::attr::{self, defaults};
+use crate::onnx::proto::NodeProto;
+use crate::onnx::{ElemType, Model, TensorData};
+use crate::runtime::Runner;
+use crate::verify::SampleSource;
+
+/// At most this many calibration samples measure the shifts.
+pub const MAX_SAMPLES: usize = 64;
+
+/// One corrected layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct CorrectedLayer {
+    pub node: String,
+    /// The largest and the mean magnitude of the per-channel shift removed.
+    pub max_abs_shift: f64,
+    pub mean_abs_shift: f64,
+    /// The layer had no bias and got one.
+    pub added_bias: bool,
+}
+
+/// What bias correction did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BiasCorrectionReport {
+    pub samples: usize,
+    pub layers: Vec<CorrectedLayer>,
+}
+
+/// `w` quantized and dequantized on `grid` (per channel along `axis`, or per tensor), with the
+/// parameters [`super::qdq`] computes for weights.
+pub fn fake_quantize_weight(
+    w: &ArrayD<f64>,
+    axis: Option<usize>,
+    grid: (i32, i32),
+    symmetric: bool,
+) -> ArrayD<f64> {
+    let range = |it: &mut dyn Iterator<Item = f64>| {
+        it.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        })
+    };
+    let params: Vec<_> = match axis {
+        Some(ax) if ax < w.ndim() => w
+            .axis_iter(Axis(ax))
+            .map(|c| {
+                let (lo, hi) = range(&mut c.iter().copied());
+                compute_scale_zp(lo as f32, hi as f32, grid.0, grid.1, symmetric)
+            })
+            .collect(),
+        _ => {
+            let (lo, hi) = range(&mut w.iter().copied());
+            vec![compute_scale_zp(
+                lo as f32, hi as f32, grid.0, grid.1, symmetric,
+            )]
+        }
+    };
+    let ndim = w.ndim();
+    let mut out = w.clone();
+    for (idx, v) in out.indexed_iter_mut() {
+        let p = match axis {
+            Some(ax) if ax < ndim && params.len() > 1 => params[idx[ax]],
+            _ => params[0],
+        };
+        *v = dequantize(quantize(*v as f32, p, grid.0, grid.1), p) as f64;
+    }
+    out
+}
+
+/// A layer to correct: its node, the probe node's output, and how its bias is laid out.
+struct Probe {
+    node: usize,
+    output: String,
+    /// Gemm's beta (1 for Conv): the bias input is scaled by it.
+    beta: f64,
+}
+
+/// Corrects the biases of the plan's Conv and Gemm layers in `float` (see the module docs),
+/// measuring on at most [`MAX_SAMPLES`] of `samples`.
+pub fn correct<S: SampleSource + ?Sized>(
+    float: &mut Model,
+    plan: &QuantPlan,
+    opts: &QuantizeOptions,
+    samples: &S,
+) -> Result<BiasCorrectionReport> {
+    if samples.is_empty() {
+        return Err(Error::Usage(
+            "--bias-correction needs calibration samples".into(),
+        ));
+    }
+    let qdq = opts.qdq_options();
+    let grid = qdq.weight_grid();
+    let g = Graph::of_model(float);
+    let by_label: BTreeMap<String, usize> = (0..g.len()).map(|i| (label(g.node(i)), i)).collect();
+    let mut probe_model = float.clone();
+    let mut names = Names::new(g.proto());
+    let mut patch = Patch::new("bias correction probes");
+    let mut probes: Vec<Probe> = Vec::new();
+    for w in &plan.weights {
+        let Some(&i) = by_label.get(&w.node) else {
+            continue;
+        };
+        let n = g.node(i);
+        if !matches!(n.op_type.as_str(), "Conv" | "Gemm") || w.slot != 1 {
+            continue;
+        }
+        if n.op_type == "Gemm" && attr::int(n, "transA", defaults::GEMM_TRANS)? != 0 {
+            continue;
+        }
+        let Some(wt) = g.constant(&w.tensor)? else {
+            continue;
+        };
+        let data = wt.to_f64();
+        let eps = &fake_quantize_weight(&data, w.axis, grid, qdq.symmetric_weights) - &data;
+        let ename = names.fresh(&format!("{}_quantization_error", w.tensor));
+        patch.add_initializer(TensorData::from_f64(eps, ElemType::F32)?.to_proto(&ename));
+        let mut probe = NodeProto::new();
+        probe.op_type = n.op_type.clone();
+        probe.name = names.fresh(&format!("{}_bias_probe", n.name));
+        probe.input = vec![n.input[0].clone(), ename];
+        let out = names.fresh(&format!("{}_bias_probe", n.output[0]));
+        probe.output = vec![out.clone()];
+        probe.attribute = n.attribute.clone();
+        if n.op_type == "Gemm" {
+            probe.attribute.retain(|a| a.name != "beta");
+        }
+        patch.add_node(probe);
+        let beta = if n.op_type == "Gemm" {
+            attr::float(n, "beta", defaults::GEMM_BETA)? as f64
+        } else {
+            1.0
+        };
+        probes.push(Probe {
+            node: i,
+            output: out,
+            beta,
+        });
+    }
+    if probes.is_empty() {
+        return Ok(BiasCorrectionReport::default());
+    }
+    patch.apply(probe_model.graph_mut())?;
+    let extra: Vec<String> = probes.iter().map(|p| p.output.clone()).collect();
+    let count = samples.len().min(MAX_SAMPLES);
+    let mut sums: Vec<Option<Vec<f64>>> = vec![None; probes.len()];
+    let mut runner: Option<(Runner, Vec<Vec<usize>>)> = None;
+    let mut progress = crate::progress::counted(
+        format!("measuring weight-quantization shifts on {count} samples"),
+        count,
+    );
+    for k in 0..count {
+        let s = samples.read(k)?;
+        let shapes: Vec<Vec<usize>> = s.inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
+        if runner.as_ref().is_none_or(|(_, sh)| *sh != shapes) {
+            runner = Some((Runner::new(&probe_model, &s.inputs, &extra)?, shapes));
+        }
+        let (r, _) = runner.as_ref().expect("set above");
+        let out = r.run(&s.inputs)?;
+        let skip = out.len() - extra.len();
+        for (j, t) in out[skip..].iter().enumerate() {
+            let a = t.to_f64();
+            if a.ndim() < 2 {
+                return Err(Error::tensor(&extra[j], "a probe output of rank < 2"));
+            }
+            // mean over every axis but the channel axis 1
+            let m = a.shape()[1];
+            let per = (a.len() / m.max(1)).max(1) as f64;
+            let mut ch = vec![0.0f64; m];
+            for (idx, v) in a.indexed_iter() {
+                ch[idx[1]] += v;
+            }
+            ch.iter_mut().for_each(|v| *v /= per);
+            match &mut sums[j] {
+                Some(acc) if acc.len() == m => acc.iter_mut().zip(&ch).for_each(|(a, c)| *a += c),
+                Some(_) => {
+                    return Err(Error::tensor(
+                        &extra[j],
+                        "channel count changed between samples",
+                    ))
+                }
+                slot => *slot = Some(ch),
+            }
+        }
+        progress.inc();
+    }
+    drop(progress);
+    drop(probe_model);
+
+    let mut report = BiasCorrectionReport {
+        samples: count,
+        layers: vec![],
+    };
+    let mut patch = Patch::new("bias correction");
+    for (p, sum) in probes.iter().zip(sums) {
+        let Some(sum) = sum else { continue };
+        let shift: Vec<f64> = sum.iter().map(|v| v / count as f64).collect();
+        let n = g.node(p.node);
+        let m = shift.len();
+        let old = match n.input.get(2).filter(|s| !s.is_empty()) {
+            Some(b) => match g.constant(b)? {
+                Some(t) => Some(t),
+                None => continue, // a computed bias: leave it
+            },
+            None => None,
+        };
+        let (ty, mut bias) = match &old {
+            Some(t) => (t.elem_type(), t.to_f64()),
+            None => (ElemType::F32, ArrayD::zeros(IxDyn(&[m]))),
+        };
+        if !ty.is_float() || bias.ndim() == 0 || bias.shape()[bias.ndim() - 1] != m {
+            continue;
+        }
+        let last = bias.ndim() - 1;
+        for (c, mut col) in bias.axis_iter_mut(Axis(last)).enumerate() {
+            col.mapv_inplace(|v| v - shift[c] / p.beta);
+        }
+        let base = n
+            .input
+            .get(2)
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .unwrap_or_else(|| format!("{}_bias", n.input[1]));
+        let bname = names.fresh(&format!("{base}_corrected"));
+        patch.add_initializer(TensorData::from_f64(bias, ty)?.to_proto(&bname));
+        let mut node = n.clone();
+        if node.input.len() < 3 {
+            node.input.resize(3, String::new());
+        }
+        node.input[2] = bname;
+        patch.replace_node(p.node, node);
+        report.layers.push(CorrectedLayer {
+            node: label(n),
+            max_abs_shift: shift.iter().fold(0.0f64, |a, v| a.max(v.abs())),
+            mean_abs_shift: shift.iter().map(|v| v.abs()).sum::<f64>() / m.max(1) as f64,
+            added_bias: old.is_none(),
+        });
+    }
+    drop(g);
+    patch.apply(float.graph_mut())?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_quantization_matches_the_grid() {
+        // per tensor, symmetric int8: absmax 1.27 -> scale 0.01
+        let w = ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![1.27, 0.004, -0.006, 0.5]).unwrap();
+        let q = fake_quantize_weight(&w, None, (-127, 127), true);
+        let want = [1.27, 0.0, -0.01, 0.5];
+        for (a, b) in q.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} {b}");
+        }
+        // per channel on axis 0: row 1 has absmax 0.5 -> scale 0.5/127
+        let q = fake_quantize_weight(&w, Some(0), (-127, 127), true);
+        let s = 0.5f32 / 127.0;
+        assert!((q[[1, 0]] - (-0.006f32 / s).round() as f64 * s as f64).abs() < 1e-7);
+        assert!((q[[1, 1]] - 0.5).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,509 @@
+//! Accuracy-driven quantization: `quantize --target-sqnr DB` / `--target-accuracy PCT`.
+//!
+//! 1. One calibration pass observes, with one histogram per value, every float value any plan
+//!    of the model could quantize; each method's range (MinMax, percentile, entropy, L2) is
+//!    then read from the same histogram ([`super::observe::Observer::range_as`]).
+//! 2. Per activation, the method whose range quantizes that activation with the least
+//!    squared error on the evaluation samples is chosen. The model is scored (on those
+//!    samples, against float) with every method applied uniformly and with the per-activation
+//!    choice; the best of these is kept.
+//! 3. While the target is missed, one more node is left float: every candidate (a quantized
+//!    node that computes, not a data-movement op) is first scored with only itself left
+//!    float; then, greedily, the few best candidates by gain per cost are re-measured on top
+//!    of the nodes already left float and the best is added. Conv, ConvTranspose, Gemm and
+//!    MatMul cost 1 (they are the compute that quantization speeds up); other nodes cost 0.1.
+//!    At least `min_quantized` of the compute nodes stay quantized: when the target needs
+//!    more fallback than that, it is unreachable.
+//! 4. Once the target is met, each node left float is tried quantized again (in the order
+//!    they were added) and stays quantized if the target still holds: the fewest are left.
+//!
+//! Variants only change which nodes the plan excludes ([`super::plan`] on the prepared float
+//! model) and never recalibrate. The result is an exclusion list and a ranges table, which
+//! [`super::quantize`] turns into the model like any other run.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use super::analyze::{Evaluator, Score};
+use super::calibrate::{self, Ranges};
+use super::observe::{Method, Target};
+use super::params::{compute_scale_zp, dequantize, quantize};
+use super::plan::{self, QUANTIZED_OPS, SHARING_OPS};
+use super::{emit, keep_output_ranges, Prepared, QuantizeOptions};
+use crate::error::{Error, Result};
+use crate::fusion::rules::label;
+use crate::graph::Graph;
+use crate::onnx::ElemType;
+use crate::verify::SampleSource;
+
+/// What to reach.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Goal {
+    /// SQNR of the worst output against float, dB.
+    pub sqnr_db: Option<f64>,
+    /// Top-1 accuracy on labelled evaluation data, as a fraction.
+    pub accuracy: Option<f64>,
+    /// At least this fraction of the Conv / ConvTranspose / Gemm / MatMul nodes stays
+    /// quantized: a target that needs more fallback is unreachable.
+    pub min_quantized: f64,
+}
+
+impl Goal {
+    /// Whether `s` meets the goal.
+    pub fn met(&self, s: &Score) -> bool {
+        self.sqnr_db.is_none_or(|t| s.db() >= t)
+            && self
+                .accuracy
+                .is_none_or(|t| s.accuracy.is_some_and(|a| a + 1e-12 >= t))
+    }
+
+    /// How far `s` is from the goal, for ranking (higher is better).
+    fn merit(&self, s: &Score) -> f64 {
+        match (self.accuracy, s.accuracy) {
+            (Some(_), Some(a)) => a * 1000.0 + s.db().min(200.0) / 1000.0,
+            _ => s.db().min(200.0),
+        }
+    }
+}
+
+/// One node left float by the search.
+#[derive(Debug, Clone, Serialize)]
+pub struct FallbackStep {
+    pub node: String,
+    pub op_type: String,
+    /// The model's score once this node (and those before) were left float.
+    pub score: Score,
+    /// Why: the gain measured when it was chosen.
+    pub reason: String,
+}
+
+/// A method applied to every activation, and its score.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodScore {
+    pub method: String,
+    pub score: Score,
+}
+
+/// What the search did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetReport {
+    pub goal: Goal,
+    /// Evaluation samples the search scored on.
+    pub samples: usize,
+    /// Every method applied uniformly, and the per-activation choice ("per-activation").
+    pub methods: Vec<MethodScore>,
+    /// The one kept.
+    pub method: String,
+    /// With the per-activation choice: each calibrated value's method.
+    pub per_activation: BTreeMap<String, String>,
+    /// The nodes left float, in the order chosen (after pruning).
+    pub fallback: Vec<FallbackStep>,
+    /// Nodes tried float and put back quantized by the pruning pass.
+    pub restored: Vec<String>,
+    /// The score of the result on the search samples.
+    pub score: Score,
+    pub met: bool,
+    /// Conv / ConvTranspose / Gemm / MatMul nodes, and those quantized.
+    pub compute_nodes: usize,
+    pub compute_quantized: usize,
+    /// Variants scored.
+    pub variants: usize,
+}
+
+/// The result: ranges for every value any plan may need, the exclusions, the report.
+pub struct TargetResult {
+    pub ranges: Ranges,
+    pub exclude: Vec<String>,
+    pub report: TargetReport,
+}
+
+const COMPUTE_OPS: &[&str] = &["Conv", "ConvTranspose", "Gemm", "MatMul"];
+/// Candidates re-measured at each greedy step.
+const REMEASURE: usize = 4;
+/// At most this many greedy steps.
+const MAX_STEPS: usize = 64;
+
+fn candidate_methods(opts: &QuantizeOptions) -> Vec<Method> {
+    let percentile = match opts.method {
+        Method::Percentile { percentile } => percentile,
+        _ => 99.999,
+    };
+    vec![
+        Method::MinMax,
+        Method::Percentile { percentile },
+        Method::Entropy,
+        Method::L2,
+    ]
+}
+
+/// Every float value a plan of this model could calibrate: the inputs and outputs of nodes
+/// with a quantized form, and the graph inputs.
+fn all_candidate_values(g: &Graph) -> Vec<String> {
+    let types = crate::graph::types::elem_types(g);
+    let mut out = BTreeSet::new();
+    for v in g.real_inputs() {
+        out.insert(v.name.clone());
+    }
+    for i in 0..g.len() {
+        let n = g.node(i);
+        if QUANTIZED_OPS.contains(&n.op_type.as_str()) || SHARING_OPS.contains(&n.op_type.as_str())
+        {
+            // what it reads (from any producer) and what it writes
+            for o in n.input.iter().chain(&n.output) {
+                if !o.is_empty() && g.const_source(o).is_none() {
+                    out.insert(o.clone());
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .filter(|v| {
+            matches!(types.get(v.as_str()), Some(ElemType::F32))
+                || (!types.contains_key(v.as_str())
+                    && g.producer(v).is_some_and(|p| {
+                        matches!(
+                            g.node(p).op_type.as_str(),
+                            "Conv" | "ConvTranspose" | "Gemm"
+                        )
+                    }))
+        })
+        .collect()
+}
+
+/// The plan of `prepared` with `exclude` added to the user's exclusions.
+fn plan_with(
+    prepared: &Prepared,
+    opts: &QuantizeOptions,
+    extra: &BTreeSet<String>,
+) -> Result<plan::QuantPlan> {
+    let mut o = opts.plan_options();
+    o.exclude.extend(extra.iter().cloned());
+    plan::plan(&prepared.float, &o)
+}
+
+/// Searches ranges and exclusions that meet `goal` (see the module docs). `prepared` is the
+/// model prepared with `opts`; `calib` the calibration samples; `eval` scores variants.
+pub fn search<S: SampleSource + ?Sized>(
+    prepared: &Prepared,
+    opts: &QuantizeOptions,
+    calib: &S,
+    eval: &Evaluator,
+    goal: Goal,
+) -> Result<TargetResult> {
+    if goal.accuracy.is_some() && eval.float_accuracy().is_none() {
+        return Err(Error::Usage(
+            "--target-accuracy needs labelled evaluation data (labels.npy beside the inputs, or class subfolders of images)".into(),
+        ));
+    }
+    let g = Graph::of_model(&prepared.float);
+    let values = all_candidate_values(&g);
+    let target: Target = opts.target();
+    let observers = calibrate::observe(&prepared.float, &values, calib, Method::L2, opts.threads)?;
+    let methods = candidate_methods(opts);
+    // ranges per method
+    let mut by_method: Vec<Ranges> = Vec::new();
+    for &m in &methods {
+        let mut r = Ranges {
+            method: m,
+            samples: calib.len(),
+            observed: BTreeMap::new(),
+            ranges: BTreeMap::new(),
+        };
+        for (v, o) in &observers {
+            if let (Some(mm), Some(range)) = (o.min_max(), o.range_as(m, target)) {
+                r.observed.insert(v.clone(), mm);
+                r.ranges.insert(v.clone(), range);
+            }
+        }
+        keep_output_ranges(&prepared.float, &mut r, opts.symmetric_activations);
+        by_method.push(r);
+    }
+
+    // Per-activation choice by measured squared error on the evaluation samples.
+    let base_plan = &prepared.plan;
+    let calibrated: Vec<String> = base_plan
+        .calibrated_values()
+        .into_iter()
+        .filter(|v| !g.is_input(v))
+        .collect();
+    let (qmin, qmax) = opts.qdq_options().activation_grid();
+    let mut err = vec![vec![0.0f64; methods.len()]; calibrated.len()];
+    {
+        let _p = crate::progress::phase("measuring each method's error per activation");
+        let mut runner: Option<(crate::runtime::Runner, Vec<Vec<usize>>)> = None;
+        for c in eval.cases() {
+            let shapes: Vec<Vec<usize>> =
+                c.inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
+            if runner.as_ref().is_none_or(|(_, s)| *s != shapes) {
+                runner = Some((
+                    crate::runtime::Runner::new(&prepared.float, &c.inputs, &calibrated)?,
+                    shapes,
+                ));
+            }
+            let out = runner.as_ref().expect("set above").0.run(&c.inputs)?;
+            let skip = out.len() - calibrated.len();
+            for (k, t) in out[skip..].iter().enumerate() {
+                let x = t.to_f64();
+                for (j, r) in by_method.iter().enumerate() {
+                    let Some(&(lo, hi)) = r.ranges.get(&calibrated[k]) else {
+                        continue;
+                    };
+                    let p = compute_scale_zp(lo, hi, qmin, qmax, opts.symmetric_activations);
+                    err[k][j] += x
+                        .iter()
+                        .filter(|v| v.is_finite())
+                        .map(|&v| {
+                            let q = dequantize(quantize(v as f32, p, qmin, qmax), p) as f64;
+                            (v - q) * (v - q)
+                        })
+                        .sum::<f64>();
+                }
+            }
+        }
+    }
+    let mut chosen = by_method[0].clone();
+    chosen.method = Method::L2;
+    let mut per_activation = BTreeMap::new();
+    for (k, v) in calibrated.iter().enumerate() {
+        let best = (0..methods.len())
+            .min_by(|&a, &b| err[k][a].total_cmp(&err[k][b]))
+            .unwrap_or(0);
+        if let Some(&r) = by_method[best].ranges.get(v) {
+            chosen.ranges.insert(v.clone(), r);
+        }
+        per_activation.insert(v.clone(), methods[best].name().to_string());
+    }
+    keep_output_ranges(&prepared.float, &mut chosen, opts.symmetric_activations);
+
+    let mut variants = 0usize;
+    let mut candidates_ranges: Vec<(String, Ranges)> = methods
+        .iter()
+        .zip(&by_method)
+        .map(|(m, r)| (m.name().to_string(), r.clone()))
+        .collect();
+    candidates_ranges.push(("per-activation".into(), chosen));
+    let scores = eval.score_many(
+        &format!("scoring {} calibration methods", candidates_ranges.len()),
+        candidates_ranges.len(),
+        |k| Ok(emit(prepared, base_plan, &candidates_ranges[k].1, opts)?.0),
+    )?;
+    variants += scores.len();
+    let best = (0..scores.len())
+        .max_by(|&a, &b| goal.merit(&scores[a]).total_cmp(&goal.merit(&scores[b])))
+        .unwrap_or(0);
+    let method_scores: Vec<MethodScore> = candidates_ranges
+        .iter()
+        .zip(&scores)
+        .map(|((m, _), s)| MethodScore {
+            method: m.clone(),
+            score: *s,
+        })
+        .collect();
+    let (method, ranges) = candidates_ranges.swap_remove(best);
+    let per_activation = if method == "per-activation" {
+        per_activation
+    } else {
+        BTreeMap::new()
+    };
+    let mut current = scores[best];
+
+    // Candidates: quantized nodes that compute, by name (exclusions resolve names), each with
+    // the Relu / Clip it absorbs (left float with it, else that activation would be quantized
+    // on its own).
+    let mut absorbed_by: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for a in &base_plan.absorbed {
+        absorbed_by
+            .entry(a.producer.as_str())
+            .or_default()
+            .push(a.node.clone());
+    }
+    let candidates: Vec<(String, String, f64, Vec<String>)> = base_plan
+        .quantized
+        .iter()
+        .filter_map(|l| {
+            let i = g.node_by_name(l)?;
+            let op = g.node(i).op_type.clone();
+            if SHARING_OPS.contains(&op.as_str()) {
+                return None;
+            }
+            let cost = if COMPUTE_OPS.contains(&op.as_str()) {
+                1.0
+            } else {
+                0.1
+            };
+            let with: Vec<String> = absorbed_by
+                .get(l.as_str())
+                .map(|v| {
+                    v.iter()
+                        .filter(|n| g.node_by_name(n).is_some())
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some((l.clone(), op, cost, with))
+        })
+        .collect();
+    // the exclusions standing for a set of candidate names
+    let expand = |names: &BTreeSet<String>| -> BTreeSet<String> {
+        let mut out = names.clone();
+        for c in &candidates {
+            if names.contains(&c.0) {
+                out.extend(c.3.iter().cloned());
+            }
+        }
+        out
+    };
+    let score_with = |extra: &[&BTreeSet<String>]| -> Result<Vec<Score>> {
+        eval.score_many(
+            &format!("scoring {} fallback variants", extra.len()),
+            extra.len(),
+            |k| {
+                let p = plan_with(prepared, opts, &expand(extra[k]))?;
+                Ok(emit(prepared, &p, &ranges, opts)?.0)
+            },
+        )
+    };
+    let mut float: Vec<FallbackStep> = Vec::new();
+    let mut float_set: BTreeSet<String> = BTreeSet::new();
+    let mut estimate: Vec<f64> = Vec::new();
+    if !goal.met(&current) && !candidates.is_empty() {
+        let sets: Vec<BTreeSet<String>> = candidates
+            .iter()
+            .map(|(n, _, _, _)| BTreeSet::from([n.clone()]))
+            .collect();
+        let refs: Vec<&BTreeSet<String>> = sets.iter().collect();
+        let s = score_with(&refs)?;
+        variants += s.len();
+        estimate = s
+            .iter()
+            .map(|s| goal.merit(s) - goal.merit(&current))
+            .collect();
+    }
+    let compute_total = (0..g.len())
+        .filter(|&i| COMPUTE_OPS.contains(&g.node(i).op_type.as_str()))
+        .count();
+    // compute nodes that may be left float
+    let compute_budget =
+        ((1.0 - goal.min_quantized.clamp(0.0, 1.0)) * compute_total as f64 + 1e-9).floor() as usize;
+    let mut compute_float = 0usize;
+    let mut steps = 0;
+    while !goal.met(&current) && steps < MAX_STEPS {
+        steps += 1;
+        // the best few by estimated gain per cost, re-measured on top of the current set
+        let mut order: Vec<usize> = (0..candidates.len())
+            .filter(|&k| !float_set.contains(&candidates[k].0))
+            .filter(|&k| candidates[k].2 < 1.0 || compute_float < compute_budget)
+            .collect();
+        if order.is_empty() {
+            break;
+        }
+        order.sort_by(|&a, &b| {
+            (estimate[b] / candidates[b].2).total_cmp(&(estimate[a] / candidates[a].2))
+        });
+        order.truncate(REMEASURE);
+        let sets: Vec<BTreeSet<String>> = order
+            .iter()
+            .map(|&k| {
+                let mut s = float_set.clone();
+                s.insert(candidates[k].0.clone());
+                s
+            })
+            .collect();
+        let refs: Vec<&BTreeSet<String>> = sets.iter().collect();
+        let s = score_with(&refs)?;
+        variants += s.len();
+        for (&k, sc) in order.iter().zip(&s) {
+            estimate[k] = goal.merit(sc) - goal.merit(&current);
+        }
+        let pick = (0..order.len())
+            .max_by(|&a, &b| {
+                (estimate[order[a]] / candidates[order[a]].2)
+                    .total_cmp(&(estimate[order[b]] / candidates[order[b]].2))
+            })
+            .expect("at least one candidate");
+        let k = order[pick];
+        let gain = estimate[k];
+        if candidates[k].2 >= 1.0 {
+            compute_float += 1;
+        }
+        float_set.insert(candidates[k].0.clone());
+        current = s[pick];
+        float.push(FallbackStep {
+            node: candidates[k].0.clone(),
+            op_type: candidates[k].1.clone(),
+            score: current,
+            reason: format!(
+                "{} {:+.2} {}{}",
+                if gain > 0.0 {
+                    "the best measured gain"
+                } else {
+                    "no candidate gains; the least loss"
+                },
+                gain,
+                if goal.accuracy.is_some() {
+                    "(accuracy x1000)"
+                } else {
+                    "dB"
+                },
+                if candidates[k].3.is_empty() {
+                    String::new()
+                } else {
+                    format!(", with {}", candidates[k].3.join(", "))
+                }
+            ),
+        });
+    }
+    // Pruning: put back each node whose fallback the target no longer needs.
+    let mut restored = Vec::new();
+    if goal.met(&current) && float.len() > 1 {
+        for step in float.clone() {
+            let mut s = float_set.clone();
+            s.remove(&step.node);
+            let sc = score_with(&[&s])?[0];
+            variants += 1;
+            if goal.met(&sc) {
+                float_set = s;
+                current = sc;
+                restored.push(step.node.clone());
+            }
+        }
+        float.retain(|f| float_set.contains(&f.node));
+    }
+    let float_set = expand(&float_set);
+    let final_plan = plan_with(prepared, opts, &float_set)?;
+    let compute_nodes = compute_total;
+    let compute_quantized = final_plan
+        .quantized
+        .iter()
+        .filter(|l| {
+            g.node_by_name(l)
+                .or_else(|| (0..g.len()).find(|&i| label(g.node(i)) == **l))
+                .is_some_and(|i| COMPUTE_OPS.contains(&g.node(i).op_type.as_str()))
+        })
+        .count();
+    // every value of the final plan must have a range
+    for v in final_plan.calibrated_values() {
+        if !ranges.ranges.contains_key(&v) {
+            return Err(Error::tensor(&v, "no range was observed for this value"));
+        }
+    }
+    Ok(TargetResult {
+        exclude: float_set.into_iter().collect(),
+        report: TargetReport {
+            goal,
+            samples: eval.cases().len(),
+            methods: method_scores,
+            method,
+            per_activation,
+            fallback: float,
+            restored,
+            score: current,
+            met: goal.met(&current),
+            compute_nodes,
+            compute_quantized,
+            variants,
+        },
+        ranges,
+    })
+}

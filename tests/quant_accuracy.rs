@@ -1,0 +1,512 @@
+//! Accuracy tools (issue 11): the per-tensor analyzer, cross-layer equalization, bias
+//! correction and the target mode, on numbers.
+
+mod common;
+
+use common::*;
+use qfold::onnx::Model;
+use qfold::quant::analyze::{self, Evaluator, TensorKind};
+use qfold::quant::{calibrate_prepared, equalize, prepare, Calibration, QuantizeOptions};
+use qfold::verify::{self, Case};
+
+fn digits() -> (Model, Vec<Case>, Vec<Case>) {
+    let dir = models_dir().join("digits_cnn");
+    let m = qfold::onnx::load(dir.join("model.onnx")).unwrap();
+    let calib = verify::read_dataset(&m, &dir.join("calib")).unwrap();
+    let eval = verify::read_dataset(&m, &dir.join("eval")).unwrap();
+    (m, calib, eval)
+}
+
+fn digits_path(sub: &str) -> String {
+    models_dir()
+        .join("digits_cnn")
+        .join(sub)
+        .display()
+        .to_string()
+}
+
+/// SQNR (dB) of `q` against `w`, per-channel symmetric int8 on axis 0, computed here by hand.
+fn per_channel_sqnr(w: &ndarray::ArrayD<f64>) -> f64 {
+    let (mut s, mut e) = (0.0, 0.0);
+    for c in w.outer_iter() {
+        let absmax = c.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let scale = (2.0 * absmax / 254.0) as f32;
+        for &x in c.iter() {
+            let q = ((x as f32 / scale) as f64)
+                .round_ties_even()
+                .clamp(-127.0, 127.0) as f32
+                * scale;
+            s += x * x;
+            e += (x - q as f64).powi(2);
+        }
+    }
+    10.0 * (s / e).log10()
+}
+
+#[test]
+fn analyzer_on_digits_gives_consistent_real_numbers() {
+    let (m, calib, eval) = digits();
+    let opts = QuantizeOptions::default();
+    let prepared = prepare(&m, &opts).unwrap();
+    let (ranges, _) = calibrate_prepared(&prepared, Calibration::Source(&calib), &opts).unwrap();
+    let evaluator = Evaluator::new(&m, eval, 2).unwrap();
+    let a = analyze::analyze(&prepared, &ranges, &opts, &evaluator, "eval".into()).unwrap();
+    assert_eq!(a.samples, 8);
+    // every tensor quantized: the README's figure (39.42 dB, accuracy unchanged)
+    let all = a.quantized.sqnr_db.unwrap();
+    assert!((all - 39.42).abs() < 0.05, "{all}");
+    assert_eq!(a.float_accuracy, a.quantized.accuracy);
+    // 7 activation groups (pool and flatten share their inputs' parameters) and 5 weights
+    let kinds = |k| a.tensors.iter().filter(|t| t.kind == k).count();
+    assert_eq!(kinds(TensorKind::Activation), 7);
+    assert_eq!(kinds(TensorKind::Weight), 5);
+    // sorted by the SQNR of the model with only that tensor quantized
+    for w in a.tensors.windows(2) {
+        assert!(w[0].only_quantized.db() <= w[1].only_quantized.db());
+    }
+    // one tensor quantized always costs less than all of them
+    for t in &a.tensors {
+        assert!(
+            t.only_quantized.db() > all + 1.0,
+            "{}: {:?}",
+            t.tensor,
+            t.only_quantized
+        );
+        assert!(t.only_float.db() > all - 1.0 && t.only_float.db() < all + 3.0);
+    }
+    // the most sensitive tensor is the model's output; quantizing only it, the model's SQNR is
+    // the tensor's own
+    let first = &a.tensors[0];
+    assert_eq!(first.tensor, "logits");
+    let own = first.sqnr_db.unwrap();
+    assert!(
+        (first.only_quantized.db() - own).abs() < 0.01,
+        "{own} vs {:?}",
+        first.only_quantized
+    );
+    // the eval set reaches past the calibrated range of the logits: some values are clipped
+    assert!(
+        first.clipped > 0.0 && first.clipped < 0.01,
+        "{}",
+        first.clipped
+    );
+    // a weight's own SQNR is its per-channel quantization error, computed here independently
+    let g = qfold::graph::Graph::of_model(&prepared.float);
+    let conv1 = a
+        .tensors
+        .iter()
+        .find(|t| t.nodes == ["/conv1/Conv"])
+        .unwrap();
+    let w = g.constant(&conv1.tensor).unwrap().unwrap().to_f64();
+    let by_hand = per_channel_sqnr(&w);
+    assert!(
+        (conv1.sqnr_db.unwrap() - by_hand).abs() < 1e-6,
+        "{:?} {by_hand}",
+        conv1.sqnr_db
+    );
+    let spread = conv1.channel_range_spread.unwrap();
+    let r: Vec<f64> = w
+        .outer_iter()
+        .map(|c| c.iter().fold(0.0f64, |m, v| m.max(v.abs())))
+        .collect();
+    let want =
+        r.iter().cloned().fold(0.0, f64::max) / r.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert!((spread - want).abs() < 1e-9);
+    // post-Relu activations start at 0 and clip almost nothing
+    let relu1 = a
+        .tensors
+        .iter()
+        .find(|t| t.tensor == "/relu1/Relu_output_0")
+        .unwrap();
+    assert_eq!(relu1.range_min, 0.0);
+    assert!(relu1.clipped < 1e-3);
+}
+
+#[test]
+fn analyze_cli_prints_the_table_and_json() {
+    let (code, stdout, stderr) = run_qfold(&[
+        "analyze",
+        &digits_path("model.onnx"),
+        "--calib",
+        &digits_path("calib"),
+        "--eval",
+        &digits_path("eval"),
+        "--samples",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["schema"], "qfold.analyze/1");
+    assert_eq!(v["analysis"]["samples"], 2);
+    let t = v["analysis"]["tensors"].as_array().unwrap();
+    assert_eq!(t.len(), 12);
+    assert_eq!(t[0]["tensor"], "logits");
+    assert!(t[0]["only_float"]["sqnr_db"].as_f64().unwrap() > 30.0);
+
+    let scratch = TempDir::new("analyze");
+    let out = scratch.join("q.onnx");
+    let (code, stdout, stderr) = run_qfold(&[
+        "quantize",
+        &digits_path("model.onnx"),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        &digits_path("calib"),
+        "--report-layers",
+        "--samples",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("per-tensor analysis on 1 samples"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("conv2.weight (/conv2/Conv)"), "{stdout}");
+}
+
+#[test]
+fn equalization_is_exact_in_float_and_evens_the_channel_ranges() {
+    let (m, _, eval) = digits();
+    let mut fused = m.clone();
+    qfold::fusion::fuse(&mut fused, &Default::default()).unwrap();
+    let mut eq = fused.clone();
+    let r = equalize::equalize(&mut eq, &Default::default()).unwrap();
+    assert_eq!(
+        r.pairs,
+        [
+            "/conv1/Conv -> /relu1/Relu -> /conv2/Conv",
+            "/conv2/Conv -> /relu2/Relu -> /pool/MaxPool -> /conv3/Conv",
+            "/fc1/Gemm -> /relu4/Relu -> /fc2/Gemm"
+        ],
+        "{r:?}"
+    );
+    assert!(r.sweeps > 1 && r.sweeps < 100, "{}", r.sweeps);
+    eprintln!("{r:?}");
+    assert!(
+        r.per_tensor_weight_sqnr_after > r.per_tensor_weight_sqnr_before + 0.5,
+        "{r:?}"
+    );
+    for c in &eval[..2] {
+        let a = run(&m, c);
+        let b = run(&eq, c);
+        assert_close(
+            &a,
+            &b,
+            qfold::verify::Criterion::Tolerance {
+                atol: 1e-4,
+                rtol: 1e-4,
+            },
+            "equalized",
+        );
+    }
+}
+
+fn outlier_path(sub: &str) -> String {
+    models_dir()
+        .join("accuracy_outlier")
+        .join(sub)
+        .display()
+        .to_string()
+}
+
+/// The worst output's SQNR in a `qfold quantize --json` report.
+fn reported_sqnr(report: &serde_json::Value) -> f64 {
+    report["evaluation"]["comparison"]["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["sqnr_db"].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn quantize_outlier(out: &std::path::Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let mut args = vec![
+        "quantize".to_string(),
+        outlier_path("model.onnx"),
+        "-o".into(),
+        out.display().to_string(),
+        "--calib".into(),
+        outlier_path("calib"),
+        "--eval".into(),
+        outlier_path("eval"),
+        "--json".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stdout, stderr) = run_qfold(&refs);
+    let v = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}"));
+    (code, v, stderr)
+}
+
+#[test]
+fn target_sqnr_recovers_what_minmax_misses_in_tract_and_onnx_runtime() {
+    let scratch = TempDir::new("target");
+    // plain MinMax: the outlier channel of fc1 sets h1's scale, the others are crushed
+    let (code, v, _) = quantize_outlier(&scratch.join("minmax.onnx"), &[]);
+    assert_eq!(code, 1); // below the default --min-sqnr 20
+    let minmax = reported_sqnr(&v);
+    assert!((minmax - 17.96).abs() < 0.05, "{minmax}");
+    // the target mode: every method scored, then fc2 and fc1 (with their Relus) left float
+    let out = scratch.join("target.onnx");
+    // (two of its three Gemms must be left float: allow it)
+    let (code, v, stderr) =
+        quantize_outlier(&out, &["--target-sqnr", "30", "--min-quantized", "30"]);
+    assert_eq!(code, 0, "{stderr}");
+    let reached = reported_sqnr(&v);
+    assert!(
+        reached >= 30.0 && (reached - 34.76).abs() < 0.05,
+        "{reached}"
+    );
+    let t = &v["target"];
+    assert_eq!(t["methods"].as_array().unwrap().len(), 5);
+    let left: Vec<&str> = t["fallback"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, ["fc2", "fc1"]);
+    assert_eq!(
+        (t["compute_quantized"].as_u64(), t["compute_nodes"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(t["met"], true);
+    // the written model is the one evaluated: fc3 quantized, fc1 and fc2 float, Relus kept
+    let m = qfold::onnx::load(&out).unwrap();
+    assert_eq!(count(&m, "Relu"), 2);
+    assert!(count(&m, "QuantizeLinear") >= 2);
+    // ONNX Runtime agrees (tools/check_target_ort.py --record wrote these figures)
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(models_dir().join("accuracy_outlier/ort_reference.json")).unwrap(),
+    )
+    .unwrap();
+    let ort_target = r["target"]["ort_sqnr_db"].as_f64().unwrap();
+    let ort_minmax = r["minmax"]["ort_sqnr_db"].as_f64().unwrap();
+    assert!(ort_minmax < 30.0 && ort_target >= 30.0);
+    assert!((ort_target - reached).abs() < 0.05 && (ort_minmax - minmax).abs() < 0.05);
+}
+
+#[test]
+fn unreachable_target_exits_1_and_writes_only_with_write_best() {
+    let scratch = TempDir::new("target");
+    let out = scratch.join("never.onnx");
+    // a cheap search: --samples 1, and a target only the float model reaches, while half of
+    // the Gemms must stay quantized (the default --min-quantized 50)
+    let (code, v, stderr) = quantize_outlier(&out, &["--target-sqnr", "300", "--samples", "1"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!out.exists());
+    assert!(v["written"].is_null());
+    assert_eq!(v["target"]["met"], false);
+    assert!(
+        stderr.contains("the target (SQNR >= 300 dB) is not reached"),
+        "{stderr}"
+    );
+    let (code, v, _) = quantize_outlier(
+        &out,
+        &["--target-sqnr", "300", "--samples", "1", "--write-best"],
+    );
+    assert_eq!(code, 1);
+    assert!(out.exists());
+    // the best model found leaves one Gemm float, the most the budget allows
+    assert_eq!(v["target"]["compute_quantized"], 2);
+    assert_eq!(v["target"]["fallback"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn bias_correction_removes_a_systematic_weight_rounding_shift() {
+    use qfold::onnx::{ElemType, TensorData};
+    use qfold::quant::quantize;
+    // y = x W^T with 4 output channels: one weight per row is 1.27 (scale 0.01 per channel),
+    // the 63 others sit 0.4 step above a grid point, so each rounds down by 0.004: for inputs
+    // of mean 1 every output shifts by about -0.25.
+    let (k, m) = (64usize, 4usize);
+    let w: Vec<f32> = (0..m * k)
+        .map(|i| {
+            if i % k == 0 {
+                1.27
+            } else {
+                0.01 * ((i * 7 + i / k * 3) % 40) as f32 + 0.004
+            }
+        })
+        .collect();
+    let w = TensorData::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[m, k]), w).unwrap());
+    let b = TensorData::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[m])));
+    let model = model_of(
+        vec![node_of(
+            "Gemm",
+            "fc",
+            &["x", "w", "b"],
+            &["y"],
+            vec![int("transB", 1)],
+        )],
+        vec![("w".into(), w), ("b".into(), b)],
+        value_info("x", ElemType::F32, &[8, k]),
+        "y",
+    );
+    let mut state = 7u64;
+    let mut case = |_| {
+        let v: Vec<f32> = (0..8 * k)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                0.5 + (state >> 40) as f32 / (1u64 << 24) as f32
+            })
+            .collect();
+        f32_case("x", &[8, k], v)
+    };
+    let calib: Vec<Case> = (0..8).map(&mut case).collect();
+    let eval: Vec<Case> = (0..4).map(&mut case).collect();
+    let sqnr = |bias_correction: bool| {
+        let opts = QuantizeOptions {
+            bias_correction,
+            ..QuantizeOptions::default()
+        };
+        let (q, _, r) = quantize(&model, Calibration::Source(&calib), &opts).unwrap();
+        let e = Evaluator::new(&model, eval.clone(), 1).unwrap();
+        (e.score(&q).unwrap().db(), r.bias_correction)
+    };
+    let (plain, none) = sqnr(false);
+    let (corrected, report) = sqnr(true);
+    assert!(none.is_none());
+    let report = report.unwrap();
+    assert_eq!(report.layers.len(), 1);
+    assert_eq!(report.samples, 8);
+    // the shift removed: 0.004 per weight times the mean input (1) times 63 weights
+    let shift = report.layers[0].mean_abs_shift;
+    assert!((shift - 0.252).abs() < 0.01, "{shift}");
+    assert!(plain > 25.0 && plain < 40.0, "{plain}");
+    assert!(corrected > plain + 10.0, "{plain} -> {corrected}");
+}
+
+#[test]
+fn equalization_through_depthwise_convs_and_relu6_is_exact() {
+    use qfold::onnx::{ElemType, TensorData};
+    // 1x1 conv 4 -> 8, Clip(0, 6), depthwise 3x3 (group 8), Clip(0, 6), 1x1 conv 8 -> 4, with
+    // channel scales spread over two orders of magnitude
+    let mut state = 3u64;
+    let mut rnd = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    // spread: channel c scaled by 10^(c % 3 - 1) times `spread` (1: as is, -1: inverted)
+    let mut tensor = |shape: &[usize], spread: i32| {
+        let n: usize = shape.iter().product();
+        let per = n / shape[0];
+        let v: Vec<f32> = (0..n)
+            .map(|i| rnd() * 10f32.powi(spread * ((i / per) as i32 % 3 - 1)))
+            .collect();
+        TensorData::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), v).unwrap())
+    };
+    let inits = vec![
+        ("w1".to_string(), tensor(&[8, 4, 1, 1], 1)),
+        ("b1".to_string(), tensor(&[8], 0)),
+        ("w2".to_string(), tensor(&[8, 1, 3, 3], -1)),
+        ("b2".to_string(), tensor(&[8], 0)),
+        ("w3".to_string(), tensor(&[4, 8, 1, 1], 0)),
+        (
+            "lo".to_string(),
+            TensorData::F32(ndarray::arr0(0.0f32).into_dyn()),
+        ),
+        (
+            "hi".to_string(),
+            TensorData::F32(ndarray::arr0(6.0f32).into_dyn()),
+        ),
+    ];
+    let pads = || ints("pads", &[1, 1, 1, 1]);
+    let model = model_of(
+        vec![
+            node_of("Conv", "pw1", &["x", "w1", "b1"], &["a"], vec![]),
+            node_of("Clip", "relu6a", &["a", "lo", "hi"], &["b"], vec![]),
+            node_of(
+                "Conv",
+                "dw",
+                &["b", "w2", "b2"],
+                &["c"],
+                vec![int("group", 8), pads()],
+            ),
+            node_of("Clip", "relu6b", &["c", "lo", "hi"], &["d"], vec![]),
+            node_of("Conv", "pw2", &["d", "w3"], &["y"], vec![]),
+        ],
+        inits,
+        value_info("x", ElemType::F32, &[1, 4, 6, 6]),
+        "y",
+    );
+    let mut eq = model.clone();
+    let r = equalize::equalize(&mut eq, &Default::default()).unwrap();
+    assert_eq!(r.pairs, ["pw1 -> relu6a -> dw", "dw -> relu6b -> pw2"]);
+    assert!(
+        r.per_tensor_weight_sqnr_after > r.per_tensor_weight_sqnr_before + 3.0,
+        "{r:?}"
+    );
+    // each ReLU6 became Relu -> Min with a per-channel cap
+    assert_eq!(count(&eq, "Clip"), 0);
+    assert_eq!(count(&eq, "Min"), 2);
+    assert_eq!(count(&eq, "Relu"), 2);
+    let mut capped = 0;
+    for seed in 0..3 {
+        let v: Vec<f32> = (0..144)
+            .map(|i| ((i * 37 + seed * 11) % 29) as f32 - 14.0)
+            .collect();
+        let c = f32_case("x", &[1, 4, 6, 6], v);
+        let a = run(&model, &c);
+        let b = run(&eq, &c);
+        // the caps bind: some values of the first ReLU6 reach 6
+        let r = qfold::runtime::Runner::new(&model, &c.inputs, &["b".to_string()]).unwrap();
+        let relu6 = r.run(&c.inputs).unwrap()[1].to_f64();
+        capped += relu6.iter().filter(|&&v| v == 6.0).count();
+        assert_close(
+            &a,
+            &b,
+            qfold::verify::Criterion::Tolerance {
+                atol: 1e-4,
+                rtol: 1e-4,
+            },
+            "equalized",
+        );
+    }
+    assert!(capped > 0);
+}
+
+/// Equalization is exact on any model given in `QFOLD_EQUALIZE_MODEL` (e.g. the torchvision
+/// exports of tools/export_torchvision.py, outside the repository):
+/// `QFOLD_EQUALIZE_MODEL=/tmp/qfold_acc_tv/resnet18/model.onnx cargo test --test quant_accuracy -- --ignored`
+#[test]
+#[ignore]
+fn equalization_is_exact_on_a_given_model() {
+    let path = std::env::var("QFOLD_EQUALIZE_MODEL").expect("QFOLD_EQUALIZE_MODEL");
+    let m = qfold::onnx::load(&path).unwrap();
+    let mut fused = m.clone();
+    qfold::fusion::fuse(&mut fused, &Default::default()).unwrap();
+    let mut eq = fused.clone();
+    let r = equalize::equalize(&mut eq, &Default::default()).unwrap();
+    eprintln!(
+        "{} spaces, {} sweeps, per-tensor weight SQNR {:.2} -> {:.2} dB",
+        r.pairs.len(),
+        r.sweeps,
+        r.per_tensor_weight_sqnr_before,
+        r.per_tensor_weight_sqnr_after
+    );
+    let cases = verify::random_cases(&m, 2, 5, &Default::default()).unwrap();
+    for c in &cases {
+        let a = run(&fused, c);
+        let b = run(&eq, c);
+        let cmp = compare(&a, &b, qfold::verify::Criterion::MinSqnr { db: 0.0 });
+        eprintln!(
+            "max abs {:e}, sqnr {:?}",
+            cmp.outputs[0].max_abs, cmp.outputs[0].sqnr_db
+        );
+        assert_close(
+            &a,
+            &b,
+            qfold::verify::Criterion::Tolerance {
+                atol: 1e-4,
+                rtol: 1e-3,
+            },
+            "equalized",
+        );
+    }
+}
