@@ -262,7 +262,9 @@ impl Accuracy {
     fn target(&self) -> PyResult<Option<TargetJob>> {
         if self.target_sqnr.is_none() && self.target_accuracy.is_none() {
             if self.write_best {
-                return Err(usage("write_best needs target_sqnr or target_accuracy".into()));
+                return Err(usage(
+                    "write_best needs target_sqnr or target_accuracy".into(),
+                ));
             }
             return Ok(None);
         }
