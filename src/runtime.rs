@@ -36,26 +36,9 @@ pub fn tract_proto(model: &Model) -> Result<tract_onnx::pb::ModelProto> {
 /// them element by element (a third of the time `check` spent on a QDQ resnet50), and the
 /// result is the same to the bit.
 fn tract_proto_with(model: &Model, fold_dequantize: bool) -> Result<tract_onnx::pb::ModelProto> {
-    use crate::onnx::proto::{GraphProto, ModelProto};
-    use protobuf::{Message, MessageField};
-    let p = &model.proto;
+    use protobuf::Message;
     let g = model.graph();
-    let mut graph = GraphProto::new();
-    graph.name = g.name.clone();
-    graph.node = g.node.clone();
-    graph.input = g.input.clone();
-    graph.output = g.output.clone();
-    graph.value_info = g.value_info.clone();
-    graph.sparse_initializer = g.sparse_initializer.clone();
-    let mut skeleton = ModelProto::new();
-    skeleton.ir_version = p.ir_version;
-    skeleton.opset_import = p.opset_import.clone();
-    skeleton.producer_name = p.producer_name.clone();
-    skeleton.producer_version = p.producer_version.clone();
-    skeleton.domain = p.domain.clone();
-    skeleton.model_version = p.model_version;
-    skeleton.functions = p.functions.clone();
-    skeleton.graph = MessageField::some(graph);
+    let skeleton = skeleton_only(model).proto;
     let size = skeleton.compute_size();
     if size > crate::onnx::io::PROTOBUF_LIMIT {
         return Err(Error::Encode {
