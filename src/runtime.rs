@@ -36,27 +36,8 @@ pub fn tract_proto(model: &Model) -> Result<tract_onnx::pb::ModelProto> {
 /// them element by element (a third of the time `check` spent on a QDQ resnet50), and the
 /// result is the same to the bit.
 fn tract_proto_with(model: &Model, fold_dequantize: bool) -> Result<tract_onnx::pb::ModelProto> {
-    use protobuf::Message;
     let g = model.graph();
-    let skeleton = skeleton_only(model).proto;
-    let size = skeleton.compute_size();
-    if size > crate::onnx::io::PROTOBUF_LIMIT {
-        return Err(Error::Encode {
-            what: "model".into(),
-            reason: format!(
-                "its nodes alone (Constant tensors, subgraphs) take {size} bytes, over \
-                 protobuf's 2 GiB limit: tract cannot read them; move large Constant node \
-                 tensors into initializers"
-            ),
-        });
-    }
-    let bytes = skeleton.write_to_bytes().map_err(|e| Error::Encode {
-        what: "model".into(),
-        reason: e.to_string(),
-    })?;
-    drop(skeleton);
-    let mut out = <tract_onnx::pb::ModelProto as prost::Message>::decode(bytes.as_slice())
-        .map_err(|e| Error::runtime("handing the model to tract", e))?;
+    let mut out = pb_skeleton(model)?;
     let graph = out.graph.get_or_insert_with(Default::default);
     if !fold_dequantize {
         graph.initializer = g.initializer.iter().map(tensor_to_pb).collect();
@@ -497,7 +478,7 @@ impl Runner {
         extra_outputs: &[String],
     ) -> Result<Runner> {
         let prepared = Prepared::new(model, sample, extra_outputs)?;
-        let mut proto = tract_proto_with(&skeleton_only(model), false)?;
+        let mut proto = pb_skeleton(model)?;
         let graph = proto.graph.get_or_insert_with(Default::default);
         graph.initializer = model
             .graph_mut()
@@ -763,9 +744,34 @@ impl Prepared {
     }
 }
 
-/// A model with everything but its main graph's initializers (which [`Runner::new_lending`]
-/// moves in by itself).
-fn skeleton_only(model: &Model) -> Model {
+/// `model` without its main graph's initializers, as tract's protobuf types: the nodes,
+/// Constant tensors, subgraphs and functions (small in practice) go through one encode /
+/// decode; the initializers are added by the caller, copied or lent.
+fn pb_skeleton(model: &Model) -> Result<tract_onnx::pb::ModelProto> {
+    use protobuf::Message;
+    let skeleton = skeleton_only(model);
+    let size = skeleton.compute_size();
+    if size > crate::onnx::io::PROTOBUF_LIMIT {
+        return Err(Error::Encode {
+            what: "model".into(),
+            reason: format!(
+                "its nodes alone (Constant tensors, subgraphs) take {size} bytes, over \
+                 protobuf's 2 GiB limit: tract cannot read them; move large Constant node \
+                 tensors into initializers"
+            ),
+        });
+    }
+    let bytes = skeleton.write_to_bytes().map_err(|e| Error::Encode {
+        what: "model".into(),
+        reason: e.to_string(),
+    })?;
+    drop(skeleton);
+    <tract_onnx::pb::ModelProto as prost::Message>::decode(bytes.as_slice())
+        .map_err(|e| Error::runtime("handing the model to tract", e))
+}
+
+/// The message of `model` with everything but its main graph's initializers.
+fn skeleton_only(model: &Model) -> crate::onnx::proto::ModelProto {
     use crate::onnx::proto::{GraphProto, ModelProto};
     let p = &model.proto;
     let g = model.graph();
@@ -785,12 +791,7 @@ fn skeleton_only(model: &Model) -> Model {
     proto.model_version = p.model_version;
     proto.functions = p.functions.clone();
     proto.graph = protobuf::MessageField::some(graph);
-    Model {
-        proto,
-        dir: model.dir.clone(),
-        external: Default::default(),
-        files: Vec::new(),
-    }
+    proto
 }
 
 /// [`tensor_to_pb`] moving the data fields out of `t` (given back by [`give_back`]).
