@@ -91,18 +91,32 @@ impl Histogram {
             return;
         }
         const WAYS: usize = 4;
+        let (origin, width, last) = (self.origin, self.width, n - 1);
+        // `bin`, inlined: clamp(floor(q), 0, last), where floor is truncation for q > 0 (a
+        // float-to-int cast, not a libm call) and anything below 1 lands in bin 0.
+        let bin = |v: f32| {
+            let q = (f64::from(v) - origin) / width;
+            if q > 0.0 {
+                (q as usize).min(last)
+            } else {
+                0
+            }
+        };
+        if values.len() < n * WAYS {
+            // Fewer values than tally slots: clearing and summing the tallies would cost more
+            // than they save. Adding 1.0 per value gives the same whole-number counts.
+            for &v in values.iter().filter(|v| v.is_finite()) {
+                self.counts[bin(v)] += 1.0;
+            }
+            return;
+        }
         let mut tally = vec![0u32; n * WAYS];
         let mut pending = 0u32;
-        let (origin, width, last) = (self.origin, self.width, n - 1);
         for (i, &v) in values.iter().enumerate() {
             if !v.is_finite() {
                 continue;
             }
-            // `bin`, inlined: clamp(floor(q), 0, last), where floor is truncation for q > 0
-            // (a float-to-int cast, not a libm call) and anything below 1 lands in bin 0.
-            let q = (f64::from(v) - origin) / width;
-            let k = if q > 0.0 { (q as usize).min(last) } else { 0 };
-            tally[k * WAYS + i % WAYS] += 1;
+            tally[bin(v) * WAYS + i % WAYS] += 1;
             pending += 1;
             if pending == u32::MAX {
                 self.flush(&mut tally, WAYS);
