@@ -290,7 +290,8 @@ pub fn fuse_file(
             };
             let cases = c.inputs.open(&fused)?;
             // the reference read again with its external data left in the files: tract
-            // reads it, and no copy of the weights stays in memory beside the fused ones
+            // reads that data itself, so external weights are not held twice (weights stored
+            // inline in the model file are parsed again, as a clone would have copied them)
             Some((lazy(model)?, cases, criterion))
         }
         None => None,

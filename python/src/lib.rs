@@ -141,6 +141,21 @@ fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<String> {
         .map_err(err)
 }
 
+/// The `--check [--inputs ...] [--tolerance ...]` of fuse and upgrade.
+fn fuse_check(
+    check: Option<Bound<'_, PyAny>>,
+    tolerance: Option<String>,
+) -> PyResult<Option<FuseCheck>> {
+    check
+        .map(|spec| {
+            Ok(FuseCheck {
+                inputs: inputs(&spec)?,
+                tolerance,
+            })
+        })
+        .transpose()
+}
+
 /// `qfold fuse MODEL -o OUT ... --json`: (report, failure message).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -155,13 +170,7 @@ fn fuse(
     in_place: bool,
     external_data_threshold: Option<usize>,
 ) -> PyResult<(String, Option<String>)> {
-    let check = match check {
-        Some(spec) => Some(FuseCheck {
-            inputs: inputs(&spec)?,
-            tolerance,
-        }),
-        None => None,
-    };
+    let check = fuse_check(check, tolerance)?;
     let opts = FuseOptions {
         only,
         qat,
@@ -417,13 +426,7 @@ fn upgrade(
     in_place: bool,
     external_data_threshold: Option<usize>,
 ) -> PyResult<(String, Option<String>)> {
-    let check = match check {
-        Some(spec) => Some(FuseCheck {
-            inputs: inputs(&spec)?,
-            tolerance,
-        }),
-        None => None,
-    };
+    let check = fuse_check(check, tolerance)?;
     py.allow_threads(|| {
         let dest = destination(&path, out, in_place, external_data_threshold)?;
         let o = commands::upgrade_file(&path, &dest, opset, check)?;
