@@ -122,14 +122,18 @@ fn dequantized_constant(g: &Graph, n: &crate::onnx::proto::NodeProto) -> Option<
         }
         None => vec![0; scale.len()],
     };
-    let xs = x.to_i64()?;
+    // the integers read in place, not widened into a copy (8 bytes per int8 weight)
+    let xs: Box<dyn Iterator<Item = i64> + '_> = match &x {
+        TensorData::I8(a) => Box::new(a.iter().map(|&v| i64::from(v))),
+        TensorData::U8(a) => Box::new(a.iter().map(|&v| i64::from(v))),
+        TensorData::I32(a) => Box::new(a.iter().map(|&v| i64::from(v))),
+        _ => return None,
+    };
     let shape = x.shape().to_vec();
     let per_tensor = scale.len() == 1 && scale.ndim() <= 1;
     let scale: Vec<f32> = scale.iter().copied().collect();
     let values: Vec<f32> = if per_tensor {
-        xs.iter()
-            .map(|&v| ((v - zp[0]) as i32) as f32 * scale[0])
-            .collect()
+        xs.map(|v| ((v - zp[0]) as i32) as f32 * scale[0]).collect()
     } else {
         let axis = n
             .attribute
@@ -144,9 +148,8 @@ fn dequantized_constant(g: &Graph, n: &crate::onnx::proto::NodeProto) -> Option<
         }
         let inner: usize = shape[axis + 1..].iter().product();
         let channels = scale.len();
-        xs.iter()
-            .enumerate()
-            .map(|(k, &v)| {
+        xs.enumerate()
+            .map(|(k, v)| {
                 let c = (k / inner.max(1)) % channels;
                 (v as f32 - zp[c] as f32) * scale[c]
             })
@@ -969,5 +972,58 @@ mod lending_tests {
         let e = Runner::new_lending(&mut model, &sample, &[]).err().unwrap();
         assert!(e.to_string().contains("NoSuchOp"), "{e}");
         assert_eq!(model.to_bytes().unwrap(), broken);
+    }
+}
+
+#[cfg(test)]
+mod dequantize_fold_tests {
+    use super::*;
+    use crate::graph::testing::*;
+
+    /// A DequantizeLinear of constants, folded before tract, gives exactly
+    /// `((x - zp) as f32) * scale`, per axis and per tensor: what tract computes itself.
+    #[test]
+    fn folded_dequantize_is_exact() {
+        let x: Vec<i8> = (0..24).map(|k| (k * 11 % 255 - 127) as i8).collect();
+        let scales = [0.013f32, 0.27, 1.9];
+        for per_axis in [true, false] {
+            let (scale, zp, attrs) = if per_axis {
+                (
+                    f32v(&scales),
+                    i8t(&[3], vec![0, 3, -5]),
+                    vec![int("axis", 0)],
+                )
+            } else {
+                (f32t(&[], vec![scales[1]]), i8t(&[], vec![3]), vec![])
+            };
+            let m = model(
+                vec![
+                    node("DequantizeLinear", "dq", &["q", "s", "z"], &["w"], attrs),
+                    node("Add", "add", &["inp", "w"], &["y"], vec![]),
+                ],
+                vec![("q", i8t(&[3, 8], x.clone())), ("s", scale), ("z", zp)],
+                value_info("inp", crate::onnx::ElemType::F32, &[3, 8]),
+                "y",
+            );
+            let sample = vec![("inp".to_string(), f32t(&[3, 8], vec![0.0; 24]))];
+            let out = run_once(&m, &sample).unwrap();
+            let TensorData::F32(y) = &out[0].1 else {
+                panic!("float output")
+            };
+            for (k, &v) in y.iter().enumerate() {
+                let c = k / 8;
+                let (s, z) = if per_axis {
+                    (scales[c], [0i32, 3, -5][c])
+                } else {
+                    (scales[1], 3)
+                };
+                let expected = (i32::from(x[k]) - z) as f32 * s;
+                assert_eq!(
+                    v.to_bits(),
+                    expected.to_bits(),
+                    "element {k}, per axis {per_axis}"
+                );
+            }
+        }
     }
 }
