@@ -12,7 +12,7 @@ pub mod testing;
 pub mod types;
 pub mod upgrade;
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
@@ -25,6 +25,8 @@ pub type Map<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 /// See [`Map`].
 pub type Set<K> = std::collections::HashSet<K, ahash::RandomState>;
 pub use patch::Patch;
+
+use smallvec::SmallVec;
 
 use crate::error::{Error, Result};
 use crate::onnx::attr;
@@ -48,24 +50,49 @@ pub enum ConstSource {
 #[derive(Debug)]
 pub struct Graph<'a> {
     proto: &'a GraphProto,
-    producer: Map<&'a str, usize>,
-    consumers: Map<&'a str, Vec<usize>>,
-    by_name: Map<&'a str, usize>,
-    /// Declared types of graph inputs, value_info entries and graph outputs.
-    declared: Map<&'a str, &'a TypeProto>,
+    /// Everything known of each name, in one map: a name is hashed once per occurrence when
+    /// indexing, and the producer, readers and constant of one value share a cache line.
+    values: Map<&'a str, Value>,
+    /// The first value two nodes produce: (value, first producer, second producer).
+    duplicate: Option<(&'a str, usize, usize)>,
+    /// The stored order is topological (see [`Graph::in_stored_order`]).
+    in_order: bool,
+    /// The Constant nodes (default domain), in stored order.
+    constant_nodes: Vec<usize>,
+    /// Built on first use (explicit node lists, patterns): most runs never look a node up by
+    /// name.
+    by_name: OnceCell<Map<&'a str, usize>>,
+    /// Declared types of graph inputs, value_info entries and graph outputs (built on first
+    /// use).
+    declared: OnceCell<Map<&'a str, Option<&'a TypeProto>>>,
     /// While the engine runs a rule: every node the rule looked at (its footprint).
     reads: RefCell<Option<Vec<usize>>>,
-    initializers: Map<&'a str, usize>,
-    inputs: Set<&'a str>,
-    outputs: Set<&'a str>,
     /// Initializers that are also graph inputs are defaults a caller may override (IR >= 4),
     /// so they are not constants.
     overridable_initializers: bool,
 }
 
+/// One name's entry in the index.
+#[derive(Debug, Default)]
+struct Value {
+    /// The (first) node that produces it.
+    producer: Option<usize>,
+    /// That node is a Constant (default domain).
+    constant_node: bool,
+    /// The initializer of that name (the last, if names repeat).
+    initializer: Option<usize>,
+    input: bool,
+    output: bool,
+    /// The nodes that read it, each once, in stored order.
+    readers: Readers,
+}
+
+/// The readers of one value: most values have one or two, kept inline (no allocation each).
+type Readers = SmallVec<[usize; 2]>;
+
 /// Every name a node reads: its inputs and the outer-scope values its subgraphs capture.
-pub fn node_uses(node: &NodeProto) -> Vec<&str> {
-    let mut uses: Vec<&str> = node
+pub fn node_uses(node: &NodeProto) -> SmallVec<[&str; 6]> {
+    let mut uses: SmallVec<[&str; 6]> = node
         .input
         .iter()
         .filter(|s| !s.is_empty())
@@ -219,52 +246,58 @@ pub(crate) fn topo_order(
 impl<'a> Graph<'a> {
     /// Indexes a graph. Initializers that are also graph inputs are not treated as constants.
     pub fn new(proto: &'a GraphProto) -> Graph<'a> {
-        let mut producer = Map::default();
-        let mut consumers: Map<&str, Vec<usize>> = Map::default();
-        let mut by_name = Map::default();
-        producer.reserve(proto.node.len());
-        consumers.reserve(proto.node.len());
-        by_name.reserve(proto.node.len());
+        let mut values: Map<&str, Value> = Map::default();
+        values.reserve(proto.node.len() + proto.initializer.len() + proto.input.len());
+        let mut duplicate = None;
+        let mut constant_nodes = Vec::new();
+        let mut in_order = proto.sparse_initializer.is_empty();
+        for v in &proto.input {
+            values.entry(v.name.as_str()).or_default().input = true;
+        }
+        for (i, t) in proto.initializer.iter().enumerate() {
+            values.entry(t.name.as_str()).or_default().initializer = Some(i);
+        }
         for (i, n) in proto.node.iter().enumerate() {
-            if !n.name.is_empty() {
-                by_name.entry(n.name.as_str()).or_insert(i);
+            let constant = n.op_type == "Constant" && n.domain.is_empty();
+            if constant {
+                constant_nodes.push(i);
             }
             for o in n.output.iter().filter(|o| !o.is_empty()) {
-                producer.entry(o.as_str()).or_insert(i);
+                let v = values.entry(o.as_str()).or_default();
+                in_order &= !v.input && v.initializer.is_none();
+                match v.producer {
+                    None => {
+                        v.producer = Some(i);
+                        v.constant_node = constant;
+                    }
+                    Some(first) => {
+                        duplicate.get_or_insert((o.as_str(), first, i));
+                    }
+                }
             }
             for name in node_uses(n) {
-                let readers = consumers.entry(name).or_default();
-                if readers.last() != Some(&i) {
-                    readers.push(i);
+                let v = values.entry(name).or_default();
+                // Read before anything produced it (inputs and initializers are entered
+                // first): the stored order is not topological.
+                in_order &= v.producer.is_some_and(|p| p < i)
+                    || (v.producer.is_none() && (v.input || v.initializer.is_some()));
+                if v.readers.last() != Some(&i) {
+                    v.readers.push(i);
                 }
             }
         }
+        for v in &proto.output {
+            values.entry(v.name.as_str()).or_default().output = true;
+        }
         Graph {
             proto,
-            producer,
-            consumers,
-            by_name,
-            declared: proto
-                .input
-                .iter()
-                .chain(&proto.value_info)
-                .chain(&proto.output)
-                .fold(Map::default(), |mut m, v| {
-                    m.entry(v.name.as_str()).or_insert(v.type_.as_ref());
-                    m
-                })
-                .into_iter()
-                .filter_map(|(k, t)| Some((k, t?)))
-                .collect(),
+            in_order: in_order && duplicate.is_none(),
+            values,
+            duplicate,
+            constant_nodes,
+            by_name: OnceCell::new(),
+            declared: OnceCell::new(),
             reads: RefCell::new(None),
-            initializers: proto
-                .initializer
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (t.name.as_str(), i))
-                .collect(),
-            inputs: proto.input.iter().map(|v| v.name.as_str()).collect(),
-            outputs: proto.output.iter().map(|v| v.name.as_str()).collect(),
             overridable_initializers: true,
         }
     }
@@ -290,10 +323,15 @@ impl<'a> Graph<'a> {
     /// Node `i` (an index this graph handed out: from `producer`, `consumers`, `node_by_name`
     /// or `0..len()`). While the engine runs a rule, the access is recorded in its footprint.
     pub fn node(&self, i: usize) -> &'a NodeProto {
+        self.note_read(i);
+        &self.proto.node[i]
+    }
+
+    /// Records node `i` in the running rule's footprint, if one is being recorded.
+    fn note_read(&self, i: usize) {
         if let Some(log) = self.reads.borrow_mut().as_mut() {
             log.push(i);
         }
-        &self.proto.node[i]
     }
 
     /// Number of nodes.
@@ -314,7 +352,18 @@ impl<'a> Graph<'a> {
 
     /// The node named `name` (the first, if names repeat).
     pub fn node_by_name(&self, name: &str) -> Option<usize> {
-        self.by_name.get(name).copied()
+        self.by_name
+            .get_or_init(|| {
+                let mut m = Map::default();
+                for (i, n) in self.proto.node.iter().enumerate() {
+                    if !n.name.is_empty() {
+                        m.entry(n.name.as_str()).or_insert(i);
+                    }
+                }
+                m
+            })
+            .get(name)
+            .copied()
     }
 
     /// Starts recording the nodes rules look at.
@@ -329,34 +378,52 @@ impl<'a> Graph<'a> {
 
     /// The node that produces `value`.
     pub fn producer(&self, value: &str) -> Option<usize> {
-        self.producer.get(value).copied()
+        self.values.get(value)?.producer
     }
 
     /// The nodes that read `value` (each once, in stored order), subgraph captures included.
     pub fn consumers(&self, value: &str) -> &[usize] {
-        self.consumers.get(value).map(Vec::as_slice).unwrap_or(&[])
+        self.values
+            .get(value)
+            .map(|v| v.readers.as_slice())
+            .unwrap_or(&[])
     }
 
     /// True when `value` is a graph output.
     pub fn is_output(&self, value: &str) -> bool {
-        self.outputs.contains(value)
+        self.values.get(value).is_some_and(|v| v.output)
     }
 
     /// True when `value` is a graph input.
     pub fn is_input(&self, value: &str) -> bool {
-        self.inputs.contains(value)
+        self.values.get(value).is_some_and(|v| v.input)
     }
 
     /// The type declared for `value` (graph input, value_info or graph output), if any.
     pub fn declared_type(&self, value: &str) -> Option<&'a TypeProto> {
-        self.declared.get(value).copied()
+        self.declared
+            .get_or_init(|| {
+                let mut m = Map::default();
+                for v in self
+                    .proto
+                    .input
+                    .iter()
+                    .chain(&self.proto.value_info)
+                    .chain(&self.proto.output)
+                {
+                    m.entry(v.name.as_str()).or_insert(v.type_.as_ref());
+                }
+                m
+            })
+            .get(value)
+            .copied()
+            .flatten()
     }
 
     /// The initializer named `name`.
     pub fn initializer(&self, name: &str) -> Option<&'a TensorProto> {
-        self.initializers
-            .get(name)
-            .map(|&i| &self.proto.initializer[i])
+        let i = self.values.get(name)?.initializer?;
+        self.proto.initializer.get(i)
     }
 
     /// Graph inputs that are not initializers: what a caller feeds.
@@ -364,21 +431,24 @@ impl<'a> Graph<'a> {
         self.proto
             .input
             .iter()
-            .filter(|v| !self.initializers.contains_key(v.name.as_str()))
+            .filter(|v| self.initializer(&v.name).is_none())
             .collect()
     }
 
     /// Where the constant value `name` comes from, if it is a constant.
     pub fn const_source(&self, name: &str) -> Option<ConstSource> {
-        if let Some(&i) = self.initializers.get(name) {
-            if self.overridable_initializers && self.inputs.contains(name) {
+        let v = self.values.get(name)?;
+        if let Some(i) = v.initializer {
+            if self.overridable_initializers && v.input {
                 return None;
             }
             return Some(ConstSource::Initializer(i));
         }
-        let p = self.producer(name)?;
-        let n = self.node(p);
-        (n.op_type == "Constant" && n.domain.is_empty()).then_some(ConstSource::ConstantNode(p))
+        let p = v.producer?;
+        // The producer counts as looked at (a footprint), though its kind is read from the
+        // index.
+        self.note_read(p);
+        v.constant_node.then_some(ConstSource::ConstantNode(p))
     }
 
     /// The value of constant `name` (initializer or Constant node), `None` if it is not constant.
@@ -404,15 +474,26 @@ impl<'a> Graph<'a> {
 
     /// Node indices in a topological order (stable: stored order where it is already valid).
     pub fn topo_order(&self) -> Result<Vec<usize>> {
+        if self.in_stored_order() {
+            return Ok((0..self.len()).collect());
+        }
         let nodes: Vec<&NodeProto> = self.proto.node.iter().collect();
         topo_order(&nodes, &self.defined_outside_nodes(&Set::default()))
             .map_err(|e| Error::graph(self.name(), e))
     }
 
+    /// True when the stored order is a valid topological order, as found while indexing (each
+    /// read is checked against the producers seen so far). Anything unusual (a value produced twice, or also an input or
+    /// initializer, sparse initializers, a dangling read) answers false, so that
+    /// [`Graph::topo_order`] takes the full path, which sorts or names the problem.
+    pub(crate) fn in_stored_order(&self) -> bool {
+        self.in_order
+    }
+
     fn defined_outside_nodes<'s>(&'s self, outer: &Set<&'s str>) -> Set<&'s str> {
         let mut avail: Set<&str> = outer.clone();
-        avail.extend(self.inputs.iter().copied());
-        avail.extend(self.initializers.keys().copied());
+        avail.extend(self.proto.input.iter().map(|v| v.name.as_str()));
+        avail.extend(self.proto.initializer.iter().map(|t| t.name.as_str()));
         avail.extend(
             self.proto
                 .sparse_initializer
