@@ -26,7 +26,9 @@
 
 use std::borrow::Cow;
 
-use super::{spec, Graph, Names, Patch, Set};
+use smallvec::SmallVec;
+
+use super::{spec, Graph, Map, Names, Patch};
 use crate::error::{Error, Result};
 use crate::onnx::proto::NodeProto;
 use crate::onnx::Model;
@@ -108,7 +110,7 @@ pub fn label(n: &NodeProto) -> String {
 }
 
 /// [`label`] without a copy for named nodes.
-fn label_of(n: &NodeProto) -> Cow<'_, str> {
+pub(crate) fn label_of(n: &NodeProto) -> Cow<'_, str> {
     if !n.name.is_empty() {
         Cow::Borrowed(&n.name)
     } else {
@@ -139,6 +141,17 @@ pub fn malformed_nodes(model: &Model) -> Vec<Malformed> {
 /// Runs `rules` on `model` to a fixed point. With `commit = false` nothing is changed: one sweep
 /// reports what every rule would rewrite on the graph as it is (dry runs, QAT fusion).
 pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunReport<R>> {
+    run_then(model, rules, commit, |_| {})
+}
+
+/// [`run`], then `at_end` on the index of the final graph (the one the last sweep found
+/// nothing to rewrite in), so a pass that reads the result needs no index of its own.
+pub fn run_then<R>(
+    model: &mut Model,
+    rules: &[Rule<R>],
+    commit: bool,
+    at_end: impl FnOnce(&Graph),
+) -> Result<RunReport<R>> {
     let mut report = RunReport {
         applied: Vec::new(),
         declined: Vec::new(),
@@ -146,11 +159,15 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
         sweeps: 0,
     };
     let mut names = Names::new(model.graph());
-    // Anchors a rule declined, by label: not tried again.
-    let mut settled: Set<String> = Set::default();
-    // Per rule, the anchors it rewrote: a rule rewrites an anchor once, so a rule whose result
-    // matches its own pattern cannot loop.
-    let mut rewritten: Vec<Set<String>> = vec![Set::default(); rules.len()];
+    // What lets a sweep's patch be checked against the sweep's own index (see
+    // `Patch::precheck`): the stored order is topological (known after the first sweep that
+    // checks it, and kept by every applied patch) and node names are unique (kept likewise).
+    let unique_names = Names::node_names_unique(model.graph());
+    let mut in_order: Option<bool> = None;
+    // Per anchor label: whether a rule declined it (it is not tried again) and which rules
+    // rewrote it (a rule rewrites an anchor once, so a rule whose result matches its own pattern
+    // cannot loop). One lookup per node and sweep.
+    let mut anchors: Map<String, AnchorState> = Map::default();
     loop {
         report.sweeps += 1;
         let g = Graph::of_model(model);
@@ -162,11 +179,12 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
                 continue;
             }
             let anchor = label_of(&g.nodes()[i]);
-            if settled.contains(anchor.as_ref()) {
+            let state = anchors.get(anchor.as_ref());
+            if state.is_some_and(|s| s.settled) {
                 continue;
             }
             for (r, rule) in rules.iter().enumerate() {
-                if rewritten[r].contains(anchor.as_ref()) {
+                if state.is_some_and(|s| s.rewrote(r)) {
                     continue;
                 }
                 let mark = names.mark();
@@ -186,7 +204,7 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
                 match outcome {
                     Outcome::Decline(nodes, reason) => {
                         names.rollback(mark);
-                        settled.insert(anchor.to_string());
+                        anchors.entry(anchor.to_string()).or_default().settled = true;
                         report.declined.push(Declined {
                             rule: rule.name.clone(),
                             nodes,
@@ -199,7 +217,7 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
                             record,
                         });
                         if commit {
-                            rewritten[r].insert(anchor.to_string());
+                            anchors.entry(anchor.to_string()).or_default().mark(r);
                             footprint.extend(patch.touched_nodes());
                             for j in footprint {
                                 if let Some(c) = claimed.get_mut(j) {
@@ -212,16 +230,16 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
                                 break 'nodes;
                             }
                         } else {
-                            settled.insert(anchor.to_string());
+                            anchors.entry(anchor.to_string()).or_default().settled = true;
                         }
                     }
                 }
                 break;
             }
         }
-        drop(g);
         // A rule set aside always follows a claim, so an empty sweep is the fixed point.
         if !commit || patches.is_empty() {
+            at_end(&g);
             return Ok(report);
         }
         if report.sweeps > MAX_SWEEPS {
@@ -238,7 +256,39 @@ pub fn run<R>(model: &mut Model, rules: &[Rule<R>], commit: bool) -> Result<RunR
         for p in patches {
             merged.merge(p);
         }
-        merged.apply(model.graph_mut())?;
+        let ordered = *in_order.get_or_insert_with(|| g.in_stored_order());
+        let checked = merged.precheck(&g, ordered, unique_names);
+        drop(g);
+        match checked {
+            Some(pc) => merged.apply_prechecked(model.graph_mut(), pc)?,
+            None => merged.apply(model.graph_mut())?,
+        }
+        // Either way the graph is now in topological stored order.
+        in_order = Some(true);
+    }
+}
+
+/// What the engine remembers of one anchor across sweeps.
+#[derive(Debug, Default)]
+struct AnchorState {
+    /// A rule declined it (or, in a dry run, rewrote it): no rule is tried there again.
+    settled: bool,
+    /// Bit `r`: rule `r` rewrote it.
+    rewritten: SmallVec<[u64; 1]>,
+}
+
+impl AnchorState {
+    fn rewrote(&self, rule: usize) -> bool {
+        self.rewritten
+            .get(rule / 64)
+            .is_some_and(|w| w & (1 << (rule % 64)) != 0)
+    }
+
+    fn mark(&mut self, rule: usize) {
+        if self.rewritten.len() <= rule / 64 {
+            self.rewritten.resize(rule / 64 + 1, 0);
+        }
+        self.rewritten[rule / 64] |= 1 << (rule % 64);
     }
 }
 
