@@ -20,8 +20,8 @@ use rules::{label, single_use};
 use crate::error::{Error, Result};
 use crate::graph::constants::ConstantReport;
 use crate::graph::engine::{self, Outcome, Rule};
-use crate::graph::{spec, Graph, Names, Patch};
-use crate::onnx::proto::{NodeProto, StringStringEntryProto};
+use crate::graph::{spec, Graph, Map, Names, Patch};
+use crate::onnx::proto::StringStringEntryProto;
 use crate::onnx::Model;
 
 /// Metadata key that records a node's fusion group.
@@ -182,7 +182,9 @@ fn fuse_auto(
         all.push(custom_rule(f)?);
     }
     all.extend(fold_rules());
-    let run = engine::run(model, &all, !opts.qat)?;
+    // The Relu groups are read from the engine's index of the final graph.
+    let mut relus = Vec::new();
+    let run = engine::run_then(model, &all, !opts.qat, |g| relus = rules::relu::find(g))?;
     for m in run.malformed {
         report.skipped.push(Skipped {
             nodes: vec![m.node],
@@ -205,12 +207,13 @@ fn fuse_auto(
         });
     }
     report.sweeps = run.sweeps;
+    rules::relu::merge(relus, report);
     Ok(())
 }
 
 /// Writes each group's name on its surviving nodes (the first group a node belongs to).
 fn mark_groups(model: &mut Model, groups: &[FusedGroup]) -> Result<()> {
-    let mut group_of: HashMap<&str, usize> = HashMap::new();
+    let mut group_of: Map<&str, usize> = Map::default();
     for (k, gr) in groups
         .iter()
         .enumerate()
@@ -223,23 +226,18 @@ fn mark_groups(model: &mut Model, groups: &[FusedGroup]) -> Result<()> {
     if group_of.is_empty() {
         return Ok(());
     }
-    let mut patch = Patch::new("record fusion groups");
-    for (i, node) in model.graph().node.iter().enumerate() {
-        let Some(&k) = group_of.get(label(node).as_str()) else {
+    // Metadata only: names, inputs, outputs and order stay, so the nodes are edited in place.
+    for node in model.graph_mut().node.iter_mut() {
+        let Some(&k) = group_of.get(engine::label_of(node).as_ref()) else {
             continue;
         };
-        let mut n: NodeProto = node.clone();
-        n.metadata_props.retain(|kv| kv.key != GROUP_KEY);
+        node.metadata_props.retain(|kv| kv.key != GROUP_KEY);
         let mut kv = StringStringEntryProto::new();
         kv.key = GROUP_KEY.into();
         kv.value = groups[k].nodes.join("+");
-        n.metadata_props.push(kv);
-        patch.replace_node(i, n);
+        node.metadata_props.push(kv);
     }
-    if patch.is_empty() {
-        return Ok(());
-    }
-    patch.apply(model.graph_mut())
+    Ok(())
 }
 
 /// Resolves and checks one explicit chain against `g`; returns its group and, for folding
@@ -446,7 +444,6 @@ pub fn fuse(model: &mut Model, opts: &FuseOptions) -> Result<FuseReport> {
     report.constants.inputs_as_constants = as_constants;
     if opts.only.is_empty() {
         fuse_auto(model, opts, simplify, &mut report)?;
-        rules::relu::relu_groups(&Graph::of_model(model), &mut report);
     } else {
         if simplify {
             remove_identities(model, &mut report)?;

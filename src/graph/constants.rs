@@ -92,6 +92,9 @@ pub fn inputs_as_constants(model: &mut Model) -> Vec<String> {
 /// shared); the old one goes when nothing else reads it.
 pub fn canonicalize_conv_bias(model: &mut Model) -> Result<Vec<String>> {
     let mut done = Vec::new();
+    if !has_padded_conv_bias(model.graph()) {
+        return Ok(done);
+    }
     let patch = {
         let g = Graph::of_model(model);
         let mut names = Names::new(g.proto());
@@ -141,18 +144,49 @@ pub fn canonicalize_conv_bias(model: &mut Model) -> Result<Vec<String>> {
     Ok(done)
 }
 
-fn foldable(g: &Graph, n: &NodeProto, constant: &Set<String>) -> bool {
+/// True when `n` can be evaluated now: every input is a constant of the graph or an output of a
+/// node already chosen for folding (`folded_values`).
+/// True when some Conv / ConvTranspose bias may be a constant of shape `[C, 1]`-like: a
+/// pre-check over the tensors' dims alone, so graphs without such a bias (nearly all) are not
+/// indexed for nothing.
+fn has_padded_conv_bias(g: &GraphProto) -> bool {
+    let padded = |dims: &[i64]| dims.len() >= 2 && dims.iter().filter(|&&d| d != 1).count() <= 1;
+    let mut candidates: Set<&str> = g
+        .initializer
+        .iter()
+        .filter(|t| padded(&t.dims))
+        .map(|t| t.name.as_str())
+        .collect();
+    for n in &g.node {
+        if n.op_type == "Constant"
+            && n.attribute
+                .iter()
+                .any(|a| a.t.as_ref().is_some_and(|t| padded(&t.dims)))
+        {
+            candidates.extend(n.output.iter().map(String::as_str));
+        }
+    }
+    !candidates.is_empty()
+        && g.node.iter().any(|n| {
+            (n.op_type == "Conv" || n.op_type == "ConvTranspose")
+                && n.input
+                    .get(2)
+                    .is_some_and(|b| candidates.contains(b.as_str()))
+        })
+}
+
+fn foldable(g: &Graph, n: &NodeProto, folded_values: &Set<&str>) -> bool {
     (n.domain.is_empty() || n.domain == "ai.onnx")
         && !NEVER.contains(&n.op_type.as_str())
+        && n.input.iter().any(|x| !x.is_empty())
+        && n.input.iter().all(|x| {
+            x.is_empty() || folded_values.contains(x.as_str()) || g.const_source(x).is_some()
+        })
         && spec::check(n).is_ok()
         && !n
             .attribute
             .iter()
             .any(|a| a.g.is_some() || !a.graphs.is_empty())
-        && n.input.iter().any(|x| !x.is_empty())
-        && n.input
-            .iter()
-            .all(|x| x.is_empty() || constant.contains(x.as_str()))
         && !n.output.iter().any(|o| g.is_output(o))
 }
 
@@ -162,23 +196,20 @@ pub fn fold_constants(model: &mut Model) -> Result<ConstantReport> {
     let (patch, outputs) = {
         let g = Graph::of_model(model);
         let order = g.topo_order()?;
-        let mut constant: Set<String> = Set::default();
-        for t in &g.proto().initializer {
-            if g.const_source(&t.name).is_some() {
-                constant.insert(t.name.clone());
-            }
-        }
-        for n in g.nodes() {
-            if n.op_type == "Constant" && n.domain.is_empty() {
-                constant.extend(n.output.iter().cloned());
-            }
-        }
+        // Outputs of the nodes chosen so far; the graph's own constants (initializers,
+        // Constant nodes) are looked up in the index.
+        let mut folded_values: Set<&str> = Set::default();
         let mut folded: Vec<usize> = Vec::new();
         for &i in &order {
             let n = g.node(i);
-            if foldable(&g, n, &constant) {
+            if foldable(&g, n, &folded_values) {
                 folded.push(i);
-                constant.extend(n.output.iter().filter(|o| !o.is_empty()).cloned());
+                folded_values.extend(
+                    n.output
+                        .iter()
+                        .filter(|o| !o.is_empty())
+                        .map(String::as_str),
+                );
             }
         }
         // tract evaluates the whole constant subgraph at once; a node it refuses (a value over

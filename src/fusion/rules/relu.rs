@@ -11,23 +11,34 @@
 //! MatMul -> Add, the Add's other operand is constant. Nothing is folded: the group is recorded
 //! so quantization treats it as one unit (the Relu goes into the output range).
 
-use std::collections::HashMap;
-
 use super::{is_op, label, single_use};
 use crate::fusion::patterns::GroupKind;
 use crate::fusion::{FuseReport, FusedGroup, Skipped};
-use crate::graph::Graph;
+use crate::graph::{Graph, Map};
+
+/// A Relu group found on the final graph, before it is merged with the fold groups.
+#[derive(Debug)]
+pub struct ReluFinding {
+    /// The producer chain and the Relu, by label.
+    nodes: Vec<String>,
+    kind: GroupKind,
+    /// The value between producer and Relu.
+    input: String,
+    /// The Relu's output.
+    output: String,
+    /// Why the group cannot be formed, if it cannot.
+    skip: Option<String>,
+}
 
 /// Adds the Relu groups of `g` to `report`. A Relu reading the output of a fold group already
 /// in the report extends that group.
 pub fn relu_groups(g: &Graph, report: &mut FuseReport) {
-    let mut by_output: HashMap<String, usize> = report
-        .groups
-        .iter()
-        .enumerate()
-        .filter(|(_, gr)| matches!(gr.kind, GroupKind::ConvBn | GroupKind::LinearBn))
-        .map(|(k, gr)| (gr.output.clone(), k))
-        .collect();
+    merge(find(g), report);
+}
+
+/// The Relu groups of `g`, in node order.
+pub fn find(g: &Graph) -> Vec<ReluFinding> {
+    let mut found = Vec::new();
     for r in 0..g.len() {
         let relu = g.node(r);
         if !is_op(relu, "Relu") {
@@ -61,27 +72,51 @@ pub fn relu_groups(g: &Graph, report: &mut FuseReport) {
             continue;
         };
         chain.push(label(relu));
-        if let Some(reason) = single_use(g, x) {
+        found.push(ReluFinding {
+            nodes: chain,
+            kind,
+            input: x.clone(),
+            output: relu.output[0].clone(),
+            skip: single_use(g, x),
+        });
+    }
+    found
+}
+
+/// Adds `found` to `report`: a Relu reading the output of a fold group already in the report
+/// extends that group; the others become groups of their own (or skipped candidates).
+pub fn merge(found: Vec<ReluFinding>, report: &mut FuseReport) {
+    let mut by_output: Map<String, usize> = report
+        .groups
+        .iter()
+        .enumerate()
+        .filter(|(_, gr)| matches!(gr.kind, GroupKind::ConvBn | GroupKind::LinearBn))
+        .map(|(k, gr)| (gr.output.clone(), k))
+        .collect();
+    for f in found {
+        if let Some(reason) = f.skip {
             report.skipped.push(Skipped {
-                nodes: chain,
+                nodes: f.nodes,
                 reason,
             });
             continue;
         }
-        match by_output.remove(x.as_str()) {
+        match by_output.remove(f.input.as_str()) {
             Some(k) => {
                 let gr = &mut report.groups[k];
                 if gr.kind == GroupKind::ConvBn {
                     gr.kind = GroupKind::ConvBnRelu;
                 }
-                gr.nodes.push(label(relu));
+                if let Some(relu) = f.nodes.last() {
+                    gr.nodes.push(relu.clone());
+                }
             }
             None => report.groups.push(FusedGroup {
-                kind,
-                nodes: chain,
+                kind: f.kind,
+                nodes: f.nodes,
                 folded: false,
                 fuser: None,
-                output: relu.output[0].clone(),
+                output: f.output,
             }),
         }
     }
