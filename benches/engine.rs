@@ -1,7 +1,8 @@
 //! Rewrite-engine benchmark (not a test): generates Conv -> BatchNormalization -> Relu chains and
 //! QDQ Conv chains of about 1k, 10k, 50k and 100k nodes in memory and times, in process,
 //! `fusion::fuse`, quantization's plan + materialize (ranges given, no calibration run) and
-//! `qoperator::convert`. Medians of `QFOLD_BENCH_RUNS` runs (default 5).
+//! `qoperator::convert`. Medians of `QFOLD_BENCH_RUNS` runs (default 5); each run works on a
+//! fresh copy of the input model, made (and dropped) outside the timed part.
 //!
 //! ```text
 //! cargo bench --bench engine                  # all sizes
@@ -201,13 +202,23 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> Duration {
+/// Median time of `f` on a fresh `setup()` value: the setup (cloning the input model) and the
+/// drop of what `f` leaves are not timed.
+fn time<I, T>(
+    runs: usize,
+    mut setup: impl FnMut() -> I,
+    mut f: impl FnMut(&mut I) -> T,
+) -> Duration {
     median(
         (0..runs)
             .map(|_| {
+                let mut input = setup();
                 let t = Instant::now();
-                std::hint::black_box(f());
-                t.elapsed()
+                let out = std::hint::black_box(f(&mut input));
+                let elapsed = t.elapsed();
+                drop(out);
+                drop(input);
+                elapsed
             })
             .collect(),
     )
@@ -227,29 +238,34 @@ fn main() {
     println!("|---|---|---|---|---|");
     for &n in &sizes {
         let chain = conv_bn_relu_chain(n.div_ceil(3));
-        let fuse = time(runs, || {
-            let mut m = chain.clone();
-            qfold::fusion::fuse(&mut m, &Default::default()).unwrap()
-        });
+        let fuse = time(
+            runs,
+            || chain.clone(),
+            |m| qfold::fusion::fuse(m, &Default::default()).unwrap(),
+        );
         let mut fused = chain.clone();
         qfold::fusion::fuse(&mut fused, &Default::default()).unwrap();
         let plan_opts = opts.plan_options();
-        let quantize = time(runs, || {
-            let plan = qfold::quant::plan::plan(&fused, &plan_opts).unwrap();
-            let ranges: BTreeMap<String, (f32, f32)> = plan
-                .calibrated_values()
-                .into_iter()
-                .map(|v| (v, (0.0, 4.0)))
-                .collect();
-            let mut q = fused.clone();
-            qfold::quant::qdq::materialize(&mut q, &plan, &ranges, &opts.qdq_options()).unwrap()
-        });
+        let quantize = time(
+            runs,
+            || fused.clone(),
+            |q| {
+                let plan = qfold::quant::plan::plan(q, &plan_opts).unwrap();
+                let ranges: BTreeMap<String, (f32, f32)> = plan
+                    .calibrated_values()
+                    .into_iter()
+                    .map(|v| (v, (0.0, 4.0)))
+                    .collect();
+                qfold::quant::qdq::materialize(q, &plan, &ranges, &opts.qdq_options()).unwrap()
+            },
+        );
         let qdq = qdq_chain(n.div_ceil(5));
         let qdq_nodes = qdq.graph().node.len();
-        let convert = time(runs, || {
-            let mut m = qdq.clone();
-            qfold::quant::qoperator::convert(&mut m).unwrap()
-        });
+        let convert = time(
+            runs,
+            || qdq.clone(),
+            |m| qfold::quant::qoperator::convert(m).unwrap(),
+        );
         println!(
             "| {} | {:.3} s | {:.3} s | {qdq_nodes} | {:.3} s |",
             chain.graph().node.len(),
