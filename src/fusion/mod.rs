@@ -167,15 +167,16 @@ fn custom_rule(fuser: &FuserRef) -> Result<Rule<'_, FusedGroup>> {
     ))
 }
 
-/// Automatic mode: custom fusers first, then every fold rule, through the engine.
+/// Automatic mode: with `simplify`, constant folding and canonical bias shapes first, then
+/// custom fusers, Identity removal and every fold rule, through the engine.
 fn fuse_auto(
     model: &mut Model,
     opts: &FuseOptions,
-    remove_identities: bool,
+    simplify: bool,
     report: &mut FuseReport,
 ) -> Result<()> {
     let mut all = Vec::new();
-    if remove_identities {
+    if simplify {
         all.push(identity_rule());
     }
     for f in &opts.fusers {
@@ -184,7 +185,26 @@ fn fuse_auto(
     all.extend(fold_rules());
     // The Relu groups are read from the engine's index of the final graph.
     let mut relus = Vec::new();
-    let run = engine::run_then(model, &all, !opts.qat, |g| relus = rules::relu::find(g))?;
+    let mut constants = ConstantReport::default();
+    let mut reshaped = Vec::new();
+    let mut passes: Vec<engine::Pass> = Vec::new();
+    if simplify {
+        passes.push(Box::new(|m: &Model, g: &Graph| {
+            let (r, patch) = crate::graph::constants::plan_fold_constants(m, g)?;
+            constants = r;
+            Ok(patch)
+        }));
+        passes.push(Box::new(|_: &Model, g: &Graph| {
+            let (done, patch) = crate::graph::constants::plan_canonical_conv_bias(g)?;
+            reshaped = done;
+            Ok(patch)
+        }));
+    }
+    let run = engine::run_with(model, passes, &all, !opts.qat, |g| {
+        relus = rules::relu::find(g)
+    })?;
+    report.constants = constants;
+    report.constants.conv_bias_reshaped = reshaped;
     for m in run.malformed {
         report.skipped.push(Skipped {
             nodes: vec![m.node],
@@ -436,20 +456,20 @@ pub fn fuse(model: &mut Model, opts: &FuseOptions) -> Result<FuseReport> {
     } else {
         vec![]
     };
-    if simplify {
-        report.constants = crate::graph::constants::fold_constants(model)?;
-        report.constants.conv_bias_reshaped =
-            crate::graph::constants::canonicalize_conv_bias(model)?;
-    }
-    report.constants.inputs_as_constants = as_constants;
     if opts.only.is_empty() {
+        // Constant folding and bias shapes run as the engine's passes (one index for them
+        // and the first sweep when they change nothing).
         fuse_auto(model, opts, simplify, &mut report)?;
     } else {
         if simplify {
+            report.constants = crate::graph::constants::fold_constants(model)?;
+            report.constants.conv_bias_reshaped =
+                crate::graph::constants::canonicalize_conv_bias(model)?;
             remove_identities(model, &mut report)?;
         }
         fuse_lists(model, opts, &mut report)?;
     }
+    report.constants.inputs_as_constants = as_constants;
     let groups = std::mem::take(&mut report.groups);
     mark_groups(model, &groups)?;
     report.groups = groups;

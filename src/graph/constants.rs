@@ -91,61 +91,68 @@ pub fn inputs_as_constants(model: &mut Model) -> Vec<String> {
 /// `w.shape[1] * group` for ConvTranspose). A new initializer is written (the old one may be
 /// shared); the old one goes when nothing else reads it.
 pub fn canonicalize_conv_bias(model: &mut Model) -> Result<Vec<String>> {
-    let mut done = Vec::new();
     if !has_padded_conv_bias(model.graph()) {
-        return Ok(done);
+        return Ok(Vec::new());
     }
-    let patch = {
+    let (done, patch) = {
         let g = Graph::of_model(model);
-        let mut names = Names::new(g.proto());
-        let mut patch = Patch::new("canonical Conv bias shapes");
-        for (i, n) in g.nodes().iter().enumerate() {
-            if !(spec::is_op(n, "Conv") || spec::is_op(n, "ConvTranspose")) {
-                continue;
-            }
-            let Some(b) = n.input.get(2).filter(|s| !s.is_empty()) else {
-                continue;
-            };
-            let Some(t) = g.constant(b)? else { continue };
-            let shape = t.shape().to_vec();
-            if shape.len() < 2 || shape.iter().filter(|&&d| d != 1).count() > 1 {
-                continue;
-            }
-            let channels = match g.constant(&n.input[1])? {
-                Some(w) if w.shape().len() >= 2 => {
-                    if n.op_type == "Conv" {
-                        Some(w.shape()[0])
-                    } else {
-                        let group = crate::onnx::attr::int(n, "group", 1)?;
-                        usize::try_from(group)
-                            .ok()
-                            .and_then(|gr| w.shape()[1].checked_mul(gr))
-                    }
-                }
-                _ => None,
-            };
-            if channels.is_some_and(|c| c != t.len()) {
-                continue;
-            }
-            let name = names.fresh(&format!("{b}_1d"));
-            let mut p = t.to_proto(&name);
-            p.dims = vec![t.len() as i64];
-            patch.add_initializer(p);
-            let mut m = n.clone();
-            m.input[2] = name;
-            patch.replace_node(i, m);
-            done.push(format!("{}: '{b}' {shape:?} -> [{}]", label(n), t.len()));
-        }
-        patch
+        plan_canonical_conv_bias(&g)?
     };
-    if !done.is_empty() {
+    if let Some(patch) = patch {
         patch.apply(model.graph_mut())?;
     }
     Ok(done)
 }
 
-/// True when `n` can be evaluated now: every input is a constant of the graph or an output of a
-/// node already chosen for folding (`folded_values`).
+/// [`canonicalize_conv_bias`] as a plan on the index `g`: what it changes and the patch (none
+/// when nothing changes).
+pub fn plan_canonical_conv_bias(g: &Graph) -> Result<(Vec<String>, Option<Patch>)> {
+    let mut done = Vec::new();
+    if !has_padded_conv_bias(g.proto()) {
+        return Ok((done, None));
+    }
+    let mut names = Names::new(g.proto());
+    let mut patch = Patch::new("canonical Conv bias shapes");
+    for (i, n) in g.nodes().iter().enumerate() {
+        if !(spec::is_op(n, "Conv") || spec::is_op(n, "ConvTranspose")) {
+            continue;
+        }
+        let Some(b) = n.input.get(2).filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        let Some(t) = g.constant(b)? else { continue };
+        let shape = t.shape().to_vec();
+        if shape.len() < 2 || shape.iter().filter(|&&d| d != 1).count() > 1 {
+            continue;
+        }
+        let channels = match g.constant(&n.input[1])? {
+            Some(w) if w.shape().len() >= 2 => {
+                if n.op_type == "Conv" {
+                    Some(w.shape()[0])
+                } else {
+                    let group = crate::onnx::attr::int(n, "group", 1)?;
+                    usize::try_from(group)
+                        .ok()
+                        .and_then(|gr| w.shape()[1].checked_mul(gr))
+                }
+            }
+            _ => None,
+        };
+        if channels.is_some_and(|c| c != t.len()) {
+            continue;
+        }
+        let name = names.fresh(&format!("{b}_1d"));
+        let mut p = t.to_proto(&name);
+        p.dims = vec![t.len() as i64];
+        patch.add_initializer(p);
+        let mut m = n.clone();
+        m.input[2] = name;
+        patch.replace_node(i, m);
+        done.push(format!("{}: '{b}' {shape:?} -> [{}]", label(n), t.len()));
+    }
+    Ok((done, (!patch.is_empty()).then_some(patch)))
+}
+
 /// True when some Conv / ConvTranspose bias may be a constant of shape `[C, 1]`-like: a
 /// pre-check over the tensors' dims alone, so graphs without such a bias (nearly all) are not
 /// indexed for nothing.
@@ -192,96 +199,111 @@ fn foldable(g: &Graph, n: &NodeProto, folded_values: &Set<&str>) -> bool {
 
 /// Folds every constant node of the main graph into initializers.
 pub fn fold_constants(model: &mut Model) -> Result<ConstantReport> {
-    let mut report = ConstantReport::default();
-    let (patch, outputs) = {
+    let (report, patch) = {
         let g = Graph::of_model(model);
-        let order = g.topo_order()?;
-        // Outputs of the nodes chosen so far; the graph's own constants (initializers,
-        // Constant nodes) are looked up in the index.
-        let mut folded_values: Set<&str> = Set::default();
-        let mut folded: Vec<usize> = Vec::new();
-        for &i in &order {
-            let n = g.node(i);
-            if foldable(&g, n, &folded_values) {
-                folded.push(i);
-                folded_values.extend(
-                    n.output
-                        .iter()
-                        .filter(|o| !o.is_empty())
-                        .map(String::as_str),
-                );
-            }
-        }
-        // tract evaluates the whole constant subgraph at once; a node it refuses (a value over
-        // the size bound, an op it lacks) is left computed with everything that depends on it,
-        // and the rest is tried again.
-        let mut attempts = 0;
-        let (values, frontier) = loop {
-            if folded.is_empty() {
-                return Ok(report);
-            }
-            let folded_set: Set<usize> = folded.iter().copied().collect();
-            // The values the rest of the graph reads: they become initializers.
-            let frontier: Vec<String> = folded
-                .iter()
-                .flat_map(|&i| g.node(i).output.iter().filter(|o| !o.is_empty()))
-                .filter(|o| g.consumers(o).iter().any(|c| !folded_set.contains(c)))
-                .cloned()
-                .collect();
-            let sub = constant_subgraph(model, &g, &folded, &frontier);
-            let run =
-                crate::runtime::Runner::with_limit(&sub, &Vec::new(), &[], MAX_FOLDED_ELEMENTS)
-                    .and_then(|r| r.run(&Vec::new()));
-            let e = match run {
-                Ok(values) => break (values, frontier),
-                Err(e) => e,
-            };
-            attempts += 1;
-            let msg = e.to_string();
-            let culprit = folded.iter().position(|&i| {
-                let name = &g.node(i).name;
-                !name.is_empty()
-                    && (msg.contains(&format!("'{name}'")) || msg.contains(&format!("'{name}.")))
-            });
-            match culprit {
-                Some(k) if attempts < 16 => {
-                    report
-                        .skipped
-                        .push(format!("'{}' stays computed: {e}", g.node(folded[k]).name));
-                    let mut dropped: Set<String> =
-                        g.node(folded[k]).output.iter().cloned().collect();
-                    folded.remove(k);
-                    folded.retain(|&i| {
-                        let n = g.node(i);
-                        let depends = n.input.iter().any(|x| dropped.contains(x));
-                        if depends {
-                            dropped.extend(n.output.iter().cloned());
-                        }
-                        !depends
-                    });
-                }
-                _ => {
-                    report.skipped.push(format!(
-                        "{} constant nodes were left as they are: tract could not evaluate them ({e})",
-                        folded.len()
-                    ));
-                    return Ok(report);
-                }
-            }
-        };
-        let mut patch = Patch::new("fold constants");
-        for &i in &folded {
-            patch.remove_node(i);
-        }
-        for (name, value) in frontier.iter().zip(values) {
-            patch.add_initializer(value.to_proto(name));
-        }
-        report.folded_nodes = folded.len();
-        (patch, frontier)
+        plan_fold_constants(model, &g)?
     };
-    patch.apply(model.graph_mut())?;
-    report.initializers = outputs;
+    if let Some(patch) = patch {
+        patch.apply(model.graph_mut())?;
+    }
     Ok(report)
+}
+
+/// [`fold_constants`] as a plan on `g`, the index of `model`'s main graph: the report and the
+/// patch that folds (none when nothing folds). The engine runs it on its first index.
+pub fn plan_fold_constants(model: &Model, g: &Graph) -> Result<(ConstantReport, Option<Patch>)> {
+    let mut report = ConstantReport::default();
+    let order;
+    // Only nodes reading nothing but constants can fold: the index lists them when the stored
+    // order is topological, so most graphs are not walked node by node.
+    let nodes: &[usize] = match g.constant_candidates() {
+        Some(candidates) => candidates,
+        None => {
+            order = g.topo_order()?;
+            &order
+        }
+    };
+    // Outputs of the nodes chosen so far; the graph's own constants (initializers,
+    // Constant nodes) are looked up in the index.
+    let mut folded_values: Set<&str> = Set::default();
+    let mut folded: Vec<usize> = Vec::new();
+    for &i in nodes {
+        let n = g.node(i);
+        if foldable(g, n, &folded_values) {
+            folded.push(i);
+            folded_values.extend(
+                n.output
+                    .iter()
+                    .filter(|o| !o.is_empty())
+                    .map(String::as_str),
+            );
+        }
+    }
+    // tract evaluates the whole constant subgraph at once; a node it refuses (a value over
+    // the size bound, an op it lacks) is left computed with everything that depends on it,
+    // and the rest is tried again.
+    let mut attempts = 0;
+    let (values, frontier) = loop {
+        if folded.is_empty() {
+            return Ok((report, None));
+        }
+        let folded_set: Set<usize> = folded.iter().copied().collect();
+        // The values the rest of the graph reads: they become initializers.
+        let frontier: Vec<String> = folded
+            .iter()
+            .flat_map(|&i| g.node(i).output.iter().filter(|o| !o.is_empty()))
+            .filter(|o| g.consumers(o).iter().any(|c| !folded_set.contains(c)))
+            .cloned()
+            .collect();
+        let sub = constant_subgraph(model, g, &folded, &frontier);
+        let run = crate::runtime::Runner::with_limit(&sub, &Vec::new(), &[], MAX_FOLDED_ELEMENTS)
+            .and_then(|r| r.run(&Vec::new()));
+        let e = match run {
+            Ok(values) => break (values, frontier),
+            Err(e) => e,
+        };
+        attempts += 1;
+        let msg = e.to_string();
+        let culprit = folded.iter().position(|&i| {
+            let name = &g.node(i).name;
+            !name.is_empty()
+                && (msg.contains(&format!("'{name}'")) || msg.contains(&format!("'{name}.")))
+        });
+        match culprit {
+            Some(k) if attempts < 16 => {
+                report
+                    .skipped
+                    .push(format!("'{}' stays computed: {e}", g.node(folded[k]).name));
+                let mut dropped: Set<String> = g.node(folded[k]).output.iter().cloned().collect();
+                folded.remove(k);
+                folded.retain(|&i| {
+                    let n = g.node(i);
+                    let depends = n.input.iter().any(|x| dropped.contains(x));
+                    if depends {
+                        dropped.extend(n.output.iter().cloned());
+                    }
+                    !depends
+                });
+            }
+            _ => {
+                report.skipped.push(format!(
+                    "{} constant nodes were left as they are: tract could not evaluate them ({e})",
+                    folded.len()
+                ));
+                return Ok((report, None));
+            }
+        }
+    };
+    let mut patch = Patch::new("fold constants");
+    for &i in &folded {
+        patch.remove_node(i);
+    }
+    for (name, value) in frontier.iter().zip(values) {
+        patch.add_initializer(value.to_proto(name));
+    }
+    report.folded_nodes = folded.len();
+    report.initializers = frontier;
+    Ok((report, Some(patch)))
 }
 
 /// A model of the folded nodes alone: the constants they read, the nodes, the frontier values

@@ -152,27 +152,70 @@ pub fn run_then<R>(
     commit: bool,
     at_end: impl FnOnce(&Graph),
 ) -> Result<RunReport<R>> {
+    run_with(model, Vec::new(), rules, commit, at_end)
+}
+
+/// A pass run before the rules: a plan made on the current index, returning the patch to apply
+/// (or none). Constant folding is one.
+pub type Pass<'p> = Box<dyn FnOnce(&Model, &Graph) -> Result<Option<Patch>> + 'p>;
+
+/// [`run_then`] after `passes`, each planned on the current index and applied in turn (with
+/// `commit`); a pass that changes nothing leaves its index to the next pass and to the first
+/// sweep, so a graph with nothing to fold is indexed once for all of them.
+pub fn run_with<R>(
+    model: &mut Model,
+    passes: Vec<Pass>,
+    rules: &[Rule<R>],
+    commit: bool,
+    at_end: impl FnOnce(&Graph),
+) -> Result<RunReport<R>> {
+    let mut passes = passes.into_iter();
     let mut report = RunReport {
         applied: Vec::new(),
         declined: Vec::new(),
-        malformed: malformed_nodes(model),
+        malformed: Vec::new(),
         sweeps: 0,
     };
-    let mut names = Names::new(model.graph());
-    // What lets a sweep's patch be checked against the sweep's own index (see
-    // `Patch::precheck`): the stored order is topological (known after the first sweep that
-    // checks it, and kept by every applied patch) and node names are unique (kept likewise).
-    let unique_names = Names::node_names_unique(model.graph());
-    let mut in_order: Option<bool> = None;
+    let mut names = Names::default();
+    // With the index's own order check, what lets a sweep's patch be checked against the
+    // sweep's index (see `Patch::precheck`); every applied patch keeps it.
+    let mut unique_names = false;
     // Per anchor label: whether a rule declined it (it is not tried again) and which rules
     // rewrote it (a rule rewrites an anchor once, so a rule whose result matches its own pattern
     // cannot loop). One lookup per node and sweep.
     let mut anchors: Map<String, AnchorState> = Map::default();
     loop {
-        report.sweeps += 1;
         let g = Graph::of_model(model);
+        let mut planned = None;
+        for pass in passes.by_ref() {
+            if let Some(patch) = pass(model, &g)? {
+                planned = Some(patch);
+                break;
+            }
+        }
+        if let Some(patch) = planned {
+            if commit {
+                let checked = patch.precheck(&g, g.in_stored_order(), false);
+                drop(g);
+                match checked {
+                    Some(pc) => patch.apply_prechecked(model.graph_mut(), pc)?,
+                    None => patch.apply(model.graph_mut())?,
+                }
+            }
+            continue;
+        }
+        if report.sweeps == 0 {
+            // After the passes: taken from the graph the rules will see.
+            report.malformed = malformed_nodes(model);
+            names = Names::new(model.graph());
+            unique_names = Names::node_names_unique(model.graph());
+        }
+        report.sweeps += 1;
         let mut claimed = vec![false; g.len()];
-        let mut patches: Vec<Patch> = Vec::new();
+        // The sweep's rewrites, merged as they come (the first one's patch is the base), and
+        // how many.
+        let mut merged: Option<Patch> = None;
+        let mut count = 0usize;
         let mut pending_bytes = 0usize;
         'nodes: for i in 0..g.len() {
             if claimed[i] {
@@ -225,7 +268,11 @@ pub fn run_then<R>(
                                 }
                             }
                             pending_bytes = pending_bytes.saturating_add(patch.tensor_bytes());
-                            patches.push(patch);
+                            count += 1;
+                            match merged.as_mut() {
+                                None => merged = Some(patch),
+                                Some(m) => m.merge(patch),
+                            }
                             if pending_bytes >= MAX_PENDING_TENSOR_BYTES {
                                 break 'nodes;
                             }
@@ -238,33 +285,29 @@ pub fn run_then<R>(
             }
         }
         // A rule set aside always follows a claim, so an empty sweep is the fixed point.
-        if !commit || patches.is_empty() {
-            at_end(&g);
-            return Ok(report);
-        }
+        let merged = match merged {
+            Some(m) if commit => m,
+            _ => {
+                at_end(&g);
+                return Ok(report);
+            }
+        };
         if report.sweeps > MAX_SWEEPS {
             return Err(Error::graph(
                 &model.graph().name,
                 format!("the rewrite rules did not settle after {MAX_SWEEPS} sweeps"),
             ));
         }
-        let count = patches.len();
-        let mut merged = Patch::new(match count {
-            1 => patches[0].name.clone(),
-            n => format!("{n} rewrites of sweep {}", report.sweeps),
-        });
-        for p in patches {
-            merged.merge(p);
+        let mut merged = merged;
+        if count > 1 {
+            merged.name = format!("{count} rewrites of sweep {}", report.sweeps);
         }
-        let ordered = *in_order.get_or_insert_with(|| g.in_stored_order());
-        let checked = merged.precheck(&g, ordered, unique_names);
+        let checked = merged.precheck(&g, g.in_stored_order(), unique_names);
         drop(g);
         match checked {
             Some(pc) => merged.apply_prechecked(model.graph_mut(), pc)?,
             None => merged.apply(model.graph_mut())?,
         }
-        // Either way the graph is now in topological stored order.
-        in_order = Some(true);
     }
 }
 

@@ -59,6 +59,8 @@ pub struct Graph<'a> {
     in_order: bool,
     /// The Constant nodes (default domain), in stored order.
     constant_nodes: Vec<usize>,
+    /// See [`Graph::constant_candidates`].
+    constant_candidates: Vec<usize>,
     /// Built on first use (explicit node lists, patterns): most runs never look a node up by
     /// name.
     by_name: OnceCell<Map<&'a str, usize>>,
@@ -79,6 +81,9 @@ struct Value {
     producer: Option<usize>,
     /// That node is a Constant (default domain).
     constant_node: bool,
+    /// That node reads only constants and values of such nodes (see
+    /// [`Graph::constant_candidates`]).
+    from_constants: bool,
     /// The initializer of that name (the last, if names repeat).
     initializer: Option<usize>,
     input: bool,
@@ -250,6 +255,7 @@ impl<'a> Graph<'a> {
         values.reserve(proto.node.len() + proto.initializer.len() + proto.input.len());
         let mut duplicate = None;
         let mut constant_nodes = Vec::new();
+        let mut constant_candidates = Vec::new();
         let mut in_order = proto.sparse_initializer.is_empty();
         for v in &proto.input {
             values.entry(v.name.as_str()).or_default().input = true;
@@ -262,6 +268,24 @@ impl<'a> Graph<'a> {
             if constant {
                 constant_nodes.push(i);
             }
+            let mut reads_any = false;
+            let mut from_constants = true;
+            for name in node_uses(n) {
+                let v = values.entry(name).or_default();
+                // Read before anything produced it (inputs and initializers are entered
+                // first): the stored order is not topological.
+                in_order &= v.producer.is_some_and(|p| p < i)
+                    || (v.producer.is_none() && (v.input || v.initializer.is_some()));
+                reads_any = true;
+                from_constants &= v.initializer.is_some() || v.constant_node || v.from_constants;
+                if v.readers.last() != Some(&i) {
+                    v.readers.push(i);
+                }
+            }
+            let from_constants = reads_any && from_constants;
+            if from_constants {
+                constant_candidates.push(i);
+            }
             for o in n.output.iter().filter(|o| !o.is_empty()) {
                 let v = values.entry(o.as_str()).or_default();
                 in_order &= !v.input && v.initializer.is_none();
@@ -269,20 +293,11 @@ impl<'a> Graph<'a> {
                     None => {
                         v.producer = Some(i);
                         v.constant_node = constant;
+                        v.from_constants = from_constants;
                     }
                     Some(first) => {
                         duplicate.get_or_insert((o.as_str(), first, i));
                     }
-                }
-            }
-            for name in node_uses(n) {
-                let v = values.entry(name).or_default();
-                // Read before anything produced it (inputs and initializers are entered
-                // first): the stored order is not topological.
-                in_order &= v.producer.is_some_and(|p| p < i)
-                    || (v.producer.is_none() && (v.input || v.initializer.is_some()));
-                if v.readers.last() != Some(&i) {
-                    v.readers.push(i);
                 }
             }
         }
@@ -295,6 +310,7 @@ impl<'a> Graph<'a> {
             values,
             duplicate,
             constant_nodes,
+            constant_candidates,
             by_name: OnceCell::new(),
             declared: OnceCell::new(),
             reads: RefCell::new(None),
@@ -488,6 +504,14 @@ impl<'a> Graph<'a> {
     /// [`Graph::topo_order`] takes the full path, which sorts or names the problem.
     pub(crate) fn in_stored_order(&self) -> bool {
         self.in_order
+    }
+
+    /// When the stored order is topological: in stored order, every node that reads at least
+    /// one value and only initializers, Constant outputs and outputs of such nodes (overridable
+    /// initializers and every op included, so a superset of what constant folding folds). Found
+    /// while indexing, so a graph with nothing to fold is not walked again.
+    pub(crate) fn constant_candidates(&self) -> Option<&[usize]> {
+        self.in_order.then_some(&self.constant_candidates)
     }
 
     fn defined_outside_nodes<'s>(&'s self, outer: &Set<&'s str>) -> Set<&'s str> {
