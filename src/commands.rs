@@ -886,6 +886,8 @@ pub fn quantize_file(
             let mut search_opts = options.clone();
             search_opts.bias_correction = false;
             search_opts.equalize_bias_correction = false;
+            // the model written is the one searched (an explicit --bias-correction aside)
+            options.equalize_bias_correction = false;
             let prepared = crate::quant::prepare(&model, &search_opts)?;
             let reference = analysis_reference(&model, &prepared)?;
             let cases = crate::quant::analyze::take_samples(eval, t.samples)?;
