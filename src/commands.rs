@@ -548,6 +548,8 @@ pub struct QuantizeSettings {
     pub equalize: Option<bool>,
     /// Correct biases for the mean shift weight quantization causes.
     pub bias_correction: bool,
+    /// No bias correction with equalization either.
+    pub no_bias_correction: bool,
 }
 
 impl Default for QuantizeSettings {
@@ -571,6 +573,7 @@ impl Default for QuantizeSettings {
             threads: 0,
             equalize: None,
             bias_correction: false,
+            no_bias_correction: false,
         }
     }
 }
@@ -674,8 +677,10 @@ impl QuantizeSettings {
         o.threads = self.threads;
         if let Some(e) = self.equalize {
             o.equalize = e;
+            o.equalize_measured = false;
         }
         o.bias_correction = self.bias_correction;
+        o.equalize_bias_correction = !self.no_bias_correction;
         Ok(o)
     }
 }
@@ -704,6 +709,9 @@ pub struct QuantizeOutput {
     /// The accuracy-driven search (`--target-sqnr`, `--target-accuracy`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<crate::quant::target::TargetReport>,
+    /// The tract preset's measured choice of equalization ([`crate::quant::equalize::choose`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub equalize_choice: Option<crate::quant::equalize::EqualizeChoice>,
     /// The path written, `None` when the check failed.
     pub written: Option<String>,
     /// How the calibration and evaluation data were read (layouts, casts, files left out,
@@ -877,6 +885,9 @@ pub fn quantize_file(
             let eval = eval_cases.as_deref().unwrap_or(calib.as_ref());
             let mut search_opts = options.clone();
             search_opts.bias_correction = false;
+            search_opts.equalize_bias_correction = false;
+            // the model written is the one searched (an explicit --bias-correction aside)
+            options.equalize_bias_correction = false;
             let prepared = crate::quant::prepare(&model, &search_opts)?;
             let reference = analysis_reference(&model, &prepared)?;
             let cases = crate::quant::analyze::take_samples(eval, t.samples)?;
@@ -898,6 +909,15 @@ pub fn quantize_file(
             }
         }
         (None, None) => Calibration::Source(calib.as_ref()),
+    };
+    // the tract preset's equalization, kept where it measures better
+    let equalize_choice = match (&calibration, options.equalize && options.equalize_measured) {
+        (Calibration::Source(c), true) => {
+            let choice = crate::quant::equalize::choose(&model, *c, &options)?;
+            options.equalize = choice.equalized;
+            Some(choice)
+        }
+        _ => None,
     };
     let (mut quantized, ranges, mut report) = quantize(&model, calibration, &options)?;
     // the options the user gave; the exclusions the search added are in the target report
@@ -1013,6 +1033,7 @@ pub fn quantize_file(
         conversion,
         layers,
         target,
+        equalize_choice,
         written: dest.written(passed),
         notes,
         min_sqnr: job.min_sqnr,

@@ -5,7 +5,8 @@ in ONNX Runtime on the same evaluation samples) for
     ORT quantize_static MinMax / Percentile / Entropy (per-channel int8 weights, uint8
         activations, QDQ, after quant_pre_process),
     qfold MinMax (default settings), qfold --target-sqnr 25, qfold --per-tensor, qfold
-        --per-tensor --equalize, qfold --per-tensor --equalize --bias-correction,
+        --per-tensor --equalize (equalization with bias correction), qfold --per-tensor
+        --equalize --no-bias-correction (equalization alone),
 
 with the share of Conv/Gemm/MatMul nodes the --target-sqnr model keeps quantized, and tract
 latency (one thread, median; examples/latency.rs) of the float model, the --target-sqnr model
@@ -182,7 +183,7 @@ def measure(name, model, kind, args, work, log):
         ("qfold_target", ["--target-sqnr", str(TARGET), "--min-quantized", "75"]),
         ("qfold_per_tensor", ["--per-tensor"]),
         ("qfold_per_tensor_eq", ["--per-tensor", "--equalize"]),
-        ("qfold_per_tensor_eq_bc", ["--per-tensor", "--equalize", "--bias-correction"]),
+        ("qfold_per_tensor_eq_no_bc", ["--per-tensor", "--equalize", "--no-bias-correction"]),
         ("qfold_per_channel_bc", ["--bias-correction"]),
     ]
     for key, extra in runs:
@@ -217,6 +218,10 @@ def measure(name, model, kind, args, work, log):
         code, rep = qfold(args.bin, model, out, calib, evald, ["--preset", "tract"], shapes, log)
         res["lat_tract"] = latency(args.latency_bin, out, lat_shapes) if os.path.exists(out) else None
         if rep:
+            choice = rep.get("equalize_choice")
+            res["tract_preset_equalized"] = None if choice is None else (
+                f"{'yes' if choice['equalized'] else 'no'} ({choice['sqnr_with_db'] or float('inf'):.2f} / "
+                f"{choice['sqnr_without_db'] or float('inf'):.2f} on calib)")
             res["tract_preset_sqnr_tract"] = min(
                 o["sqnr_db"] if o["sqnr_db"] is not None else float("inf")
                 for o in rep["evaluation"]["comparison"]["outputs"])
@@ -266,7 +271,8 @@ def main():
             ("qfold MinMax", "qfold_minmax"), (f"qfold --target-sqnr {TARGET:g}", "qfold_target"),
             ("compute quantized", "target_share"), ("per-tensor", "qfold_per_tensor"),
             ("per-tensor --equalize", "qfold_per_tensor_eq"),
-            ("per-tensor --equalize --bias-correction", "qfold_per_tensor_eq_bc"),
+            ("per-tensor --equalize --no-bias-correction", "qfold_per_tensor_eq_no_bc"),
+            ("tract preset equalizes", "tract_preset_equalized"),
             ("per-channel --bias-correction", "qfold_per_channel_bc"),
             ("tract ms: float", "lat_float"), ("target (QOperator)", "lat_target"),
             ("tract preset", "lat_tract")]

@@ -326,6 +326,7 @@ impl From<Settings> for QuantizeSettings {
             threads: s.threads,
             equalize: s.equalize,
             bias_correction: s.bias_correction,
+            no_bias_correction: false,
         }
     }
 }

@@ -88,6 +88,18 @@ pub struct Args {
     data: super::data::PreprocessArgs,
 }
 
+/// The tract preset's measured choice of equalization.
+fn print_equalize_choice(c: &qfold::quant::equalize::EqualizeChoice) {
+    let db = |s: Option<f64>| s.map_or("inf".to_string(), |d| format!("{d:.2}"));
+    println!(
+        "equalization {} (the preset's choice, measured on {} calibration samples: {} dB with, {} dB without)",
+        if c.equalized { "kept" } else { "left out" },
+        c.samples,
+        db(c.sqnr_with_db),
+        db(c.sqnr_without_db)
+    );
+}
+
 fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[String]) {
     if let Some(f) = &r.fusion {
         println!(
@@ -326,6 +338,9 @@ pub fn run(a: Args) -> Result<i32> {
                 out.size_after,
                 &out.notes,
             );
+            if let Some(c) = &out.equalize_choice {
+                print_equalize_choice(c);
+            }
             if let Some(c) = &out.conversion {
                 super::convert::print_report(c);
             }

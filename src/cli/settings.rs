@@ -56,8 +56,9 @@ pub struct SettingsArgs {
     /// Calibration threads (0: every core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Cross-layer equalization (Nagel et al. 2019) before quantizing: per-tensor weights then
-    /// lose little against per-channel (the tract preset does it).
+    /// Cross-layer equalization (Nagel et al. 2019) before quantizing, with bias correction on
+    /// the calibration data (the paper's pipeline): per-tensor weights then lose little against
+    /// per-channel (the tract preset does it where it measures better).
     #[arg(long, conflicts_with = "no_equalize")]
     equalize: bool,
     /// No cross-layer equalization, whatever the preset.
@@ -65,8 +66,11 @@ pub struct SettingsArgs {
     no_equalize: bool,
     /// Correct each quantized Conv / Gemm bias for the mean output shift its weight
     /// quantization causes, measured on the calibration data.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_bias_correction")]
     bias_correction: bool,
+    /// No bias correction, not even with --equalize.
+    #[arg(long)]
+    no_bias_correction: bool,
 }
 
 impl SettingsArgs {
@@ -99,6 +103,7 @@ impl SettingsArgs {
                 _ => None,
             },
             bias_correction: self.bias_correction,
+            no_bias_correction: self.no_bias_correction,
         }
     }
 

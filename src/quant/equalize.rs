@@ -37,7 +37,12 @@
 //! High-bias absorption (section 4.1.1) is not done: it is exact only where the absorbed
 //! amount never exceeds the activation's input, which a data-free pass can only assume from
 //! BatchNormalization statistics that fusion has already folded away. Bias correction
-//! ([`super::bias_correction`]) removes the mean shift it would otherwise address.
+//! ([`super::bias_correction`]), which `quantize` runs after equalization unless told not to
+//! (the paper's pipeline, section 4.2, here empirical), removes the mean shift instead; on
+//! resnet18 per-tensor weights need it to come within 1 dB of per-channel ones.
+//!
+//! Equalization is exact in float but not free: it changes the activation ranges per-tensor
+//! activation quantization sees. [`choose`] measures both ways (the tract preset).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -588,6 +593,64 @@ pub fn equalize(model: &mut Model, opts: &EqualizeOptions) -> Result<EqualizeRep
     drop(g);
     patch.apply(model.graph_mut())?;
     Ok(report)
+}
+
+/// What [`choose`] measured: the worst output's SQNR of the quantized model against the float
+/// one, with and without equalization, on the calibration samples.
+#[derive(Debug, Clone, Serialize)]
+pub struct EqualizeChoice {
+    /// Whether equalization was kept.
+    pub equalized: bool,
+    /// dB; `None`: identical to the float model.
+    pub sqnr_with_db: Option<f64>,
+    pub sqnr_without_db: Option<f64>,
+    /// Calibration samples the two models were scored on.
+    pub samples: usize,
+}
+
+/// Calibration samples [`choose`] scores on (the first ones).
+pub const CHOICE_SAMPLES: usize = 16;
+
+/// Quantizes `model` with `opts` with and without equalization (each calibrated on `calib`),
+/// scores both against the float model on the first [`CHOICE_SAMPLES`] calibration samples,
+/// and keeps equalization only when it scores strictly better (the worst output's SQNR).
+/// Equalization is exact in float, but it changes the activation ranges per-tensor
+/// quantization sees, and on some models that costs more than the weights gain.
+pub fn choose(
+    model: &Model,
+    calib: &dyn crate::verify::SampleSource,
+    opts: &super::QuantizeOptions,
+) -> Result<EqualizeChoice> {
+    let mut without = opts.clone();
+    without.equalize = false;
+    let mut with = opts.clone();
+    with.equalize = true;
+    let cases = super::analyze::take_samples(calib, CHOICE_SAMPLES)?;
+    let samples = cases.len();
+    // the reference: the float model as quantization sees it (fused, its opset raised), which
+    // computes the same function as `model`
+    let evaluator = {
+        let reference = super::prepare(model, &without)?;
+        super::analyze::Evaluator::new(&reference.float, cases, opts.threads)?
+    };
+    let score = |o: &super::QuantizeOptions| -> Result<Option<f64>> {
+        let _p = crate::progress::phase(if o.equalize {
+            "measuring with equalization"
+        } else {
+            "measuring without equalization"
+        });
+        let (q, _, _) = super::quantize(model, super::Calibration::Source(calib), o)?;
+        Ok(evaluator.score(&q)?.sqnr_db)
+    };
+    let sqnr_without_db = score(&without)?;
+    let sqnr_with_db = score(&with)?;
+    let db = |s: Option<f64>| s.unwrap_or(f64::INFINITY);
+    Ok(EqualizeChoice {
+        equalized: db(sqnr_with_db) > db(sqnr_without_db),
+        sqnr_with_db,
+        sqnr_without_db,
+        samples,
+    })
 }
 
 #[cfg(test)]

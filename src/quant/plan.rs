@@ -550,7 +550,42 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
         }
         plan.mark_activation(&g, &out_value, Source::Calibrated(calib_value));
     }
+    calibrate_before_caps(&g, &mut plan)?;
     Ok(plan)
+}
+
+/// A float `Min(x, cap)` with a positive constant cap (per channel, as equalization writes a
+/// ReLU6 whose channels were scaled), between two quantized activations where `x` has no
+/// other reader: `x` gets the parameters of the Min's output (it is calibrated on that value).
+/// Exact but for the caps' rounding to the grid: a value under the cap passes the second
+/// QuantizeLinear unchanged, and clipping `x` at the output's largest value `R` first gives
+/// `min(x, cap, R)` either way. Calibrated on its own, `x` (uncapped, so a wider range) would be
+/// rounded twice, once on a coarser grid.
+fn calibrate_before_caps(g: &Graph, plan: &mut QuantPlan) -> Result<()> {
+    for i in 0..g.len() {
+        let n = g.node(i);
+        if n.op_type != "Min" || !(n.domain.is_empty() || n.domain == "ai.onnx") {
+            continue;
+        }
+        let ([x, cap], [out]) = (n.input.as_slice(), n.output.as_slice()) else {
+            continue;
+        };
+        let positive = match g.constant(cap)? {
+            Some(t) => !t.is_empty() && t.to_f64().iter().all(|&v| v > 0.0),
+            None => false,
+        };
+        if !positive || g.consumers(x).len() != 1 || g.is_output(x) {
+            continue;
+        }
+        let (Some(Source::Calibrated(_)), Some(Source::Calibrated(o))) =
+            (plan.activations.get(x), plan.activations.get(out))
+        else {
+            continue;
+        };
+        let o = o.clone();
+        plan.activations.insert(x.clone(), Source::Calibrated(o));
+    }
+    Ok(())
 }
 
 fn mark_weight(
