@@ -20,7 +20,7 @@ use crate::quant::observe::Method;
 use crate::quant::params::QType;
 use crate::quant::qoperator::{convert_with, ConvertOptions, ConvertReport};
 use crate::quant::Preset;
-use crate::quant::{quantize, Calibration, QuantizeOptions, QuantizeReport};
+use crate::quant::{quantize_owned, Calibration, QuantizeOptions, QuantizeReport};
 use crate::report::Report;
 use crate::runtime::{Runner, Sample};
 use crate::verify::{
@@ -214,6 +214,11 @@ impl Destination {
     }
 }
 
+/// The names of `m`'s outputs.
+fn output_names(m: &Model) -> Vec<String> {
+    m.graph().output.iter().map(|o| o.name.clone()).collect()
+}
+
 /// Loads a model, showing progress.
 fn load(path: &Path) -> Result<Model> {
     let _p = progress::phase(format!("loading {}", path.display()));
@@ -279,7 +284,6 @@ pub fn fuse_file(
     if opts.only.iter().any(Vec::is_empty) {
         return Err(Error::Usage("--only needs at least one name".into()));
     }
-    // The original is kept (one copy) only when it is checked against.
     let checked = match check {
         Some(c) => {
             let criterion: Criterion = match &c.tolerance {
@@ -289,10 +293,7 @@ pub fn fuse_file(
                 })?,
             };
             let cases = c.inputs.open(&fused)?;
-            // the reference read again with its external data left in the files: tract
-            // reads that data itself, so external weights are not held twice (weights stored
-            // inline in the model file are parsed again, as a clone would have copied them)
-            Some((lazy(model)?, cases, criterion))
+            Some((output_names(&fused), cases, criterion))
         }
         None => None,
     };
@@ -301,12 +302,20 @@ pub fn fuse_file(
         fuse(&mut fused, opts)?
     };
     let comparison = match checked {
-        Some((original, cases, criterion)) => Some(verify::compare_models(
-            &original,
-            &fused,
-            cases.as_ref(),
-            criterion,
-        )?),
+        // The original is not kept: its runner reads it again from its file, external data
+        // left there for tract to read; the fused model lends its weights to its runner. The
+        // two run in turns, so the weights are held by the fused model and one runner.
+        Some((original_outputs, cases, criterion)) => {
+            let fused_outputs = output_names(&fused);
+            Some(verify::compare::compare_with(
+                original_outputs,
+                fused_outputs,
+                cases.as_ref(),
+                criterion,
+                &mut |s| reference_runner(model, None, s),
+                &mut |s| Runner::new_lending(&mut fused, s, &[]),
+            )?)
+        }
         None => None,
     };
     let passed = comparison.as_ref().is_none_or(|c| c.passed);
@@ -349,9 +358,8 @@ pub fn convert_file(
     }
     let mut q = load(model)?;
     dest.check_against(&q)?;
-    // The QDQ model is kept (one copy) only when it is checked against.
     let checked = match check {
-        Some((inputs, db)) => Some((lazy(model)?, inputs.open(&q)?, db)),
+        Some((inputs, db)) => Some((output_names(&q), inputs.open(&q)?, db)),
         None => None,
     };
     let p = progress::phase("converting to QOperator form");
@@ -378,12 +386,18 @@ pub fn convert_file(
         )));
     }
     let comparison = match checked {
-        Some((qdq, cases, db)) => Some(verify::compare_models(
-            &qdq,
-            &q,
-            cases.as_ref(),
-            Criterion::MinSqnr { db },
-        )?),
+        // as fuse_file checks: the QDQ model read again from its file, in turns
+        Some((qdq_outputs, cases, db)) => {
+            let outputs = output_names(&q);
+            Some(verify::compare::compare_with(
+                qdq_outputs,
+                outputs,
+                cases.as_ref(),
+                Criterion::MinSqnr { db },
+                &mut |s| reference_runner(model, None, s),
+                &mut |s| Runner::new_lending(&mut q, s, &[]),
+            )?)
+        }
         None => None,
     };
     let passed = comparison.as_ref().is_none_or(|c| c.passed);
@@ -774,50 +788,41 @@ impl QuantizeOutput {
     }
 }
 
+/// Runs the float reference (a runner from `float` for a sample's inputs) and `quantized` on
+/// `cases`, in turns ([`verify::compare::run_in_turns`]: one runner alive at a time), and
+/// compares their outputs (`names`, the float model's) by SQNR.
 fn evaluate(
-    float: &Model,
+    names: &[String],
+    float: &mut verify::compare::MakeRunner<'_>,
     quantized: &Model,
     cases: &dyn SampleSource,
     min_sqnr: f64,
     source: String,
 ) -> Result<Evaluation> {
-    let names: Vec<String> = float
-        .graph()
-        .output
-        .iter()
-        .map(|o| o.name.clone())
-        .collect();
-    let mut cmp = Comparer::new(&names, Criterion::MinSqnr { db: min_sqnr });
+    let mut cmp = Comparer::new(names, Criterion::MinSqnr { db: min_sqnr });
     let mut p = progress::counted(
         format!("evaluating on {} samples", cases.len()),
         cases.len(),
     );
     let (mut fc, mut qc, mut total) = (0, 0, 0);
-    let mut runners: Option<(Runner, Runner)> = None;
-    let mut shapes: Vec<Vec<usize>> = vec![];
-    for k in 0..cases.len() {
-        let c = cases.read(k)?;
-        let s: Vec<Vec<usize>> = c.inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
-        if runners.is_none() || s != shapes {
-            runners = Some((
-                Runner::new(float, &c.inputs, &[])?,
-                Runner::new(quantized, &c.inputs, &[])?,
-            ));
-            shapes = s;
-        }
-        let (rf, rq) = runners.as_ref().expect("set above");
-        let of = rf.run(&c.inputs)?;
-        let oq = rq.run(&c.inputs)?;
-        if let Some(l) = &c.labels {
-            let (a, n) = verify::accuracy(&of, l);
-            let (b, _) = verify::accuracy(&oq, l);
-            fc += a;
-            qc += b;
-            total += n;
-        }
-        cmp.add(&of, &oq);
-        p.inc();
-    }
+    verify::compare::run_in_turns(
+        cases,
+        float,
+        &mut |s| Runner::new(quantized, s, &[]),
+        &mut |c, of, oq| {
+            if let Some(l) = &c.labels {
+                let (a, n) = verify::accuracy(of, l);
+                let (b, _) = verify::accuracy(oq, l);
+                fc += a;
+                qc += b;
+                total += n;
+            }
+            cmp.add(of, oq);
+            p.inc();
+            Ok(())
+        },
+    )?;
+    drop(p);
     Ok(Evaluation {
         source,
         comparison: cmp.finish(),
@@ -825,6 +830,22 @@ fn evaluate(
         quantized_accuracy: (total > 0).then(|| qc as f64 / total as f64),
         labelled: total,
     })
+}
+
+/// A tract runner of the model at `path` read again from its file, its external data left
+/// there for tract to read ([`crate::onnx::load_lazy`]), raised to opset `to` when given, and
+/// dropped once tract holds its weights: the float reference of an evaluation, which then
+/// costs no memory between runners.
+fn reference_runner(path: &Path, to: Option<i64>, sample: &Sample) -> Result<Runner> {
+    let mut m = lazy(path)?;
+    if let Some(to) = to {
+        if crate::graph::upgrade::upgrade(&mut m, to).is_err() {
+            // the upgrade may read a constant the lazy model left in its file
+            m = load(path)?;
+            crate::graph::upgrade::upgrade(&mut m, to)?;
+        }
+    }
+    Runner::new_lending(&mut m, sample, &[])
 }
 
 /// `qfold quantize`: fuses, calibrates on tract, emits QDQ (or QOperator), evaluates against
@@ -850,6 +871,9 @@ pub fn quantize_file(
     if let Some(p) = &job.save_ranges {
         crate::files::check_side_output("--save-ranges", p, &model.files, &dest.path)?;
     }
+    // the encoded size (tensor data included), computed without encoding
+    let size_before = protobuf::Message::compute_size(&model.proto);
+    let float_outputs = output_names(&model);
     let (calib, loaded): (Box<dyn SampleSource>, _) = match job.calibration {
         CalibrationData::Inputs(i) => (i.open(&model)?, None),
         CalibrationData::Ranges(p) => (Box::new(Vec::<Case>::new()), Some(p)),
@@ -919,7 +943,9 @@ pub fn quantize_file(
         }
         _ => None,
     };
-    let (mut quantized, ranges, mut report) = quantize(&model, calibration, &options)?;
+    // The model itself becomes the quantized one (no copy); the float reference of the
+    // evaluation is read again from its file.
+    let (mut quantized, ranges, mut report) = quantize_owned(model, calibration, &options)?;
     // the options the user gave; the exclusions the search added are in the target report
     report.options = job.options.clone();
     let layers = match job.report_layers {
@@ -927,7 +953,7 @@ pub fn quantize_file(
             let eval = eval_cases.as_deref().unwrap_or(calib.as_ref());
             let source = eval_source.clone();
             Some(analyze_with_ranges(
-                &model,
+                &load(model_path)?,
                 &ranges,
                 &job.options,
                 eval,
@@ -947,23 +973,16 @@ pub fn quantize_file(
     }
     // The float reference at the opset quantization raised it to (the same function, in a
     // form tract runs where it may not run the old ops).
-    let reference = match report.qdq.opset {
-        Some((_, to)) => {
-            let mut m = model.clone();
-            crate::graph::upgrade::upgrade(&mut m, to)?;
-            std::borrow::Cow::Owned(m)
-        }
-        None => std::borrow::Cow::Borrowed(&model),
-    };
+    let upgrade_to = report.qdq.opset.map(|(_, to)| to);
     let eval_cases = eval_cases.as_deref().unwrap_or(calib.as_ref());
     let evaluation = evaluate(
-        &reference,
+        &float_outputs,
+        &mut |s| reference_runner(model_path, upgrade_to, s),
         &quantized,
         eval_cases,
         job.min_sqnr,
         eval_source,
     )?;
-    drop(reference);
     let mut notes = calib.notes();
     for n in eval_cases.notes() {
         if !notes.contains(&n) {
@@ -985,8 +1004,6 @@ pub fn quantize_file(
             c.dequantize_linear_left = extra.dequantize_linear_left;
         }
     }
-    // the encoded sizes (tensor data included), computed without encoding
-    let size_before = protobuf::Message::compute_size(&model.proto);
     let size_after = protobuf::Message::compute_size(&quantized.proto);
     // The target is judged on the whole evaluation set, in tract.
     let target_failure = match (&job.target, &mut target) {

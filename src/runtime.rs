@@ -36,12 +36,37 @@ pub fn tract_proto(model: &Model) -> Result<tract_onnx::pb::ModelProto> {
 /// them element by element (a third of the time `check` spent on a QDQ resnet50), and the
 /// result is the same to the bit.
 fn tract_proto_with(model: &Model, fold_dequantize: bool) -> Result<tract_onnx::pb::ModelProto> {
+    let (mut out, used, results) = tract_parts(model, fold_dequantize)?;
+    let graph = out.graph.get_or_insert_with(Default::default);
+    graph.initializer = model
+        .graph()
+        .initializer
+        .iter()
+        .zip(&used)
+        .filter(|(_, &u)| u)
+        .map(|(t, _)| tensor_to_pb(t))
+        .chain(results)
+        .collect();
+    Ok(out)
+}
+
+/// What [`tract_proto_with`] and [`Runner::new_lending`] hand tract besides the main graph's
+/// initializers: the skeleton ([`pb_skeleton`]) without the DequantizeLinear nodes folded
+/// (when `fold_dequantize`), which of the initializers tract needs (those only folded nodes
+/// read, the int8 weights, are left out), and the folded results as initializers.
+fn tract_parts(
+    model: &Model,
+    fold_dequantize: bool,
+) -> Result<(
+    tract_onnx::pb::ModelProto,
+    Vec<bool>,
+    Vec<tract_onnx::pb::TensorProto>,
+)> {
     let g = model.graph();
     let mut out = pb_skeleton(model)?;
-    let graph = out.graph.get_or_insert_with(Default::default);
+    let all = vec![true; g.initializer.len()];
     if !fold_dequantize {
-        graph.initializer = g.initializer.iter().map(tensor_to_pb).collect();
-        return Ok(out);
+        return Ok((out, all, Vec::new()));
     }
     let index = Graph::of_model(model);
     let mut folded: Vec<bool> = vec![false; g.node.len()];
@@ -49,13 +74,15 @@ fn tract_proto_with(model: &Model, fold_dequantize: bool) -> Result<tract_onnx::
     for (i, n) in g.node.iter().enumerate() {
         if let Some(t) = dequantized_constant(&index, n) {
             folded[i] = true;
-            results.push(tensor_to_pb(&t.to_proto(&n.output[0])));
+            let mut proto = t.to_proto(&n.output[0]);
+            drop(t);
+            results.push(tensor_to_pb_moved(&mut proto));
         }
     }
     if results.is_empty() {
-        graph.initializer = g.initializer.iter().map(tensor_to_pb).collect();
-        return Ok(out);
+        return Ok((out, all, results));
     }
+    let graph = out.graph.get_or_insert_with(Default::default);
     let mut keep = folded.iter().map(|f| !f);
     graph.node.retain(|_| keep.next().unwrap_or(true));
     // Initializers only the folded nodes read (the int8 weights) are left out.
@@ -73,14 +100,12 @@ fn tract_proto_with(model: &Model, fold_dequantize: bool) -> Result<tract_onnx::
     }
     used.extend(g.output.iter().map(|o| o.name.as_str()));
     used.extend(g.input.iter().map(|o| o.name.as_str()));
-    graph.initializer = g
+    let used = g
         .initializer
         .iter()
-        .filter(|t| used.contains(t.name.as_str()))
-        .map(tensor_to_pb)
-        .chain(results)
+        .map(|t| used.contains(t.name.as_str()))
         .collect();
-    Ok(out)
+    Ok((out, used, results))
 }
 
 /// The float value of a DequantizeLinear node whose inputs are all constant initializers
@@ -473,28 +498,41 @@ impl Runner {
 
     /// [`Runner::new`] lending `model`'s initializer data to tract instead of copying it: the
     /// data moves into tract's protobuf message, tract makes its own tensors from it, and it
-    /// moves back, so preparing the runner never holds a third copy of the weights. `model`
-    /// is as it was afterwards, whatever happened.
+    /// moves back, so preparing the runner never holds a third copy of the weights. Constant
+    /// DequantizeLinear nodes are folded as [`Runner::new`] folds them. `model` is as it was
+    /// afterwards, whatever happened.
     pub fn new_lending(
         model: &mut Model,
         sample: &Sample,
         extra_outputs: &[String],
     ) -> Result<Runner> {
         let prepared = Prepared::new(model, sample, extra_outputs)?;
-        let mut proto = pb_skeleton(model)?;
+        let (mut proto, used, results) = tract_parts(model, true)?;
         let graph = proto.graph.get_or_insert_with(Default::default);
         graph.initializer = model
             .graph_mut()
             .initializer
             .iter_mut()
-            .map(tensor_to_pb_moved)
+            .zip(&used)
+            .filter(|(_, &u)| u)
+            .map(|(t, _)| tensor_to_pb_moved(t))
+            .chain(results)
             .collect();
         let mut lent = Vec::new();
         let typed = prepared.parse_keeping(&proto);
         if let Some(g) = proto.graph.as_mut() {
             lent = std::mem::take(&mut g.initializer);
         }
-        for (ours, theirs) in model.graph_mut().initializer.iter_mut().zip(lent) {
+        drop(proto);
+        // the lent tensors come first, in order; the folded results after them are dropped
+        let ours = model
+            .graph_mut()
+            .initializer
+            .iter_mut()
+            .zip(&used)
+            .filter(|(_, &u)| u)
+            .map(|(t, _)| t);
+        for (ours, theirs) in ours.zip(lent) {
             give_back(ours, theirs);
         }
         let typed = typed
@@ -1024,6 +1062,12 @@ mod dequantize_fold_tests {
                     "element {k}, per axis {per_axis}"
                 );
             }
+            // lending folds alike, and gives back the int8 weights it left out
+            let mut lent = m.clone();
+            let before = lent.to_bytes().unwrap();
+            let runner = Runner::new_lending(&mut lent, &sample, &[]).unwrap();
+            assert_eq!(runner.run(&sample).unwrap(), vec![out[0].1.clone()]);
+            assert_eq!(lent.to_bytes().unwrap(), before);
         }
     }
 }

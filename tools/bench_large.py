@@ -13,7 +13,7 @@ peak RSS), in this order, each reading the previous step's output:
   fuse      qfold fuse model.onnx -o fused.onnx
   fuse+check qfold fuse model.onnx -o fused_checked.onnx --check (both models run in tract)
   check     qfold check model.onnx fused.onnx --random 1
-  quantize  qfold quantize fused.onnx -o q.onnx --calib-random 2 --no-fuse (QDQ, per-channel)
+  quantize  qfold quantize fused.onnx -o q.onnx --calib-random 4 --no-fuse (QDQ, per-channel)
   convert   qfold convert q.onnx -o qop.onnx --check
 Prints a markdown table. Needs /usr/bin/time (apt-get install time) and numpy + onnx to generate.
 
@@ -121,7 +121,7 @@ def main() -> int:
         "fuse": [qfold, "fuse", str(model), "-o", w("fused.onnx"), "-q"],
         "fuse+check": [qfold, "fuse", str(model), "-o", w("fused_checked.onnx"), "--check", "-q"],
         "check": [qfold, "check", str(model), w("fused.onnx"), "--random", "1", "-q"],
-        "quantize": [qfold, "quantize", w("fused.onnx"), "-o", w("q.onnx"), "--calib-random", "2",
+        "quantize": [qfold, "quantize", w("fused.onnx"), "-o", w("q.onnx"), "--calib-random", "4",
                      "--no-fuse", "-q"],
         "convert": [qfold, "convert", w("q.onnx"), "-o", w("qop.onnx"), "--check", "-q"],
     }

@@ -315,11 +315,25 @@ pub struct Prepared {
 }
 
 /// Fuses (unless disabled), equalizes (when asked), plans and raises the opset: the steps of
-/// [`quantize`] before calibration. `model` is not changed.
+/// [`quantize`] before calibration. `model` is not changed (it is copied: [`prepare_owned`]
+/// works on the model itself).
 pub fn prepare(model: &Model, opts: &QuantizeOptions) -> Result<Prepared> {
+    check_prepare(model, opts)?;
+    prepare_checked(model.clone(), opts)
+}
+
+/// [`prepare`] working on `model` itself: no copy of it is made.
+pub fn prepare_owned(model: Model, opts: &QuantizeOptions) -> Result<Prepared> {
+    check_prepare(&model, opts)?;
+    prepare_checked(model, opts)
+}
+
+fn check_prepare(model: &Model, opts: &QuantizeOptions) -> Result<()> {
     check_quantizable(model)?;
-    plan::check_op_types(&Graph::of_model(model), &opts.exclude_op_types)?;
-    let mut float = model.clone();
+    plan::check_op_types(&Graph::of_model(model), &opts.exclude_op_types)
+}
+
+fn prepare_checked(mut float: Model, opts: &QuantizeOptions) -> Result<Prepared> {
     if opts.inputs_as_constants && !opts.fuse {
         crate::graph::constants::inputs_as_constants(&mut float);
     }
@@ -390,31 +404,56 @@ pub fn calibrate_prepared(
     calibration: Calibration,
     opts: &QuantizeOptions,
 ) -> Result<(Ranges, bool)> {
-    let values = prepared.plan.calibrated_values();
-    let float = &prepared.float;
+    calibrate_float(
+        Float::Shared(&prepared.float),
+        &prepared.plan,
+        calibration,
+        opts,
+    )
+}
+
+/// [`calibrate_prepared`] lending `prepared.float`'s weights to tract rather than copying
+/// them ([`calibrate::calibrate_lending`]); `prepared` is as it was afterwards.
+pub fn calibrate_prepared_lending(
+    prepared: &mut Prepared,
+    calibration: Calibration,
+    opts: &QuantizeOptions,
+) -> Result<(Ranges, bool)> {
+    let Prepared { float, plan, .. } = prepared;
+    calibrate_float(Float::Lent(float), plan, calibration, opts)
+}
+
+/// How [`calibrate_float`] has the float model: tract copies or borrows its weights.
+enum Float<'a> {
+    Shared(&'a Model),
+    Lent(&'a mut Model),
+}
+
+fn calibrate_float(
+    float: Float<'_>,
+    plan: &QuantPlan,
+    calibration: Calibration,
+    opts: &QuantizeOptions,
+) -> Result<(Ranges, bool)> {
+    let values = plan.calibrated_values();
+    let mut float = float;
+    fn run<S: crate::verify::SampleSource + ?Sized>(
+        float: &mut Float<'_>,
+        values: &[String],
+        samples: &S,
+        opts: &QuantizeOptions,
+    ) -> Result<Ranges> {
+        let (method, target, threads) = (opts.method, opts.target(), opts.threads);
+        match float {
+            Float::Shared(m) => calibrate::calibrate(m, values, samples, method, target, threads),
+            Float::Lent(m) => {
+                calibrate::calibrate_lending(m, values, samples, method, target, threads)
+            }
+        }
+    }
     let (ranges, from_file) = match calibration {
-        Calibration::Samples(samples) => (
-            calibrate::calibrate(
-                float,
-                &values,
-                samples,
-                opts.method,
-                opts.target(),
-                opts.threads,
-            )?,
-            false,
-        ),
-        Calibration::Source(samples) => (
-            calibrate::calibrate(
-                float,
-                &values,
-                samples,
-                opts.method,
-                opts.target(),
-                opts.threads,
-            )?,
-            false,
-        ),
+        Calibration::Samples(samples) => (run(&mut float, &values, samples, opts)?, false),
+        Calibration::Source(samples) => (run(&mut float, &values, samples, opts)?, false),
         Calibration::Ranges(r) => {
             if let Some(missing) = values.iter().find(|v| !r.ranges.contains_key(*v)) {
                 return Err(Error::Usage(format!(
@@ -429,6 +468,10 @@ pub fn calibrate_prepared(
             }
             return Ok((r.clone(), false));
         }
+    };
+    let float: &Model = match &float {
+        Float::Shared(m) => m,
+        Float::Lent(m) => m,
     };
     // A model's outputs are what the user reads: clipping them (as percentile, entropy and L2
     // do to intermediate activations) changes answers, so they keep the observed range.
@@ -462,9 +505,27 @@ pub fn emit(
     ranges: &Ranges,
     opts: &QuantizeOptions,
 ) -> Result<(Model, QdqReport)> {
-    let mut quantized = prepared.float.clone();
+    materialize_float(
+        prepared.float.clone(),
+        prepared.upgraded.as_ref(),
+        plan,
+        ranges,
+        opts,
+    )
+}
+
+/// Turns the float model `float` (prepared, raised to the opset `upgraded` says) into its QDQ
+/// form in place.
+fn materialize_float(
+    float: Model,
+    upgraded: Option<&(i64, i64, Vec<String>)>,
+    plan: &QuantPlan,
+    ranges: &Ranges,
+    opts: &QuantizeOptions,
+) -> Result<(Model, QdqReport)> {
+    let mut quantized = float;
     let mut qdq = qdq::materialize(&mut quantized, plan, &ranges.ranges, &opts.qdq_options())?;
-    if let Some((from, to, r)) = &prepared.upgraded {
+    if let Some((from, to, r)) = upgraded {
         qdq.opset = Some((*from, *to));
         qdq.upgraded = r.clone();
     }
@@ -472,13 +533,33 @@ pub fn emit(
 }
 
 /// Fuses (unless disabled), plans, calibrates and emits a QDQ model. Returns the quantized
-/// model, the ranges used and the report; `model` is not changed.
+/// model, the ranges used and the report; `model` is not changed (it is copied:
+/// [`quantize_owned`] turns the model itself into the quantized one).
 pub fn quantize(
     model: &Model,
     calibration: Calibration,
     opts: &QuantizeOptions,
 ) -> Result<(Model, Ranges, QuantizeReport)> {
-    let mut prepared = prepare(model, opts)?;
+    quantize_prepared(prepare(model, opts)?, calibration, opts)
+}
+
+/// [`quantize`] turning `model` itself into the quantized model: no copy of it is made, and
+/// calibration lends its weights to tract, so the float weights are held once by qfold and
+/// once by tract at most.
+pub fn quantize_owned(
+    model: Model,
+    calibration: Calibration,
+    opts: &QuantizeOptions,
+) -> Result<(Model, Ranges, QuantizeReport)> {
+    quantize_prepared(prepare_owned(model, opts)?, calibration, opts)
+}
+
+fn quantize_prepared(
+    prepared: Prepared,
+    calibration: Calibration,
+    opts: &QuantizeOptions,
+) -> Result<(Model, Ranges, QuantizeReport)> {
+    let mut prepared = prepared;
     let bias_samples = match (&calibration, opts.corrects_biases()) {
         (Calibration::Samples(s), true) => Some(BiasSamples::Samples(s)),
         (Calibration::Source(s), true) => Some(BiasSamples::Source(*s)),
@@ -491,7 +572,7 @@ pub fn quantize(
         }
         _ => None,
     };
-    let (ranges, from_file) = calibrate_prepared(&prepared, calibration, opts)?;
+    let (ranges, from_file) = calibrate_prepared_lending(&mut prepared, calibration, opts)?;
     let bias_correction = match bias_samples {
         Some(s) => {
             let _p = crate::progress::phase("correcting biases for weight quantization");
@@ -510,17 +591,18 @@ pub fn quantize(
         // new bias initializers may have new names
         prepared.plan = plan::plan(&prepared.float, &opts.plan_options())?;
     }
-    let (quantized, qdq) = {
-        let _p = crate::progress::phase("inserting QuantizeLinear / DequantizeLinear");
-        emit(&prepared, &prepared.plan, &ranges, opts)?
-    };
     let Prepared {
+        float,
         plan,
         fusion,
         equalization,
+        upgraded,
         decomposed,
-        ..
     } = prepared;
+    let (quantized, qdq) = {
+        let _p = crate::progress::phase("inserting QuantizeLinear / DequantizeLinear");
+        materialize_float(float, upgraded.as_ref(), &plan, &ranges, opts)?
+    };
     let report = QuantizeReport {
         options: opts.clone(),
         fusion,
