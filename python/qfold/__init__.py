@@ -303,7 +303,7 @@ def quantize(
     fuse=True,
     threads=0,
     equalize=None,
-    bias_correction=False,
+    bias_correction=None,
     eval=None,
     eval_labels=None,
     labels=None,
@@ -340,7 +340,8 @@ def quantize(
     written, without it the model is written first.
 
     Accuracy tools: ``equalize`` (cross-layer equalization; None: the preset's),
-    ``bias_correction``, ``report_layers`` (the per-tensor table of :func:`analyze` in
+    ``bias_correction`` (None: on with equalization, else off; True / False force it),
+    ``report_layers`` (the per-tensor table of :func:`analyze` in
     ``layers``, variants run on ``samples`` evaluation samples), ``target_sqnr`` (dB) /
     ``target_accuracy`` (percent): leave float the fewest layers that reach it, keeping at
     least ``min_quantized`` percent of Conv/Gemm/MatMul quantized; a missed target raises
@@ -382,7 +383,7 @@ def quantize(
         "fuse": bool(fuse),
         "threads": int(threads),
         "equalize": None if equalize is None else bool(equalize),
-        "bias_correction": bool(bias_correction),
+        "bias_correction": None if bias_correction is None else bool(bias_correction),
     }
     accuracy = {
         "report_layers": bool(report_layers),
@@ -514,6 +515,6 @@ def analyze(
         "fuse": bool(fuse),
         "threads": int(threads),
         "equalize": None if equalize is None else bool(equalize),
-        "bias_correction": False,
+        "bias_correction": None,
     }
     return json.loads(_run(_native.analyze, _path(path), settings, calib, eval_spec, int(samples)))

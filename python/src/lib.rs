@@ -252,7 +252,8 @@ struct Settings {
     fuse: bool,
     threads: usize,
     equalize: Option<bool>,
-    bias_correction: bool,
+    /// None: the default (on with equalization); true: on; false: off, even with equalization.
+    bias_correction: Option<bool>,
 }
 
 /// The accuracy tools' options of `quantize` (issue 11), from a dict with every key.
@@ -325,8 +326,8 @@ impl From<Settings> for QuantizeSettings {
             inputs_as_constants: false,
             threads: s.threads,
             equalize: s.equalize,
-            bias_correction: s.bias_correction,
-            no_bias_correction: false,
+            bias_correction: s.bias_correction == Some(true),
+            no_bias_correction: s.bias_correction == Some(false),
         }
     }
 }

@@ -213,6 +213,14 @@ def test_analyze_and_accuracy_options(tmp_path, calib):
     assert r["quantization"]["equalization"]["pairs"]
     assert len(r["quantization"]["bias_correction"]["layers"]) == 5
     assert sqnr(r) > 39.0  # 40.81 dB measured; per-tensor without either: 38.20 dB
+    # equalization corrects biases by default; bias_correction=False turns it off
+    r = qfold.quantize(MODEL, tmp_path / "e.onnx", {"input": calib}, eval=DIGITS / "eval",
+                       equalize=True, per_channel=False)
+    assert len(r["quantization"]["bias_correction"]["layers"]) == 5
+    r = qfold.quantize(MODEL, tmp_path / "nb.onnx", {"input": calib}, eval=DIGITS / "eval",
+                       equalize=True, bias_correction=False, per_channel=False)
+    assert "bias_correction" not in r["quantization"]
+    assert 36.0 < sqnr(r) < 39.0  # 37.29 dB measured: equalization alone
     r = qfold.quantize(MODEL, tmp_path / "t.onnx", {"input": calib}, eval=DIGITS / "eval",
                        target_sqnr=41, report_layers=True, samples=2)
     assert r["target"]["met"] and sqnr(r) >= 41
