@@ -20,7 +20,7 @@
 //! Passes ([`Pass`], [`run_with`]: constant folding, canonical bias shapes) run first, each
 //! planned on the current index; one that changes nothing hands its index on, so a graph with
 //! nothing to fold is indexed once for the passes and the first sweep. A sweep's merged patch is
-//! validated against the sweep's own index ([`Patch::precheck`]) and applied in place when it
+//! validated against the sweep's own index (`Patch::precheck`) and applied in place when it
 //! keeps the stored order; otherwise [`Patch::apply`] sorts it.
 //!
 //! Nodes that fail their op spec ([`super::spec`]) are never matched as that op; the engine lists
