@@ -250,16 +250,7 @@ impl Patch {
         if order.iter().enumerate().all(|(k, &i)| k == i) {
             // The order is the stored one (the common case): edit the node list in place
             // rather than building a second one of the whole graph.
-            for (k, (i, node)) in std::mem::take(&mut self.replaced).into_iter().enumerate() {
-                if fate[i] == k {
-                    g.node[i] = node;
-                }
-            }
-            if !self.removed.is_empty() {
-                let mut fates = fate.iter();
-                g.node.retain(|_| fates.next() != Some(&REMOVED));
-            }
-            g.node.append(&mut self.added);
+            self.edit_nodes_in_place(g, &fate, None);
         } else {
             let mut old = std::mem::take(&mut g.node);
             let mut added = std::mem::take(&mut self.added);
@@ -273,14 +264,52 @@ impl Patch {
                 })
                 .collect();
         }
-        g.initializer.append(&mut self.initializers);
+        self.place_initializers(g, replaced_at);
+        sweep(g);
+        self.debug_check(g)
+    }
+
+    /// Puts the replacements where their nodes were (by `fate`: the last replacement of a node
+    /// wins), drops the nodes marked [`REMOVED`] and appends the added nodes (those
+    /// `keep_added` keeps, all without it).
+    fn edit_nodes_in_place(
+        &mut self,
+        g: &mut GraphProto,
+        fate: &[usize],
+        keep_added: Option<&[bool]>,
+    ) {
+        for (k, (i, node)) in std::mem::take(&mut self.replaced).into_iter().enumerate() {
+            if fate.get(i) == Some(&k) {
+                g.node[i] = node;
+            }
+        }
+        if fate.contains(&REMOVED) {
+            let mut fates = fate.iter();
+            g.node.retain(|_| fates.next() != Some(&REMOVED));
+        }
+        let mut keep = keep_added.map(|k| k.iter());
+        g.node.extend(
+            std::mem::take(&mut self.added)
+                .into_iter()
+                .filter(|_| keep.as_mut().is_none_or(|k| k.next() == Some(&true))),
+        );
+    }
+
+    /// Writes the replaced initializers at `replaced_at` and appends the new ones.
+    fn place_initializers(&mut self, g: &mut GraphProto, replaced_at: Vec<usize>) {
         for (t, i) in std::mem::take(&mut self.replaced_initializers)
             .into_iter()
             .zip(replaced_at)
         {
-            g.initializer[i] = t;
+            if let Some(slot) = g.initializer.get_mut(i) {
+                *slot = t;
+            }
         }
-        sweep(g);
+        g.initializer.append(&mut self.initializers);
+    }
+
+    /// In debug builds, the patched graph must pass [`Graph::check`].
+    fn debug_check(&self, g: &GraphProto) -> Result<()> {
         if cfg!(debug_assertions) {
             Graph::new(g)
                 .check()
@@ -589,35 +618,12 @@ impl Patch {
         {
             return Err(self.err("the patch was checked against another graph"));
         }
-        for (k, (i, node)) in std::mem::take(&mut self.replaced).into_iter().enumerate() {
-            if fate[i] == k {
-                g.node[i] = node;
-            }
-        }
-        let mut fates = fate.iter();
-        g.node.retain(|_| fates.next() != Some(&REMOVED));
-        let mut keep = keep_added.iter();
-        g.node.extend(
-            std::mem::take(&mut self.added)
-                .into_iter()
-                .filter(|_| keep.next() == Some(&true)),
-        );
-        for (t, i) in std::mem::take(&mut self.replaced_initializers)
-            .into_iter()
-            .zip(replaced_at)
-        {
-            g.initializer[i] = t;
-        }
-        g.initializer.append(&mut self.initializers);
+        self.edit_nodes_in_place(g, &fate, Some(&keep_added));
+        self.place_initializers(g, replaced_at);
         retain_marked(&mut g.initializer, &keep_init);
         retain_marked(&mut g.input, &keep_input);
         retain_marked(&mut g.value_info, &keep_vi);
-        if cfg!(debug_assertions) {
-            Graph::new(g)
-                .check()
-                .map_err(|e| self.err(format!("the patched graph fails its check: {e}")))?;
-        }
-        Ok(())
+        self.debug_check(g)
     }
 }
 
