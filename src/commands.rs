@@ -529,6 +529,63 @@ pub struct TargetJob {
     pub write_best: bool,
 }
 
+impl TargetJob {
+    /// The target search the user asked for, checked: `None` without a target. Percentages
+    /// are as the user gives them (`accuracy_pct` in (0, 100], `min_quantized_pct` in
+    /// [0, 100]). `flag` spells an option for messages (`--target-sqnr` on the command line,
+    /// `target_sqnr` in Python) and `sep` joins it to a value (`" "`, `"="`).
+    pub fn checked(
+        sqnr_db: Option<f64>,
+        accuracy_pct: Option<f64>,
+        min_quantized_pct: f64,
+        samples: usize,
+        write_best: bool,
+        flag: &dyn Fn(&str) -> String,
+        sep: &str,
+    ) -> Result<Option<TargetJob>> {
+        if sqnr_db.is_none() && accuracy_pct.is_none() {
+            if write_best {
+                return Err(Error::Usage(format!(
+                    "{} needs {} or {}",
+                    flag("write-best"),
+                    flag("target-sqnr"),
+                    flag("target-accuracy")
+                )));
+            }
+            return Ok(None);
+        }
+        if let Some(p) = accuracy_pct {
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(Error::Usage(format!(
+                    "{}{sep}{p}: use a percentage in (0, 100]",
+                    flag("target-accuracy")
+                )));
+            }
+        }
+        if !(0.0..=100.0).contains(&min_quantized_pct) {
+            return Err(Error::Usage(format!(
+                "{}{sep}{min_quantized_pct}: use a percentage in [0, 100]",
+                flag("min-quantized")
+            )));
+        }
+        if sqnr_db.is_some_and(|d| !d.is_finite()) {
+            return Err(Error::Usage(format!(
+                "{}: use a finite number of dB",
+                flag("target-sqnr")
+            )));
+        }
+        Ok(Some(TargetJob {
+            goal: crate::quant::target::Goal {
+                sqnr_db,
+                accuracy: accuracy_pct.map(|p| p / 100.0),
+                min_quantized: min_quantized_pct / 100.0,
+            },
+            samples,
+            write_best,
+        }))
+    }
+}
+
 /// The quantization settings as the command line spells them: a preset and overrides.
 #[derive(Debug, Clone)]
 pub struct QuantizeSettings {

@@ -270,39 +270,16 @@ struct Accuracy {
 
 impl Accuracy {
     fn target(&self) -> PyResult<Option<TargetJob>> {
-        if self.target_sqnr.is_none() && self.target_accuracy.is_none() {
-            if self.write_best {
-                return Err(usage(
-                    "write_best needs target_sqnr or target_accuracy".into(),
-                ));
-            }
-            return Ok(None);
-        }
-        if let Some(p) = self.target_accuracy {
-            if !(p > 0.0 && p <= 100.0) {
-                return Err(usage(format!(
-                    "target_accuracy={p}: use a percentage in (0, 100]"
-                )));
-            }
-        }
-        if self.target_sqnr.is_some_and(|d| !d.is_finite()) {
-            return Err(usage("target_sqnr: use a finite number of dB".into()));
-        }
-        if !(0.0..=100.0).contains(&self.min_quantized) {
-            return Err(usage(format!(
-                "min_quantized={}: use a percentage in [0, 100]",
-                self.min_quantized
-            )));
-        }
-        Ok(Some(TargetJob {
-            goal: qfold::quant::target::Goal {
-                sqnr_db: self.target_sqnr,
-                accuracy: self.target_accuracy.map(|p| p / 100.0),
-                min_quantized: self.min_quantized / 100.0,
-            },
-            samples: self.samples,
-            write_best: self.write_best,
-        }))
+        TargetJob::checked(
+            self.target_sqnr,
+            self.target_accuracy,
+            self.min_quantized,
+            self.samples,
+            self.write_best,
+            &|f| f.replace('-', "_"),
+            "=",
+        )
+        .map_err(err)
     }
 }
 

@@ -199,41 +199,15 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[S
 }
 
 fn target(a: &Args) -> Result<Option<TargetJob>> {
-    if a.target_sqnr.is_none() && a.target_accuracy.is_none() {
-        if a.write_best {
-            return Err(Error::Usage(
-                "--write-best needs --target-sqnr or --target-accuracy".into(),
-            ));
-        }
-        return Ok(None);
-    }
-    if let Some(p) = a.target_accuracy {
-        if !(p > 0.0 && p <= 100.0) {
-            return Err(Error::Usage(format!(
-                "--target-accuracy {p}: use a percentage in (0, 100]"
-            )));
-        }
-    }
-    if !(0.0..=100.0).contains(&a.min_quantized) {
-        return Err(Error::Usage(format!(
-            "--min-quantized {}: use a percentage in [0, 100]",
-            a.min_quantized
-        )));
-    }
-    if a.target_sqnr.is_some_and(|d| !d.is_finite()) {
-        return Err(Error::Usage(
-            "--target-sqnr: use a finite number of dB".into(),
-        ));
-    }
-    Ok(Some(TargetJob {
-        goal: qfold::quant::target::Goal {
-            sqnr_db: a.target_sqnr,
-            accuracy: a.target_accuracy.map(|p| p / 100.0),
-            min_quantized: a.min_quantized / 100.0,
-        },
-        samples: a.samples,
-        write_best: a.write_best,
-    }))
+    TargetJob::checked(
+        a.target_sqnr,
+        a.target_accuracy,
+        a.min_quantized,
+        a.samples,
+        a.write_best,
+        &|f| format!("--{f}"),
+        " ",
+    )
 }
 
 fn print_target(t: &qfold::quant::target::TargetReport) {
