@@ -981,7 +981,9 @@ pub fn quantize_file(
                 &evaluator,
                 t.goal,
             )?;
-            options.exclude.extend(found.exclude.iter().cloned());
+            options
+                .prepared_exclude
+                .extend(found.exclude.iter().cloned());
             ranges_file = found.ranges;
             target = Some(found.report);
             Calibration::Chosen {

@@ -314,6 +314,55 @@ fn unreachable_target_exits_1_and_writes_only_with_write_best() {
 }
 
 #[test]
+fn target_mode_writes_the_searched_model_when_decomposed_hardswish_nodes_stay_float() {
+    // quantize presents HardSwish as x * HardSigmoid(x); the search may leave float the
+    // HardSigmoid it creates ('/HardSwish/HardSigmoid'), a node the model as given does not
+    // have, and the model written must still be the one the search measured
+    let scratch = TempDir::new("target");
+    let out = scratch.join("best.onnx");
+    let model = models_dir().join("real_ops/mbv3_block/model.onnx");
+    let args = [
+        "quantize",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib-random",
+        "2",
+        "--target-sqnr",
+        "300",
+        "--min-quantized",
+        "0",
+        "--samples",
+        "2",
+        "--write-best",
+        "--json",
+    ];
+    let (code, stdout, stderr) = run_qfold(&args);
+    assert_eq!(code, 1, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let left: Vec<&str> = v["target"]["fallback"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["node"].as_str().unwrap())
+        .collect();
+    assert!(
+        left.iter()
+            .any(|n| n.ends_with("/HardSigmoid") && n.contains("HardSwish")),
+        "{left:?}"
+    );
+    // the written model is the searched one: same figure on the same samples
+    let searched = v["target"]["score"]["sqnr_db"].as_f64().unwrap();
+    let written = reported_sqnr(&v);
+    assert!((searched - written).abs() < 1e-6, "{searched} {written}");
+    let m = qfold::onnx::load(&out).unwrap();
+    assert!(
+        count(&m, "HardSigmoid") >= 4,
+        "the HardSwish nodes stay decomposed"
+    );
+}
+
+#[test]
 fn bias_correction_removes_a_systematic_weight_rounding_shift() {
     use qfold::onnx::{ElemType, TensorData};
     use qfold::quant::quantize;

@@ -101,6 +101,7 @@ impl Preset {
             inputs_as_constants: false,
             per_tensor_min_sqnr: None,
             exclude: vec![],
+            prepared_exclude: vec![],
             exclude_op_types: vec![],
             threads: 0,
             equalize: false,
@@ -157,8 +158,13 @@ pub struct QuantizeOptions {
     /// With per-channel weights: weights that quantize per tensor with at least this SQNR
     /// (dB) stay per tensor (the tract preset: its per-tensor integer kernels are faster).
     pub per_tensor_min_sqnr: Option<f64>,
-    /// Node names or module paths left float.
+    /// Node names or module paths left float. A HardSwish named here stays whole.
     pub exclude: Vec<String>,
+    /// Nodes of the prepared model (fused, equalized, HardSwish decomposed) left float: the
+    /// exclusions a target search found, which may name nodes the decomposition creates
+    /// (`HardSwish.14/HardSigmoid`), so unlike `exclude` they keep no HardSwish whole.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prepared_exclude: Vec<String>,
     /// Op types left float.
     pub exclude_op_types: Vec<String>,
     /// Calibration threads (0: every core).
@@ -196,7 +202,12 @@ impl QuantizeOptions {
             symmetric_activations: self.symmetric_activations,
             per_channel: self.per_channel,
             int32_bias: self.int32_bias,
-            exclude: self.exclude.clone(),
+            exclude: self
+                .exclude
+                .iter()
+                .chain(&self.prepared_exclude)
+                .cloned()
+                .collect(),
             exclude_op_types: self.exclude_op_types.clone(),
             per_tensor_min_sqnr: self.per_tensor_min_sqnr,
         }
