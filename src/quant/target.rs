@@ -13,7 +13,9 @@
 //!    of the nodes already left float and the best is added. Conv, ConvTranspose, Gemm and
 //!    MatMul cost 1 (they are the compute that quantization speeds up); other nodes cost 0.1.
 //!    At least `min_quantized` of the compute nodes stay quantized: when the target needs
-//!    more fallback than that, it is unreachable.
+//!    more fallback than that, it is unreachable, and the search returns the best state it
+//!    passed through (on models whose output reacts chaotically to rounding, later steps
+//!    can lose what earlier ones gained).
 //! 4. Once the target is met, each node left float is tried quantized again (in the order
 //!    they were added) and stays quantized if the target still holds: the fewest are left.
 //!
@@ -388,6 +390,9 @@ pub fn search<S: SampleSource + ?Sized>(
         ((1.0 - goal.min_quantized.clamp(0.0, 1.0)) * compute_total as f64 + 1e-9).floor() as usize;
     let mut compute_float = 0usize;
     let mut steps = 0;
+    // the best state seen: steps taken, and its score (a missed target keeps it, not the
+    // last one: past the best, each step may only lose)
+    let mut best = (0usize, current);
     while !goal.met(&current) && steps < MAX_STEPS {
         steps += 1;
         // the best few by estimated gain per cost, re-measured on top of the current set
@@ -453,6 +458,14 @@ pub fn search<S: SampleSource + ?Sized>(
                 }
             ),
         });
+        if goal.merit(&current) > goal.merit(&best.1) {
+            best = (float.len(), current);
+        }
+    }
+    if !goal.met(&current) && best.0 < float.len() {
+        float.truncate(best.0);
+        float_set = float.iter().map(|f| f.node.clone()).collect();
+        current = best.1;
     }
     // Pruning: put back each node whose fallback the target no longer needs.
     let mut restored = Vec::new();
