@@ -83,8 +83,19 @@ fn tract_parts(
         return Ok((out, all, results));
     }
     let graph = out.graph.get_or_insert_with(Default::default);
-    let mut keep = folded.iter().map(|f| !f);
-    graph.node.retain(|_| keep.next().unwrap_or(true));
+    // by output, not position: the skeleton's node list may differ from the model's (a
+    // Softmax next to quantization decomposed, see `skeleton_only`)
+    let gone: std::collections::HashSet<&str> = g
+        .node
+        .iter()
+        .zip(&folded)
+        .filter(|(_, &f)| f)
+        .map(|(n, _)| n.output[0].as_str())
+        .collect();
+    graph.node.retain(|n| {
+        !(n.op_type == "DequantizeLinear"
+            && n.output.first().is_some_and(|o| gone.contains(o.as_str())))
+    });
     // Initializers only the folded nodes read (the int8 weights) are left out.
     let mut used: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for (i, n) in g.node.iter().enumerate() {
@@ -818,7 +829,9 @@ fn skeleton_only(model: &Model) -> crate::onnx::proto::ModelProto {
     let g = model.graph();
     let mut graph = GraphProto::new();
     graph.name = g.name.clone();
-    graph.node = g.node.clone();
+    // what tract runs wrongly, rewritten as the same function in float
+    graph.node = crate::quant::decompose::softmax_for_tract(g, model.opset().unwrap_or(0))
+        .unwrap_or_else(|| g.node.clone());
     graph.input = g.input.clone();
     graph.output = g.output.clone();
     graph.value_info = g.value_info.clone();

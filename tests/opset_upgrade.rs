@@ -380,7 +380,7 @@ fn where_tract_runs_the_old_opset_it_gives_the_same_outputs_before_and_after() {
 #[test]
 fn a_softmax_over_an_inner_axis_before_a_conv_quantizes_per_channel() {
     // Conv -> Softmax(axis 1) -> Conv at opset 11: the upgrade writes Flatten -> Softmax ->
-    // Reshape, and the Reshape, reading a Softmax output (float), stays float.
+    // Reshape; the Softmax, now over one axis, is quantized, and the Reshape with it.
     let mut m = model_of(
         vec![
             node_of("Conv", "conv1", &["x", "w1"], &["c"], vec![]),
@@ -411,11 +411,16 @@ fn a_softmax_over_an_inner_axis_before_a_conv_quantizes_per_channel() {
     .unwrap();
     assert_eq!(report.qdq.opset, Some((11, 13)));
     assert!(
-        report
+        report.plan.quantized.iter().any(|n| n == "soft"),
+        "{:?}",
+        report.plan.float
+    );
+    assert!(
+        !report
             .plan
             .float
             .iter()
-            .any(|(n, why)| n.starts_with("soft_reshape") && why.contains("Softmax")),
+            .any(|(n, _)| n == "soft" || n.starts_with("soft_reshape")),
         "{:?}",
         report.plan.float
     );
@@ -425,7 +430,8 @@ fn a_softmax_over_an_inner_axis_before_a_conv_quantizes_per_channel() {
         qfold::verify::Criterion::MinSqnr { db: 0.0 },
     );
     let sqnr = c.outputs[0].sqnr_db.expect("quantized");
-    assert!(sqnr > 25.0, "SQNR {sqnr}");
+    // 23.07 dB with the Softmax's input and output rounded too (above 25 with it float)
+    assert!(sqnr > 22.0, "SQNR {sqnr}");
 }
 
 /// Every committed model and every fuzz crasher, and mangled copies of the upgrade cases

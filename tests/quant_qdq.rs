@@ -539,11 +539,8 @@ fn per_tensor_min_sqnr_picks_the_granularity_per_weight() {
     assert_eq!(mid, expected);
 }
 
-#[test]
-fn softmax_outputs_are_never_quantized() {
-    // tract evaluates DequantizeLinear -> Softmax -> QuantizeLinear as a lookup table, which is
-    // wrong; the plan marks nothing a Softmax produces, even when its reader is quantized.
-    let m = model_of(
+fn softmax_model() -> Model {
+    model_of(
         vec![
             node_of("Add", "add", &["x", "b"], &["s"], vec![]),
             node_of("Softmax", "softmax", &["s"], &["p"], vec![int("axis", 1)]),
@@ -561,7 +558,16 @@ fn softmax_outputs_are_never_quantized() {
         ],
         value_info("x", ElemType::F32, &[2, 4]),
         "y",
-    );
+    )
+}
+
+#[test]
+fn softmax_is_quantized_on_0_1_and_checked_right_in_tract() {
+    // As ONNX Runtime's QDQ quantizer does: the Softmax's input and output are quantized, the
+    // output on the fixed range [0, 1] (scale 1/255, zero point 0 for u8), whatever the
+    // calibration saw. tract evaluates DequantizeLinear -> Softmax -> QuantizeLinear wrongly
+    // (next test); qfold's runs in tract see that Softmax decomposed, so the check is right.
+    let m = softmax_model();
     let s: Vec<_> = verify::random_cases(&m, 4, 0, &Default::default())
         .unwrap()
         .into_iter()
@@ -569,18 +575,14 @@ fn softmax_outputs_are_never_quantized() {
         .collect();
     let (q, _, report) =
         quantize(&m, Calibration::Samples(&s), &QuantizeOptions::default()).unwrap();
-    assert!(report.plan.quantized.contains(&"mul".to_string()));
+    assert!(report.plan.quantized.contains(&"softmax".to_string()));
+    assert!(report.plan.activations.contains_key("p"));
+    assert!(report.plan.activations.contains_key("s"));
+    let (scale, zp) = report.qdq.activation_params["p"];
     assert!(
-        !report.plan.activations.contains_key("p"),
-        "{:?}",
-        report.plan.activations.keys()
+        (scale - 1.0 / 255.0).abs() < 1e-9 && zp == 0,
+        "{scale} {zp}"
     );
-    assert!(q
-        .graph()
-        .node
-        .iter()
-        .filter(|n| n.op_type == "QuantizeLinear")
-        .all(|n| !n.input[0].starts_with('p')));
     let cases = verify::random_cases(&m, 2, 9, &Default::default()).unwrap();
     for c in &cases {
         let cmp = compare(
@@ -590,15 +592,21 @@ fn softmax_outputs_are_never_quantized() {
         );
         assert!(cmp.passed, "{:?}", cmp.outputs);
     }
+    // the tract preset keeps it float, as tract's own Softmax is the fast one
+    let (_, _, report) = quantize(&m, Calibration::Samples(&s), &Preset::Tract.options()).unwrap();
+    assert!(!report.plan.activations.contains_key("p"));
+    assert!(report
+        .plan
+        .float
+        .iter()
+        .any(|(n, why)| n == "softmax" && why.contains("preset keeps Softmax float")));
 }
 
-#[test]
-fn tract_still_gets_dequantize_softmax_quantize_wrong() {
-    // The reason for the rule above, kept honest: if a tract upgrade fixes it, this fails and
-    // the Softmax restriction can go.
+/// DequantizeLinear -> Softmax -> QuantizeLinear -> DequantizeLinear on a [2, 5] input.
+fn qdq_softmax_model() -> Model {
     let u8s = |v: u8| TensorData::U8(ndarray::arr0(v).into_dyn());
     let f32s = |v: f32| TensorData::F32(ndarray::arr0(v).into_dyn());
-    let m = model_of(
+    model_of(
         vec![
             node_of("QuantizeLinear", "qx", &["x", "s", "z"], &["xq"], vec![]),
             node_of(
@@ -626,11 +634,12 @@ fn tract_still_gets_dequantize_softmax_quantize_wrong() {
         ],
         value_info("x", ElemType::F32, &[2, 5]),
         "y",
-    );
-    let c = &verify::random_cases(&m, 1, 0, &Default::default()).unwrap()[0];
-    let x = c.inputs[0].1.to_f64();
-    let got = run(&m, c)[0].to_f64();
-    // the right answer: softmax of the dequantized input, each row summing to about 1
+    )
+}
+
+/// The largest difference between `got` and the softmax of `x` quantized as
+/// [`qdq_softmax_model`] quantizes it.
+fn softmax_error(x: &ndarray::ArrayD<f64>, got: &ndarray::ArrayD<f64>) -> f64 {
     let mut worst = 0.0f64;
     for (row_x, row_y) in x.outer_iter().zip(got.outer_iter()) {
         let xd: Vec<f64> = row_x
@@ -645,8 +654,40 @@ fn tract_still_gets_dequantize_softmax_quantize_wrong() {
             worst = worst.max((ei / sum - yi).abs());
         }
     }
+    worst
+}
+
+#[test]
+fn tract_still_gets_dequantize_softmax_quantize_wrong_and_qfold_runs_it_right() {
+    // The reason for the decomposition qfold hands tract, kept honest: tract itself, given the
+    // model as it is, gets it wrong; if a tract upgrade fixes it, this fails and the
+    // decomposition can go.
+    use tract_onnx::prelude::*;
+    let m = qdq_softmax_model();
+    let c = &verify::random_cases(&m, 1, 0, &Default::default()).unwrap()[0];
+    let x = c.inputs[0].1.to_f64();
+    let bytes = m.to_bytes().unwrap();
+    let raw = tract_onnx::onnx()
+        .model_for_read(&mut bytes.as_slice())
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let input: Tensor = x.mapv(|v| v as f32).into_tensor();
+    let out = raw.run(tvec![input.into()]).unwrap();
+    let got = out[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .mapv(|v| v as f64)
+        .into_dyn();
+    let worst = softmax_error(&x, &got);
     assert!(
         worst > 0.3,
-        "tract now gets it right (max error {worst}): lift the Softmax rule"
+        "tract now gets it right (max error {worst}): the Softmax decomposition can go"
     );
+    // qfold's run: right to the output's rounding (half a step of 1/255)
+    let got = run(&m, c)[0].to_f64();
+    let worst = softmax_error(&x, &got);
+    assert!(worst <= 0.5 / 255.0 + 1e-6, "max error {worst}");
 }

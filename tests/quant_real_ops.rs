@@ -261,9 +261,9 @@ fn activation_functions_and_instance_norm_get_their_own_parameters() {
     }
 }
 
-#[test]
-fn softmax_stays_float_and_the_report_groups_float_ops() {
-    let m = model_of(
+/// Conv -> Softmax(axis 1) -> Shape / Reshape, at `opset`.
+fn softmax_reshape(opset: i64) -> qfold::onnx::Model {
+    let mut m = model_of(
         vec![
             node_of("Conv", "conv", &["x", "w"], &["c"], vec![]),
             node_of("Softmax", "sm", &["c"], &["s"], vec![int("axis", 1)]),
@@ -274,12 +274,19 @@ fn softmax_stays_float_and_the_report_groups_float_ops() {
         value_info("x", ElemType::F32, &[1, 4, 4, 4]),
         "y",
     );
-    let p = plan(&m, &opts()).unwrap();
+    m.proto.opset_import[0].version = opset;
+    m
+}
+
+#[test]
+fn softmax_float_where_the_preset_or_the_opset_says_and_the_report_groups_float_ops() {
+    let tract = qfold::quant::Preset::Tract.options().plan_options();
+    let p = plan(&softmax_reshape(13), &tract).unwrap();
     assert!(!p.activations.contains_key("s"));
     let sm = &p.float_by_op["Softmax"];
     assert_eq!(sm.count, 1);
     assert!(
-        sm.reasons[0].contains("tract evaluates a QDQ Softmax wrongly"),
+        sm.reasons[0].contains("the preset keeps Softmax float"),
         "{sm:?}"
     );
     assert_eq!(p.float_by_op["Shape"].count, 1);
@@ -290,8 +297,21 @@ fn softmax_stays_float_and_the_report_groups_float_ops() {
     assert!(
         summary
             .iter()
-            .any(|l| l.starts_with("Softmax 1 (tract evaluates")),
+            .any(|l| l.starts_with("Softmax 1 (the preset keeps Softmax float")),
         "{summary:?}"
+    );
+    // the default preset quantizes it (the Reshape, read by no quantized op, stays float)
+    let p = plan(&softmax_reshape(13), &opts()).unwrap();
+    assert!(p.quantized.contains(&"sm".to_string()));
+    assert_eq!(source_of(&p, "s"), Some(Source::Calibrated("s".into())));
+    // before opset 13 a Softmax over axis 1 of a 4-D tensor normalizes over axes 1 to 3: no
+    // single-axis form, so it stays float
+    let p = plan(&softmax_reshape(11), &opts()).unwrap();
+    assert!(!p.activations.contains_key("s"));
+    assert!(
+        p.float_by_op["Softmax"].reasons[0].contains("over several axes"),
+        "{:?}",
+        p.float_by_op
     );
 }
 

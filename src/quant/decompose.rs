@@ -67,6 +67,138 @@ pub fn hardswish(model: &mut Model, keep: &[String]) -> Result<Vec<String>> {
     Ok(rewritten)
 }
 
+/// The axis a Softmax of a model at `opset` normalizes over, when that is one axis: any
+/// `axis` from opset 13 (default -1); before 13, where Softmax flattens the axes from `axis`
+/// on, only the last one (`axis` -1, or `rank - 1` with `rank` known). `None` otherwise.
+pub fn softmax_axis(n: &NodeProto, opset: i64, rank: Option<usize>) -> Option<i64> {
+    if opset >= 13 {
+        return attr::int(n, "axis", -1).ok();
+    }
+    let axis = attr::int(n, "axis", 1).ok()?;
+    let last = rank.and_then(|r| i64::try_from(r).ok()).map(|r| r - 1);
+    (axis == -1 || Some(axis) == last).then_some(axis)
+}
+
+/// The rank `name` is declared with (graph input, output or value_info), if any.
+pub fn declared_rank(g: &crate::onnx::proto::GraphProto, name: &str) -> Option<usize> {
+    g.input
+        .iter()
+        .chain(&g.output)
+        .chain(&g.value_info)
+        .find(|v| v.name == name)
+        .and_then(|v| match v.type_.as_ref()?.value.as_ref()? {
+            crate::onnx::proto::type_proto::Value::TensorType(tt) => tt.shape.as_ref(),
+            _ => None,
+        })
+        .map(|s| s.dim.len())
+}
+
+/// The nodes of `g` as tract should run them: each Softmax that reads a DequantizeLinear
+/// output or feeds a QuantizeLinear becomes `Exp(x - ReduceMax(x)) / ReduceSum(...)` over its
+/// axis (the same function, in float). tract turns DequantizeLinear -> Softmax ->
+/// QuantizeLinear into an element-wise lookup table, which a Softmax is not (off by more
+/// than 0.3 on a 4-wide softmax; ONNX Runtime is right). `None` when no node needs it.
+pub fn softmax_for_tract(g: &crate::onnx::proto::GraphProto, opset: i64) -> Option<Vec<NodeProto>> {
+    use std::collections::HashSet;
+    let default_domain = |n: &NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
+    if !g
+        .node
+        .iter()
+        .any(|n| n.op_type == "Softmax" && default_domain(n))
+    {
+        return None;
+    }
+    let dequantized: HashSet<&str> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "DequantizeLinear")
+        .filter_map(|n| n.output.first().map(String::as_str))
+        .collect();
+    let quantized: HashSet<&str> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "QuantizeLinear")
+        .filter_map(|n| n.input.first().map(String::as_str))
+        .collect();
+    let mut taken: HashSet<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().chain(&n.input).cloned())
+        .chain(g.initializer.iter().map(|t| t.name.clone()))
+        .collect();
+    let mut fresh = |base: String| {
+        let mut name = base.clone();
+        let mut k = 1;
+        while !taken.insert(name.clone()) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        name
+    };
+    let mut out = Vec::with_capacity(g.node.len());
+    let mut changed = false;
+    for n in &g.node {
+        let (Some(x), Some(y)) = (n.input.first(), n.output.first()) else {
+            out.push(n.clone());
+            continue;
+        };
+        let next_to_q = dequantized.contains(x.as_str()) || quantized.contains(y.as_str());
+        let axis = (n.op_type == "Softmax" && default_domain(n) && next_to_q && !x.is_empty())
+            .then(|| softmax_axis(n, opset, declared_rank(g, x).or(declared_rank(g, y))))
+            .flatten();
+        let Some(axis) = axis else {
+            out.push(n.clone());
+            continue;
+        };
+        changed = true;
+        let base = format!("{y}/qfold_softmax");
+        let node = |op: &str, inputs: Vec<String>, output: String| {
+            let mut m = NodeProto::new();
+            m.op_type = op.into();
+            m.name = output.clone();
+            m.input = inputs;
+            m.output = vec![output];
+            m
+        };
+        // axes: an attribute of ReduceMax before opset 18 and of ReduceSum before 13, an
+        // input after
+        let axes = fresh(format!("{base}/axes"));
+        let mut axes_node = node("Constant", vec![], axes.clone());
+        let mut t = crate::onnx::proto::AttributeProto::new();
+        t.name = "value".into();
+        t.type_ = crate::onnx::proto::attribute_proto::AttributeType::TENSOR.into();
+        t.t = protobuf::MessageField::some(
+            crate::onnx::TensorData::I64(ndarray::arr1(&[axis]).into_dyn()).to_proto(&axes),
+        );
+        axes_node.attribute.push(t);
+        let reduce = |op: &str, input: String, output: String, as_input: bool| {
+            let mut r = node(op, vec![input], output);
+            if as_input {
+                r.input.push(axes.clone());
+            } else {
+                r.attribute.push(attr::make_ints("axes", &[axis]));
+            }
+            r.attribute.push(attr::make_int("keepdims", 1));
+            r
+        };
+        let max = fresh(format!("{base}/max"));
+        let shifted = fresh(format!("{base}/shifted"));
+        let exp = fresh(format!("{base}/exp"));
+        let sum = fresh(format!("{base}/sum"));
+        if opset >= 13 {
+            out.push(axes_node);
+        }
+        out.push(reduce("ReduceMax", x.clone(), max.clone(), opset >= 18));
+        out.push(node("Sub", vec![x.clone(), max], shifted.clone()));
+        out.push(node("Exp", vec![shifted], exp.clone()));
+        out.push(reduce("ReduceSum", exp.clone(), sum.clone(), opset >= 13));
+        let mut div = node("Div", vec![exp, sum], y.clone());
+        div.name = n.name.clone();
+        out.push(div);
+    }
+    changed.then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,6 +108,7 @@ impl Preset {
             equalize_measured: false,
             equalize_bias_correction: true,
             bias_correction: false,
+            quantize_softmax: matches!(self, Preset::Qfold | Preset::Ort),
         };
         match self {
             Preset::Qfold => {}
@@ -182,6 +183,9 @@ pub struct QuantizeOptions {
     /// Correct each quantized layer's bias for the mean shift its weight quantization causes
     /// ([`bias_correction`]).
     pub bias_correction: bool,
+    /// Quantize Softmax, as ONNX Runtime's QDQ quantizer does (the qfold and ort presets);
+    /// the others keep it float, as their runtimes do ([`plan`]).
+    pub quantize_softmax: bool,
 }
 
 impl Default for QuantizeOptions {
@@ -210,6 +214,7 @@ impl QuantizeOptions {
                 .collect(),
             exclude_op_types: self.exclude_op_types.clone(),
             per_tensor_min_sqnr: self.per_tensor_min_sqnr,
+            quantize_softmax: self.quantize_softmax,
         }
     }
 

@@ -18,8 +18,13 @@
 //! `QDQSplit`, `QDQGather`), except Resize: ONNX Runtime shares parameters in every mode, qfold
 //! only where the output's values are the input's.
 //!
-//! Nothing is marked on tensors produced by Softmax: tract evaluates
-//! DequantizeLinear -> Softmax -> QuantizeLinear as a lookup table, which is wrong.
+//! Softmax is quantized (input and output, the output on the fixed range [0, 1]) when
+//! `quantize_softmax` is set: every preset but the tract, fbgemm, qnnpack and TensorRT ones,
+//! which keep it float as their runtimes do. tract evaluates DequantizeLinear -> Softmax ->
+//! QuantizeLinear as a lookup table, which is wrong, so qfold's runs in tract see such a
+//! Softmax decomposed ([`super::decompose::softmax_for_tract`]); before opset 13 only a
+//! Softmax over the last axis has that form, and others stay float. Nothing is marked on the
+//! output of a Softmax left float.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -71,6 +76,7 @@ pub const QUANTIZED_OPS: &[&str] = &[
     "LeakyRelu",
     "PRelu",
     "InstanceNormalization",
+    "Softmax",
 ];
 
 /// Whether node `n` of a sharing op moves its input's values without computing new ones, so
@@ -120,6 +126,8 @@ pub struct PlanOptions {
     /// With `per_channel`: keep a weight per tensor when that alone quantizes it with at least
     /// this SQNR (dB); tract runs per-tensor QLinearConv much faster.
     pub per_tensor_min_sqnr: Option<f64>,
+    /// Quantize Softmax (see the module docs).
+    pub quantize_softmax: bool,
 }
 
 /// A weight input to quantize.
@@ -181,6 +189,9 @@ pub struct QuantPlan {
     pub float: Vec<(String, String)>,
     /// The nodes left float by op type: how many, and their distinct reasons.
     pub float_by_op: BTreeMap<String, FloatOps>,
+    /// Outputs of the Softmax nodes left float: never marked.
+    #[serde(skip)]
+    float_softmax_outputs: HashSet<String>,
 }
 
 /// The nodes of one op type left float.
@@ -211,14 +222,12 @@ impl QuantPlan {
             .collect()
     }
 
-    fn mark_activation(&mut self, g: &Graph, name: &str, source: Source) {
+    fn mark_activation(&mut self, name: &str, source: Source) {
         if name.is_empty() || self.activations.contains_key(name) {
             return;
         }
-        if let Some(p) = g.producer(name) {
-            if g.node(p).op_type == "Softmax" {
-                return;
-            }
+        if self.float_softmax_outputs.contains(name) {
+            return;
         }
         self.activation_order.push(name.to_string());
         self.activations.insert(name.to_string(), source);
@@ -230,7 +239,7 @@ impl QuantPlan {
         } else {
             Source::Calibrated(name.to_string())
         };
-        self.mark_activation(g, name, src);
+        self.mark_activation(name, src);
     }
 
     /// Values the calibration run must observe.
@@ -293,6 +302,7 @@ fn op_float_reason(
     excl: &BTreeSet<usize>,
     opts: &PlanOptions,
     types: &crate::graph::Map<String, ElemType>,
+    opset: i64,
 ) -> Option<String> {
     let n = g.node(i);
     if excl.contains(&i) {
@@ -313,9 +323,20 @@ fn op_float_reason(
     }
     let op = n.op_type.as_str();
     if op == "Softmax" {
-        return Some(
-            "tract evaluates a QDQ Softmax wrongly (as an element-wise lookup table)".into(),
-        );
+        if !opts.quantize_softmax {
+            return Some("the preset keeps Softmax float".into());
+        }
+        let rank = n
+            .input
+            .first()
+            .and_then(|x| super::decompose::declared_rank(g.proto(), x))
+            .or_else(|| super::decompose::declared_rank(g.proto(), &n.output[0]));
+        if super::decompose::softmax_axis(n, opset, rank).is_none() {
+            return Some(
+                "a Softmax over several axes (opset < 13): tract could not check it quantized"
+                    .into(),
+            );
+        }
     }
     if !QUANTIZED_OPS.contains(&op) && !SHARING_OPS.contains(&op) {
         return Some(format!("no quantized form for {op}"));
@@ -400,7 +421,11 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
     let types = crate::graph::types::elem_types(&g);
     // Why each node stays float (None: it is quantized), decided once.
     let mut float_reason: Vec<Option<String>> = (0..g.len())
-        .map(|i| op_float_reason(&g, i, &excl, opts, &types))
+        .map(|i| op_float_reason(&g, i, &excl, opts, &types, opset))
+        .collect();
+    plan.float_softmax_outputs = (0..g.len())
+        .filter(|&i| g.node(i).op_type == "Softmax" && float_reason[i].is_some())
+        .flat_map(|i| g.node(i).output.iter().cloned())
         .collect();
     // A data-movement op is quantized only where a quantized op reads its output (directly or
     // through more data movement): otherwise its Q/DQ pair would only cost.
@@ -410,13 +435,13 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
         if float_reason[i].is_some() || !shares_input_params(&g, n, opset) {
             continue;
         }
-        // Softmax outputs stay float (see `mark_activation`), so there are no parameters to
-        // share: the Reshape the opset-13 upgrade puts after an inner-axis Softmax, say.
+        // The outputs of a float Softmax stay float (see `mark_activation`), so there are no
+        // parameters to share: the Reshape the opset-13 upgrade puts after an inner-axis
+        // Softmax, say.
         let from_softmax = n
             .input
             .first()
-            .and_then(|x| g.producer(x))
-            .is_some_and(|p| g.node(p).op_type == "Softmax");
+            .is_some_and(|x| plan.float_softmax_outputs.contains(x));
         if from_softmax {
             float_reason[i] = Some("it reads a Softmax output, which stays float".into());
             continue;
@@ -538,7 +563,7 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
                 // data movement: the outputs share the input's parameters
                 plan.mark_input(&g, &n.input[0]);
                 for o in n.output.iter().filter(|o| !o.is_empty()) {
-                    plan.mark_activation(&g, o, Source::SharedWith(n.input[0].clone()));
+                    plan.mark_activation(o, Source::SharedWith(n.input[0].clone()));
                 }
                 continue;
             }
@@ -548,7 +573,7 @@ pub fn plan(model: &Model, opts: &PlanOptions) -> Result<QuantPlan> {
                 plan.mark_input(&g, &n.input[0]);
             }
         }
-        plan.mark_activation(&g, &out_value, Source::Calibrated(calib_value));
+        plan.mark_activation(&out_value, Source::Calibrated(calib_value));
     }
     calibrate_before_caps(&g, &mut plan)?;
     Ok(plan)

@@ -286,6 +286,13 @@ pub fn materialize(
                     }
                     lo = lo.max(0.0);
                 }
+                // a Softmax output is a probability: [0, 1] whatever was observed (ONNX
+                // Runtime's QDQSoftmax fixes it likewise), so no method clips a confident one
+                if g.producer(a)
+                    .is_some_and(|p| g.node(p).op_type == "Softmax")
+                {
+                    (lo, hi) = (0.0, 1.0);
+                }
                 compute_scale_zp(lo, hi, aq_min, aq_max, opts.symmetric_activations)
             }
             Source::Constant => {
