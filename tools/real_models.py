@@ -522,7 +522,7 @@ def cmd_ort(args):
 
 def score_one(name, folder, qfold, timeout):
     model = os.path.join(folder, "model.onnx")
-    work = os.path.join(folder, "score")
+    work = os.path.join(folder, "score" if N_EVAL == 4 else f"score_eval{N_EVAL}")
     os.makedirs(work, exist_ok=True)
     prov = json.load(open(os.path.join(folder, "provenance.json")))
     res = dict(name=name, package=f"{prov['package']}=={prov['version']}", log=[])
@@ -692,7 +692,10 @@ def cmd_score(args):
     names = sorted(d for d in os.listdir(corpus) if os.path.exists(os.path.join(corpus, d, "model.onnx")))
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
-    out_json = os.path.join(corpus, "score.json")
+    global N_EVAL
+    N_EVAL = args.eval_samples
+    suffix = "" if N_EVAL == 4 else f".eval{N_EVAL}"
+    out_json = os.path.join(corpus, f"score{suffix}.json")
     results = []
     if args.resume and os.path.exists(out_json):
         results = [r for r in json.load(open(out_json))["results"] if r["name"] in names]
@@ -716,7 +719,7 @@ def cmd_score(args):
     order = {n: k for k, n in enumerate(names)}
     results.sort(key=lambda r: order.get(r["name"], 1e9))
     md = table(results)
-    with open(os.path.join(corpus, "score.md"), "w") as f:
+    with open(os.path.join(corpus, f"score{suffix}.md"), "w") as f:
         f.write(md + "\n")
     print(md)
 
@@ -732,6 +735,8 @@ def main():
     s.add_argument("--only", default="")
     s.add_argument("--timeout", type=int, default=600)
     s.add_argument("--resume", action="store_true", help="keep results already in score.json")
+    s.add_argument("--eval-samples", type=int, default=N_EVAL,
+                   help="evaluation samples (other than 4: written to score_evalN/ folders and score.evalN.json/.md)")
     o = sub.add_parser("_ort")
     o.add_argument("--model")
     o.add_argument("--calib")
