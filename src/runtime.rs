@@ -28,15 +28,19 @@ pub type Sample = Vec<(String, TensorData)>;
 /// is encoded and decoded once, and each initializer is copied into tract's `TensorProto`
 /// field by field. The result holds one copy of the weights, dropped once tract has read it.
 pub fn tract_proto(model: &Model) -> Result<tract_onnx::pb::ModelProto> {
-    tract_proto_with(model, false)
+    tract_proto_with(model, false, None)
 }
 
 /// [`tract_proto`], with every DequantizeLinear of constant inputs replaced by its float
 /// result when `fold_dequantize` ([`dequantized_constant`]): tract's analyser evaluates
 /// them element by element (a third of the time `check` spent on a QDQ resnet50), and the
 /// result is the same to the bit.
-fn tract_proto_with(model: &Model, fold_dequantize: bool) -> Result<tract_onnx::pb::ModelProto> {
-    let (mut out, used, results) = tract_parts(model, fold_dequantize)?;
+fn tract_proto_with(
+    model: &Model,
+    fold_dequantize: bool,
+    nodes: Option<Vec<crate::onnx::proto::NodeProto>>,
+) -> Result<tract_onnx::pb::ModelProto> {
+    let (mut out, used, results) = tract_parts(model, fold_dequantize, nodes)?;
     let graph = out.graph.get_or_insert_with(Default::default);
     graph.initializer = model
         .graph()
@@ -57,13 +61,14 @@ fn tract_proto_with(model: &Model, fold_dequantize: bool) -> Result<tract_onnx::
 fn tract_parts(
     model: &Model,
     fold_dequantize: bool,
+    nodes: Option<Vec<crate::onnx::proto::NodeProto>>,
 ) -> Result<(
     tract_onnx::pb::ModelProto,
     Vec<bool>,
     Vec<tract_onnx::pb::TensorProto>,
 )> {
     let g = model.graph();
-    let mut out = pb_skeleton(model)?;
+    let mut out = pb_skeleton(model, nodes)?;
     let all = vec![true; g.initializer.len()];
     if !fold_dequantize {
         return Ok((out, all, Vec::new()));
@@ -500,7 +505,7 @@ impl Runner {
         max_elements: usize,
     ) -> Result<Runner> {
         let prepared = Prepared::new(model, sample, extra_outputs)?;
-        let proto = tract_proto_with(model, true)?;
+        let proto = tract_proto_with(model, true, shape_ifs_resolved(model, sample))?;
         let typed = prepared
             .parse(proto)
             .map_err(|e| crate::graph::guard::explain_tract_failure(&Graph::of_model(model), e))?;
@@ -518,7 +523,8 @@ impl Runner {
         extra_outputs: &[String],
     ) -> Result<Runner> {
         let prepared = Prepared::new(model, sample, extra_outputs)?;
-        let (mut proto, used, results) = tract_parts(model, true)?;
+        let nodes = shape_ifs_resolved(model, sample);
+        let (mut proto, used, results) = tract_parts(model, true, nodes)?;
         let graph = proto.graph.get_or_insert_with(Default::default);
         graph.initializer = model
             .graph_mut()
@@ -796,12 +802,29 @@ impl Prepared {
     }
 }
 
-/// `model` without its main graph's initializers, as tract's protobuf types: the nodes,
-/// Constant tensors, subgraphs and functions (small in practice) go through one encode /
-/// decode; the initializers are added by the caller, copied or lent.
-fn pb_skeleton(model: &Model) -> Result<tract_onnx::pb::ModelProto> {
+/// The main graph's nodes with the If nodes whose condition the shapes of `sample` decide
+/// replaced by the branch they take ([`crate::graph::inline_if`]), or `None` (no such If, or
+/// its condition could not be evaluated: tract's own error, explained, then says why).
+fn shape_ifs_resolved(
+    model: &Model,
+    sample: &Sample,
+) -> Option<Vec<crate::onnx::proto::NodeProto>> {
+    crate::graph::inline_if::resolve(model, sample)
+        .ok()
+        .flatten()
+        .map(|(nodes, _)| nodes)
+}
+
+/// `model` without its main graph's initializers, as tract's protobuf types: the nodes
+/// (`nodes` in place of the main graph's when given), Constant tensors, subgraphs and
+/// functions (small in practice) go through one encode / decode; the initializers are added by
+/// the caller, copied or lent.
+fn pb_skeleton(
+    model: &Model,
+    nodes: Option<Vec<crate::onnx::proto::NodeProto>>,
+) -> Result<tract_onnx::pb::ModelProto> {
     use protobuf::Message;
-    let skeleton = skeleton_only(model);
+    let skeleton = skeleton_only(model, nodes);
     let size = skeleton.compute_size();
     if size > crate::onnx::io::PROTOBUF_LIMIT {
         return Err(Error::Encode {
@@ -822,16 +845,21 @@ fn pb_skeleton(model: &Model) -> Result<tract_onnx::pb::ModelProto> {
         .map_err(|e| Error::runtime("handing the model to tract", e))
 }
 
-/// The message of `model` with everything but its main graph's initializers.
-fn skeleton_only(model: &Model) -> crate::onnx::proto::ModelProto {
+/// The message of `model` with everything but its main graph's initializers (and `nodes` as
+/// its main graph's nodes when given).
+fn skeleton_only(
+    model: &Model,
+    nodes: Option<Vec<crate::onnx::proto::NodeProto>>,
+) -> crate::onnx::proto::ModelProto {
     use crate::onnx::proto::{GraphProto, ModelProto};
     let p = &model.proto;
     let g = model.graph();
     let mut graph = GraphProto::new();
     graph.name = g.name.clone();
     // what tract runs wrongly, rewritten as the same function in float
-    graph.node = crate::quant::decompose::softmax_for_tract(g, model.opset().unwrap_or(0))
-        .unwrap_or_else(|| g.node.clone());
+    let nodes = nodes.unwrap_or_else(|| g.node.clone());
+    graph.node = crate::quant::decompose::softmax_for_tract(&nodes, g, model.opset().unwrap_or(0))
+        .unwrap_or(nodes);
     graph.input = g.input.clone();
     graph.output = g.output.clone();
     graph.value_info = g.value_info.clone();

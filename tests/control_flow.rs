@@ -1,5 +1,6 @@
-//! Models tract cannot run (a Loop, an If whose branches differ) fail with an error naming the
-//! node and its op, exit 2; an If tract can run still runs. Models from
+//! Models tract cannot run (a Loop, an If on the input data whose branches differ) fail with
+//! an error naming the node and its op, exit 2; an If tract can run still runs, and so does an
+//! If whose condition the input shapes decide (resolved in the copy tract runs). Models from
 //! `tools/make_control_flow.py`, with ONNX Runtime's outputs as references.
 
 mod common;
@@ -76,4 +77,89 @@ fn a_loop_is_refused_by_name_with_its_trip_count() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn ifs_decided_by_the_input_shape_are_resolved_for_tract_and_kept_in_the_model() {
+    // If(Shape(r)[2] == 1, then: Squeeze, else: If(Shape(r)[0] == 1, then: r, else:
+    // Unsqueeze)): tract cannot run either If as it is (its branches differ in rank), but
+    // for one run's shapes both conditions are constants. n = 8 takes the outer else and the
+    // inner then branch, n = 1 the outer then branch; both match ONNX Runtime exactly.
+    let (code, out, err) = run_qfold(&[
+        "check",
+        &model("if_shape"),
+        "--inputs",
+        &case("if_shape"),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["samples"], 2);
+    let max_abs = j["outputs"][0]["max_abs"].as_f64().unwrap();
+    assert!(max_abs <= 1e-6, "{max_abs}");
+
+    // which branches: decided in tract per sample
+    let m = qfold::onnx::load(std::path::Path::new(&model("if_shape"))).unwrap();
+    for (set, expected) in [
+        (
+            "test_data_set_0",
+            vec!["choose_len (else branch)", "choose_batch (then branch)"],
+        ),
+        ("test_data_set_1", vec!["choose_len (then branch)"]),
+    ] {
+        let dir = std::path::PathBuf::from(case("if_shape")).join(set);
+        let c = qfold::verify::read_test_data_set(&m, &dir).unwrap();
+        let (nodes, resolved) = qfold::graph::inline_if::resolve(&m, &c.inputs)
+            .unwrap()
+            .expect("resolved");
+        assert_eq!(resolved, expected);
+        assert!(!nodes.iter().any(|n| n.op_type == "If"));
+    }
+
+    // quantize (calibrated at n = 8): the Conv is quantized and evaluated in tract; the model
+    // written keeps its Ifs, which stay right for every input length
+    let t = TempDir::new("cf-if-shape");
+    let q = t.join("q.onnx");
+    let calib = format!("{}/test_data_set_0", case("if_shape"));
+    let (code, out, err) = run_qfold(&[
+        "quantize",
+        &model("if_shape"),
+        "-o",
+        q.to_str().unwrap(),
+        "--calib",
+        &calib,
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(j["quantization"]["plan"]["quantized"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n == "conv"));
+    let sqnr = j["evaluation"]["comparison"]["outputs"][0]["sqnr_db"]
+        .as_f64()
+        .unwrap();
+    assert!(sqnr > 30.0, "{sqnr}");
+    let written = qfold::onnx::load(&q).unwrap();
+    assert_eq!(
+        written
+            .graph()
+            .node
+            .iter()
+            .filter(|n| n.op_type == "If")
+            .count(),
+        1
+    );
+    // and runs at both lengths, against the float model (45.7 dB)
+    let (code, _, err) = run_qfold(&[
+        "check",
+        &model("if_shape"),
+        q.to_str().unwrap(),
+        "--inputs",
+        &case("if_shape"),
+        "--min-sqnr",
+        "40",
+    ]);
+    assert_eq!(code, 0, "{err}");
 }

@@ -9,6 +9,12 @@ gets a clear error naming the op, exit 2"), with ONNX Runtime's outputs as refer
                                                    an If on its sample-rate input)
     onnx_models/control_flow/if_data_same/ the same If whose branches give [1, 4] both: tract
                                            runs it (its IfThenElse needs equal branch facts)
+    onnx_models/control_flow/if_shape/     r = Relu(Conv(x)), x [1, 2, n]; If(Shape(r)[2] == 1,
+                                           then: Squeeze(r) [1, 3], else: If(Shape(r)[0] == 1,
+                                           then: r, else: Unsqueeze(r))) * 2: conditions
+                                           decided by the input shape alone, branches of
+                                           different ranks, one If nested in another (silero-vad
+                                           decoder's pattern); two data sets, n = 8 and n = 1
     onnx_models/control_flow/loop_data/    y = Loop(M, true, x): M (an int64 input) iterations
                                            of x = x * 0.5 + 1 (tract has no Loop operator)
     onnx_models/control_flow/loop_const/   the same Loop with a constant trip count of 3
@@ -59,6 +65,45 @@ def if_model(same_shapes):
     return g
 
 
+def if_shape_model():
+    inner_then = h.make_graph([h.make_node("Identity", ["r"], ["it_out"], name="keep")], "inner_then",
+                              [], [h.make_tensor_value_info("it_out", T.FLOAT, [1, 3, "n"])])
+    inner_else = h.make_graph([h.make_node("Unsqueeze", ["r", "axes0"], ["ie_out"], name="lift")],
+                              "inner_else", [], [h.make_tensor_value_info("ie_out", T.FLOAT, [1, 1, 3, "n"])])
+    else_g = h.make_graph(
+        [h.make_node("Shape", ["r"], ["r_shape"], name="inner_shape"),
+         h.make_node("Gather", ["r_shape", "zero64"], ["batch"], name="inner_batch", axis=0),
+         h.make_node("Equal", ["batch", "one64"], ["is_one"], name="inner_is_one"),
+         h.make_node("If", ["is_one"], ["e_out"], name="choose_batch",
+                     then_branch=inner_then, else_branch=inner_else)],
+        "outer_else", [], [h.make_tensor_value_info("e_out", T.FLOAT, [1, 3, "n"])])
+    then_g = h.make_graph([h.make_node("Squeeze", ["r", "axes2"], ["t_out"], name="squeeze")], "outer_then",
+                          [], [h.make_tensor_value_info("t_out", T.FLOAT, [1, 3])])
+    rng = np.random.default_rng(1)
+    nodes = [
+        h.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+        h.make_node("Relu", ["c"], ["r"], name="relu"),
+        h.make_node("Shape", ["r"], ["shape"], name="shape"),
+        h.make_node("Gather", ["shape", "two64"], ["len"], name="length", axis=0),
+        h.make_node("Equal", ["len", "one64"], ["single"], name="is_single"),
+        h.make_node("If", ["single"], ["chosen"], name="choose_len", then_branch=then_g, else_branch=else_g),
+        h.make_node("Mul", ["chosen", "two"], ["y"], name="double"),
+    ]
+    return h.make_graph(
+        nodes, "if_shape",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, 2, "n"])],
+        # rank 2 when n is 1: declared for the larger case (ONNX Runtime warns, then runs)
+        [h.make_tensor_value_info("y", T.FLOAT, [1, 3, "n"])],
+        [numpy_helper.from_array(rng.normal(size=(3, 2, 1)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([0.1, -0.2, 0.3], np.float32), "b"),
+         numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+         numpy_helper.from_array(np.array(0, np.int64), "zero64"),
+         numpy_helper.from_array(np.array(1, np.int64), "one64"),
+         numpy_helper.from_array(np.array(2, np.int64), "two64"),
+         numpy_helper.from_array(np.array([0], np.int64), "axes0"),
+         numpy_helper.from_array(np.array([2], np.int64), "axes2")])
+
+
 def loop_model(const_trip):
     body = h.make_graph(
         [h.make_node("Mul", ["x_in", "half"], ["m"], name="body_mul"),
@@ -86,6 +131,7 @@ def loop_model(const_trip):
 CASES = {
     "if_data": (lambda: if_model(False), "If on ReduceSum(x) > 0, branches of different shapes"),
     "if_data_same": (lambda: if_model(True), "If on ReduceSum(x) > 0, branches of the same shape"),
+    "if_shape": (if_shape_model, "Ifs decided by the input shape, one nested in the other"),
     "loop_data": (lambda: loop_model(False), "Loop with a trip count from the int64 input M"),
     "loop_const": (lambda: loop_model(True), "Loop with a constant trip count of 3"),
 }
@@ -101,25 +147,28 @@ def main():
         m.ir_version = 8
         onnx.checker.check_model(m)
         rng = np.random.default_rng(0)
-        feeds = {"x": rng.normal(size=(1, 4)).astype(np.float32)}
-        if any(i.name == "M" for i in g.input):
-            feeds["M"] = np.array(4, np.int64)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        outs = sess.run(None, feeds)
         d = os.path.join(args.out, name)
         if os.path.isdir(d):
             shutil.rmtree(d)
-        ds = os.path.join(d, "test_data_set_0")
-        os.makedirs(ds)
+        os.makedirs(d)
         onnx.save(m, os.path.join(d, "model.onnx"))
-        for k, i in enumerate(x.name for x in g.input):
-            with open(os.path.join(ds, f"input_{k}.pb"), "wb") as f:
-                f.write(numpy_helper.from_array(feeds[i], i).SerializeToString())
-        for k, (o, v) in enumerate(zip(sess.get_outputs(), outs)):
-            with open(os.path.join(ds, f"output_{k}.pb"), "wb") as f:
-                f.write(numpy_helper.from_array(v, o.name).SerializeToString())
+        x_shapes = [(1, 2, 8), (1, 2, 1)] if name == "if_shape" else [(1, 4)]
+        for s_k, x_shape in enumerate(x_shapes):
+            feeds = {"x": rng.normal(size=x_shape).astype(np.float32)}
+            if any(i.name == "M" for i in g.input):
+                feeds["M"] = np.array(4, np.int64)
+            outs = sess.run(None, feeds)
+            ds = os.path.join(d, f"test_data_set_{s_k}")
+            os.makedirs(ds)
+            for k, i in enumerate(x.name for x in g.input):
+                with open(os.path.join(ds, f"input_{k}.pb"), "wb") as f:
+                    f.write(numpy_helper.from_array(feeds[i], i).SerializeToString())
+            for k, (o, v) in enumerate(zip(sess.get_outputs(), outs)):
+                with open(os.path.join(ds, f"output_{k}.pb"), "wb") as f:
+                    f.write(numpy_helper.from_array(v, o.name).SerializeToString())
         with open(os.path.join(d, "provenance.json"), "w") as f:
             json.dump(dict(script=SCRIPT, case=name, description=desc, opset=OPSET, seed=0,
                            onnx=onnx.__version__, onnxruntime=ort.__version__,

@@ -4,6 +4,7 @@
 pub mod constants;
 pub mod engine;
 pub mod guard;
+pub mod inline_if;
 mod names;
 mod patch;
 pub mod spec;

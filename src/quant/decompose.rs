@@ -98,30 +98,30 @@ pub fn declared_rank(g: &crate::onnx::proto::GraphProto, name: &str) -> Option<u
 /// axis (the same function, in float). tract turns DequantizeLinear -> Softmax ->
 /// QuantizeLinear into an element-wise lookup table, which a Softmax is not (off by more
 /// than 0.3 on a 4-wide softmax; ONNX Runtime is right). `None` when no node needs it.
-pub fn softmax_for_tract(g: &crate::onnx::proto::GraphProto, opset: i64) -> Option<Vec<NodeProto>> {
+pub fn softmax_for_tract(
+    nodes: &[NodeProto],
+    g: &crate::onnx::proto::GraphProto,
+    opset: i64,
+) -> Option<Vec<NodeProto>> {
     use std::collections::HashSet;
     let default_domain = |n: &NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
-    if !g
-        .node
+    if !nodes
         .iter()
         .any(|n| n.op_type == "Softmax" && default_domain(n))
     {
         return None;
     }
-    let dequantized: HashSet<&str> = g
-        .node
+    let dequantized: HashSet<&str> = nodes
         .iter()
         .filter(|n| n.op_type == "DequantizeLinear")
         .filter_map(|n| n.output.first().map(String::as_str))
         .collect();
-    let quantized: HashSet<&str> = g
-        .node
+    let quantized: HashSet<&str> = nodes
         .iter()
         .filter(|n| n.op_type == "QuantizeLinear")
         .filter_map(|n| n.input.first().map(String::as_str))
         .collect();
-    let mut taken: HashSet<String> = g
-        .node
+    let mut taken: HashSet<String> = nodes
         .iter()
         .flat_map(|n| n.output.iter().chain(&n.input).cloned())
         .chain(g.initializer.iter().map(|t| t.name.clone()))
@@ -135,9 +135,9 @@ pub fn softmax_for_tract(g: &crate::onnx::proto::GraphProto, opset: i64) -> Opti
         }
         name
     };
-    let mut out = Vec::with_capacity(g.node.len());
+    let mut out = Vec::with_capacity(nodes.len());
     let mut changed = false;
-    for n in &g.node {
+    for n in nodes {
         let (Some(x), Some(y)) = (n.input.first(), n.output.first()) else {
             out.push(n.clone());
             continue;
