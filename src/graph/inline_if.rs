@@ -376,14 +376,10 @@ fn rename_captured(g: &mut GraphProto, rename: &HashMap<String, String>) {
 fn constant_node(t: &TensorProto, name: &str) -> NodeProto {
     let mut t = t.clone();
     t.name = name.to_string();
-    let mut a = crate::onnx::proto::AttributeProto::new();
-    a.name = "value".into();
-    a.type_ = crate::onnx::proto::attribute_proto::AttributeType::TENSOR.into();
-    a.t = protobuf::MessageField::some(t);
     let mut c = NodeProto::new();
     c.op_type = "Constant".into();
     c.name = format!("{name}/constant");
     c.output = vec![name.to_string()];
-    c.attribute.push(a);
+    c.attribute.push(attr::make_tensor("value", t));
     c
 }

@@ -121,6 +121,15 @@ pub fn make_ints(name: &str, v: &[i64]) -> AttributeProto {
     a
 }
 
+/// Builds a TENSOR attribute.
+pub fn make_tensor(name: &str, t: TensorProto) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.type_ = AttributeType::TENSOR.into();
+    a.t = protobuf::MessageField::some(t);
+    a
+}
+
 /// Sets (replacing or adding) an attribute on a node.
 pub fn set(node: &mut NodeProto, a: AttributeProto) {
     match node.attribute.iter_mut().find(|x| x.name == a.name) {

@@ -164,13 +164,10 @@ pub fn softmax_for_tract(
         // input after
         let axes = fresh(format!("{base}/axes"));
         let mut axes_node = node("Constant", vec![], axes.clone());
-        let mut t = crate::onnx::proto::AttributeProto::new();
-        t.name = "value".into();
-        t.type_ = crate::onnx::proto::attribute_proto::AttributeType::TENSOR.into();
-        t.t = protobuf::MessageField::some(
+        axes_node.attribute.push(attr::make_tensor(
+            "value",
             crate::onnx::TensorData::I64(ndarray::arr1(&[axis]).into_dyn()).to_proto(&axes),
-        );
-        axes_node.attribute.push(t);
+        ));
         let reduce = |op: &str, input: String, output: String, as_input: bool| {
             let mut r = node(op, vec![input], output);
             if as_input {
