@@ -151,6 +151,23 @@ fn ifs_decided_by_the_input_shape_are_resolved_for_tract_and_kept_in_the_model()
             .count(),
         1
     );
+    // calibration samples of two lengths: refused by name, nothing written
+    let mixed = t.join("mixed.onnx");
+    let (code, _, err) = run_qfold(&[
+        "quantize",
+        &model("if_shape"),
+        "-o",
+        mixed.to_str().unwrap(),
+        "--calib",
+        &case("if_shape"),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("input 'x'")
+            && err.contains("shape [1, 2, 1], where the first calibration sample"),
+        "{err}"
+    );
+    assert!(!mixed.exists());
     // and runs at both lengths, against the float model (45.7 dB)
     let (code, _, err) = run_qfold(&[
         "check",

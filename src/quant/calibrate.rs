@@ -154,6 +154,13 @@ fn observe_model<S: SampleSource + ?Sized>(
         ModelRef::Shared(m) => Runner::new(m, &first.inputs, &extra)?,
         ModelRef::Lent(m) => Runner::new_lending(m, &first.inputs, &extra)?,
     };
+    // tract's runner is built for the first sample's shapes: every sample must have them
+    let first_shapes: Vec<(String, Vec<usize>)> = first
+        .inputs
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+        .collect();
+    let first_source = first.source.clone();
     drop(first);
     let position_of: HashMap<&str, usize> = runner
         .output_names()
@@ -200,6 +207,23 @@ fn observe_model<S: SampleSource + ?Sized>(
         let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new(method)).collect();
         for k in b * BLOCK..((b + 1) * BLOCK).min(samples.len()) {
             let s = samples.read(k)?;
+            for (name, t) in &s.inputs {
+                let Some((_, want)) = first_shapes.iter().find(|(n, _)| n == name) else {
+                    continue;
+                };
+                if t.shape() != want.as_slice() {
+                    return Err(Error::Input {
+                        input: name.clone(),
+                        reason: format!(
+                            "{}: shape {:?}, where the first calibration sample ({first_source}) \
+                             has {want:?}; calibration samples must share their shapes (resize \
+                             them, or calibrate on one shape)",
+                            s.source,
+                            t.shape()
+                        ),
+                    });
+                }
+            }
             let mut visit = |p: usize, out: Output<'_>| -> Result<()> {
                 let Some(&i) = observer_of.get(p).and_then(Option::as_ref) else {
                     return Ok(());
