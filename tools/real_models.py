@@ -689,16 +689,16 @@ def table(results):
 
 def cmd_score(args):
     corpus = os.path.abspath(args.corpus)
-    names = sorted(d for d in os.listdir(corpus) if os.path.exists(os.path.join(corpus, d, "model.onnx")))
-    if args.only:
-        names = [n for n in names if n in args.only.split(",")]
+    every = sorted(d for d in os.listdir(corpus) if os.path.exists(os.path.join(corpus, d, "model.onnx")))
+    names = [n for n in every if n in args.only.split(",")] if args.only else every
     global N_EVAL
     N_EVAL = args.eval_samples
     suffix = "" if N_EVAL == 4 else f".eval{N_EVAL}"
     out_json = os.path.join(corpus, f"score{suffix}.json")
     results = []
     if args.resume and os.path.exists(out_json):
-        results = [r for r in json.load(open(out_json))["results"] if r["name"] in names]
+        # every earlier result is kept, also those of models --only leaves out
+        results = [r for r in json.load(open(out_json))["results"] if r["name"] in every]
     done = {r["name"] for r in results}
     bin_sha = sha256(args.bin)
     for n in names:
@@ -716,7 +716,7 @@ def cmd_score(args):
             json.dump(dict(bin=os.path.abspath(args.bin), bin_sha256=bin_sha, n_calib=N_CALIB, n_eval=N_EVAL, results=results), f,
                       indent=1, default=str)
         print(f"   {r['seconds']} s", flush=True)
-    order = {n: k for k, n in enumerate(names)}
+    order = {n: k for k, n in enumerate(every)}
     results.sort(key=lambda r: order.get(r["name"], 1e9))
     md = table(results)
     with open(os.path.join(corpus, f"score{suffix}.md"), "w") as f:
