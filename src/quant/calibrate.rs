@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use super::observe::{Method, Observer, Target};
 use crate::error::{Error, Result};
 use crate::onnx::{Model, TensorData};
-use crate::runtime::{Output, Runner};
-use crate::verify::SampleSource;
+use crate::runtime::{Output, Runner, Sample};
+use crate::verify::{Case, SampleSource};
 
 /// Calibrated ranges by value name, with how they were obtained; saved and loaded as JSON so
 /// calibration runs once.
@@ -94,11 +94,32 @@ impl OrderedMerge {
     }
 }
 
+/// Each input's name and shape.
+type Shapes = Vec<(String, Vec<usize>)>;
+
+/// The [`Shapes`] of a sample's inputs.
+fn shapes_of(inputs: &Sample) -> Shapes {
+    inputs
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+        .collect()
+}
+
+/// A runner of `model` for inputs shaped like `inputs`, exposing `extra`.
+fn runner_for(model: &mut ModelRef<'_>, inputs: &Sample, extra: &[String]) -> Result<Runner> {
+    match model {
+        ModelRef::Shared(m) => Runner::new(m, inputs, extra),
+        ModelRef::Lent(m) => Runner::new_lending(m, inputs, extra),
+    }
+}
+
 /// Samples per calibration block: the unit of parallel work and of ordered merging.
 const BLOCK: usize = 4;
 
 /// Runs the float `model` over `samples` (`&[Sample]`, `&[Case]` or any [`SampleSource`]) and
-/// observes `values`. `threads` = 0 uses every core.
+/// observes `values`. `threads` = 0 uses every core. Samples may differ in shape (text lines of
+/// several widths, clips of several lengths): those shaped unlike the first are observed after
+/// the others, one tract runner per shape (so a moving average sees them last).
 pub fn observe<S: SampleSource + ?Sized>(
     model: &Model,
     values: &[String],
@@ -150,17 +171,11 @@ fn observe_model<S: SampleSource + ?Sized>(
         .filter(|v| !output_set.contains(v))
         .cloned()
         .collect();
-    let runner = match model {
-        ModelRef::Shared(m) => Runner::new(m, &first.inputs, &extra)?,
-        ModelRef::Lent(m) => Runner::new_lending(m, &first.inputs, &extra)?,
-    };
-    // tract's runner is built for the first sample's shapes: every sample must have them
-    let first_shapes: Vec<(String, Vec<usize>)> = first
-        .inputs
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shape().to_vec()))
-        .collect();
-    let first_source = first.source.clone();
+    let mut model = model;
+    let runner = runner_for(&mut model, &first.inputs, &extra)?;
+    // tract's runner is built for the first sample's shapes: samples of other shapes are set
+    // aside and observed afterwards, with a runner per shape
+    let first_shapes = shapes_of(&first.inputs);
     drop(first);
     let position_of: HashMap<&str, usize> = runner
         .output_names()
@@ -203,50 +218,42 @@ fn observe_model<S: SampleSource + ?Sized>(
     // blocks wait for their turn: memory stays O(threads x tensors x bins).
     let blocks = samples.len().div_ceil(BLOCK);
     let next = AtomicUsize::new(0);
+    let set_aside: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    // one sample through `runner` into `obs`
+    let observe_sample = |runner: &Runner, s: &Case, obs: &mut Vec<Observer>| -> Result<()> {
+        let mut visit = |p: usize, out: Output<'_>| -> Result<()> {
+            let Some(&i) = observer_of.get(p).and_then(Option::as_ref) else {
+                return Ok(());
+            };
+            match out {
+                Output::F32(values) => obs[i].observe(values),
+                Output::Data(t) => obs[i].observe(&as_f32(&values[i], &t)?),
+            }
+            Ok(())
+        };
+        runner
+            .run_visit(&s.inputs, &mut visit)
+            .map_err(|e| match e {
+                Error::Input { input, reason } => Error::Input {
+                    input,
+                    reason: format!("{}: {reason}", s.source),
+                },
+                Error::Runtime { context, reason } => Error::Runtime {
+                    context: format!("{}: {context}", s.source),
+                    reason,
+                },
+                e => e,
+            })
+    };
     let observe_block = |b: usize| -> Result<Vec<Observer>> {
         let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new(method)).collect();
         for k in b * BLOCK..((b + 1) * BLOCK).min(samples.len()) {
             let s = samples.read(k)?;
-            for (name, t) in &s.inputs {
-                let Some((_, want)) = first_shapes.iter().find(|(n, _)| n == name) else {
-                    continue;
-                };
-                if t.shape() != want.as_slice() {
-                    return Err(Error::Input {
-                        input: name.clone(),
-                        reason: format!(
-                            "{}: shape {:?}, where the first calibration sample ({first_source}) \
-                             has {want:?}; calibration samples must share their shapes (resize \
-                             them, or calibrate on one shape)",
-                            s.source,
-                            t.shape()
-                        ),
-                    });
-                }
+            if shapes_of(&s.inputs) != first_shapes {
+                set_aside.lock().expect("set-aside lock").push(k);
+                continue;
             }
-            let mut visit = |p: usize, out: Output<'_>| -> Result<()> {
-                let Some(&i) = observer_of.get(p).and_then(Option::as_ref) else {
-                    return Ok(());
-                };
-                match out {
-                    Output::F32(values) => obs[i].observe(values),
-                    Output::Data(t) => obs[i].observe(&as_f32(&values[i], &t)?),
-                }
-                Ok(())
-            };
-            runner
-                .run_visit(&s.inputs, &mut visit)
-                .map_err(|e| match e {
-                    Error::Input { input, reason } => Error::Input {
-                        input,
-                        reason: format!("{}: {reason}", s.source),
-                    },
-                    Error::Runtime { context, reason } => Error::Runtime {
-                        context: format!("{}: {context}", s.source),
-                        reason,
-                    },
-                    e => e,
-                })?;
+            observe_sample(&runner, &s, &mut obs)?;
             progress.lock().expect("progress lock").inc();
         }
         Ok(obs)
@@ -277,10 +284,46 @@ fn observe_model<S: SampleSource + ?Sized>(
                 .collect()
         })
     };
-    drop(progress);
     for r in results {
         r?;
     }
+    // The samples of other shapes, a runner per shape (in the order the shapes first come),
+    // each shape's samples one after another; merged after the blocks, in that order.
+    let mut set_aside = set_aside.into_inner().expect("set-aside lock");
+    set_aside.sort_unstable();
+    let mut groups: Vec<(Shapes, Vec<usize>)> = Vec::new();
+    for &k in &set_aside {
+        let shapes = shapes_of(&samples.read(k)?.inputs);
+        match groups.iter_mut().find(|(s, _)| *s == shapes) {
+            Some((_, ks)) => ks.push(k),
+            None => groups.push((shapes, vec![k])),
+        }
+    }
+    if !groups.is_empty() {
+        drop(runner);
+        let mut merged = merged.lock().expect("merge lock");
+        for (g, (_, ks)) in groups.iter().enumerate() {
+            let first = samples.read(ks[0])?;
+            let runner = runner_for(&mut model, &first.inputs, &extra)?;
+            if runner.output_names().len() != observer_of.len() {
+                return Err(Error::runtime(
+                    "calibration",
+                    format!(
+                        "{}: the model exposes other values at this shape",
+                        first.source
+                    ),
+                ));
+            }
+            drop(first);
+            let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new(method)).collect();
+            for &k in ks {
+                observe_sample(&runner, &*samples.read(k)?, &mut obs)?;
+                progress.lock().expect("progress lock").inc();
+            }
+            merged.add(blocks + g, obs);
+        }
+    }
+    drop(progress);
     let acc = merged.into_inner().expect("merge lock").acc;
     Ok(values
         .iter()
