@@ -105,6 +105,15 @@ fn shapes_of(inputs: &Sample) -> Shapes {
         .collect()
 }
 
+/// Whether `inputs` have exactly `shapes` (compared without allocating: once per sample).
+fn shaped_as(inputs: &Sample, shapes: &Shapes) -> bool {
+    inputs.len() == shapes.len()
+        && inputs
+            .iter()
+            .zip(shapes)
+            .all(|((n, t), (m, s))| n == m && t.shape() == s.as_slice())
+}
+
 /// A runner of `model` for inputs shaped like `inputs`, exposing `extra`.
 fn runner_for(model: &mut ModelRef<'_>, inputs: &Sample, extra: &[String]) -> Result<Runner> {
     match model {
@@ -218,7 +227,7 @@ fn observe_model<S: SampleSource + ?Sized>(
     // blocks wait for their turn: memory stays O(threads x tensors x bins).
     let blocks = samples.len().div_ceil(BLOCK);
     let next = AtomicUsize::new(0);
-    let set_aside: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    let set_aside: Mutex<Vec<(usize, Shapes)>> = Mutex::new(Vec::new());
     // one sample through `runner` into `obs`
     let observe_sample = |runner: &Runner, s: &Case, obs: &mut Vec<Observer>| -> Result<()> {
         let mut visit = |p: usize, out: Output<'_>| -> Result<()> {
@@ -249,8 +258,9 @@ fn observe_model<S: SampleSource + ?Sized>(
         let mut obs: Vec<Observer> = values.iter().map(|_| Observer::new(method)).collect();
         for k in b * BLOCK..((b + 1) * BLOCK).min(samples.len()) {
             let s = samples.read(k)?;
-            if shapes_of(&s.inputs) != first_shapes {
-                set_aside.lock().expect("set-aside lock").push(k);
+            if !shaped_as(&s.inputs, &first_shapes) {
+                let shapes = shapes_of(&s.inputs);
+                set_aside.lock().expect("set-aside lock").push((k, shapes));
                 continue;
             }
             observe_sample(&runner, &s, &mut obs)?;
@@ -290,10 +300,9 @@ fn observe_model<S: SampleSource + ?Sized>(
     // The samples of other shapes, a runner per shape (in the order the shapes first come),
     // each shape's samples one after another; merged after the blocks, in that order.
     let mut set_aside = set_aside.into_inner().expect("set-aside lock");
-    set_aside.sort_unstable();
+    set_aside.sort_unstable_by_key(|(k, _)| *k);
     let mut groups: Vec<(Shapes, Vec<usize>)> = Vec::new();
-    for &k in &set_aside {
-        let shapes = shapes_of(&samples.read(k)?.inputs);
+    for (k, shapes) in set_aside {
         match groups.iter_mut().find(|(s, _)| *s == shapes) {
             Some((_, ks)) => ks.push(k),
             None => groups.push((shapes, vec![k])),
