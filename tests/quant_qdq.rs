@@ -691,3 +691,36 @@ fn tract_still_gets_dequantize_softmax_quantize_wrong_and_qfold_runs_it_right() 
     let worst = softmax_error(&x, &got);
     assert!(worst <= 0.5 / 255.0 + 1e-6, "max error {worst}");
 }
+
+#[test]
+fn the_softmax_tract_is_handed_is_right_at_every_opset() {
+    // ReduceMax takes its axes as an input from opset 18 and ReduceSum from 13; before 13 a
+    // Softmax over the last axis (-1) has the single-axis form, one over axis 1 of a tensor of
+    // unknown rank does not and is left to tract as it is
+    let c = {
+        let m = qdq_softmax_model();
+        verify::random_cases(&m, 1, 3, &Default::default()).unwrap()[0].clone()
+    };
+    let x = c.inputs[0].1.to_f64();
+    for (opset, axis, right) in [(11, -1, true), (13, 1, true), (18, 1, true), (11, 1, false)] {
+        let mut m = qdq_softmax_model();
+        m.proto.opset_import[0].version = opset;
+        let sm = m
+            .graph_mut()
+            .node
+            .iter_mut()
+            .find(|n| n.op_type == "Softmax")
+            .unwrap();
+        sm.attribute.clear();
+        sm.attribute.push(qfold::onnx::attr::make_int("axis", axis));
+        let worst = softmax_error(&x, &run(&m, &c)[0].to_f64());
+        if right {
+            assert!(
+                worst <= 0.5 / 255.0 + 1e-6,
+                "opset {opset}: max error {worst}"
+            );
+        } else {
+            assert!(worst > 0.3, "opset {opset}: max error {worst}");
+        }
+    }
+}
