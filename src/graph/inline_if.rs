@@ -321,7 +321,10 @@ fn inline(n: &NodeProto, then: bool, names: &mut HashSet<String>) -> Result<Vec<
             }
         }
         if m.name.is_empty() {
-            m.name = format!("{label}/{}", m.op_type);
+            // by its first output, unique once renamed: two unnamed nodes of one op type
+            // must not share a name
+            let out = m.output.first().cloned().unwrap_or_default();
+            m.name = format!("{label}/{}/{out}", m.op_type);
         }
         out.push(m);
     }
@@ -382,4 +385,113 @@ fn constant_node(t: &TensorProto, name: &str) -> NodeProto {
     c.output = vec![name.to_string()];
     c.attribute.push(attr::make_tensor("value", t));
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::testing::*;
+    use crate::onnx::ElemType;
+
+    fn graph_attr(
+        name: &str,
+        nodes: Vec<NodeProto>,
+        output: &str,
+    ) -> crate::onnx::proto::AttributeProto {
+        let mut g = GraphProto::new();
+        g.name = name.into();
+        g.node = nodes;
+        g.output.push(untyped(output));
+        let mut a = crate::onnx::proto::AttributeProto::new();
+        a.name = name.into();
+        a.type_ = crate::onnx::proto::attribute_proto::AttributeType::GRAPH.into();
+        a.g = protobuf::MessageField::some(g);
+        a
+    }
+
+    /// x [1, 2]; If(Shape(x)[1] == 2, then: Relu(Relu(x)) with unnamed nodes, else: x[..., 0]).
+    fn shape_if() -> Model {
+        let then = graph_attr(
+            "then_branch",
+            vec![
+                node("Relu", "", &["x"], &["a"], vec![]),
+                node("Relu", "", &["a"], &["b"], vec![]),
+            ],
+            "b",
+        );
+        let other = graph_attr(
+            "else_branch",
+            vec![node(
+                "ReduceMax",
+                "",
+                &["x"],
+                &["e"],
+                vec![int("keepdims", 0)],
+            )],
+            "e",
+        );
+        model(
+            vec![
+                node("Shape", "shape", &["x"], &["s"], vec![]),
+                node(
+                    "Gather",
+                    "width",
+                    &["s", "one"],
+                    &["w"],
+                    vec![int("axis", 0)],
+                ),
+                node("Equal", "is_two", &["w", "two"], &["c"], vec![]),
+                node("If", "choose", &["c"], &["y"], vec![then, other]),
+            ],
+            vec![
+                ("one", TensorData::I64(ndarray::arr0(1i64).into_dyn())),
+                ("two", TensorData::I64(ndarray::arr0(2i64).into_dyn())),
+            ],
+            value_info("x", ElemType::F32, &[1, 2]),
+            "y",
+        )
+    }
+
+    #[test]
+    fn the_branch_taken_replaces_the_if_with_unique_node_names() {
+        let m = shape_if();
+        let s = sample("x", &[1, 2], vec![-1.0, 3.0]);
+        let (nodes, resolved) = resolve(&m, &s).unwrap().expect("resolved");
+        assert_eq!(resolved, ["choose (then branch)"]);
+        assert!(!nodes.iter().any(|n| n.op_type == "If"));
+        let names: HashSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(
+            names.len(),
+            nodes.len(),
+            "{:?}",
+            nodes.iter().map(|n| &n.name).collect::<Vec<_>>()
+        );
+        // the last Relu writes the If's output
+        assert!(nodes
+            .iter()
+            .any(|n| n.op_type == "Relu" && n.output == ["y"]));
+        // and tract runs the model: Relu(Relu([-1, 3])) = [0, 3]
+        let out = crate::runtime::run_once(&m, &s).unwrap();
+        assert_eq!(
+            out[0].1.to_f64().iter().copied().collect::<Vec<_>>(),
+            [0.0, 3.0]
+        );
+    }
+
+    #[test]
+    fn a_condition_on_the_input_values_is_left_alone() {
+        let mut m = shape_if();
+        // the condition now reads x's values (ReduceMax), not its shape
+        let g = m.graph_mut();
+        g.node[0] = node(
+            "ReduceMax",
+            "shape",
+            &["x"],
+            &["s"],
+            vec![int("keepdims", 0)],
+        );
+        g.node[1] = node("Cast", "width", &["s"], &["w"], vec![int("to", 7)]);
+        let s = sample("x", &[1, 2], vec![-1.0, 3.0]);
+        assert!(resolve(&m, &s).unwrap().is_none());
+    }
 }
