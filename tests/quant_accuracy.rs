@@ -220,6 +220,16 @@ fn reported_sqnr(report: &serde_json::Value) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// The nodes a target report (`target` of a `quantize --json` report) left float, in order.
+fn fallback_nodes(target: &serde_json::Value) -> Vec<&str> {
+    target["fallback"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["node"].as_str().unwrap())
+        .collect()
+}
+
 fn quantize_outlier(out: &std::path::Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
     let mut args = vec![
         "quantize".to_string(),
@@ -260,12 +270,7 @@ fn target_sqnr_recovers_what_minmax_misses_in_tract_and_onnx_runtime() {
     );
     let t = &v["target"];
     assert_eq!(t["methods"].as_array().unwrap().len(), 5);
-    let left: Vec<&str> = t["fallback"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["node"].as_str().unwrap())
-        .collect();
+    let left = fallback_nodes(t);
     assert_eq!(left, ["fc2", "fc1"]);
     assert_eq!(
         (t["compute_quantized"].as_u64(), t["compute_nodes"].as_u64()),
@@ -340,12 +345,7 @@ fn target_mode_writes_the_searched_model_when_decomposed_hardswish_nodes_stay_fl
     let (code, stdout, stderr) = run_qfold(&args);
     assert_eq!(code, 1, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let left: Vec<&str> = v["target"]["fallback"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["node"].as_str().unwrap())
-        .collect();
+    let left = fallback_nodes(&v["target"]);
     assert!(
         left.iter()
             .any(|n| n.ends_with("/HardSigmoid") && n.contains("HardSwish")),

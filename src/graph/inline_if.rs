@@ -75,6 +75,15 @@ pub fn resolve(model: &Model, sample: &Sample) -> Result<Option<(Vec<NodeProto>,
     Ok((!resolved.is_empty()).then_some((nodes, resolved)))
 }
 
+/// The node writing each value of `nodes`.
+fn producers(nodes: &[NodeProto]) -> HashMap<&str, usize> {
+    nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect()
+}
+
 fn is_if(n: &NodeProto) -> bool {
     n.op_type == "If" && (n.domain.is_empty() || n.domain == "ai.onnx")
 }
@@ -86,11 +95,7 @@ fn is_control_flow(n: &NodeProto) -> bool {
 /// The Ifs of `nodes` whose condition depends on no input value (Shape and Size read only
 /// shapes) and on no control-flow node.
 fn resolvable(nodes: &[NodeProto], inputs: &HashSet<&str>) -> Vec<usize> {
-    let producer: HashMap<&str, usize> = nodes
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
-        .collect();
+    let producer = producers(nodes);
     let mut out = Vec::new();
     'ifs: for (i, n) in nodes.iter().enumerate() {
         let Some(cond) = n.input.first().filter(|c| !c.is_empty()) else {
@@ -141,11 +146,7 @@ fn evaluate(
     sample: &Sample,
 ) -> Result<Vec<TensorData>> {
     let g = model.graph();
-    let producer: HashMap<&str, usize> = nodes
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
-        .collect();
+    let producer = producers(nodes);
     let mut keep = vec![false; nodes.len()];
     let mut stack: Vec<&str> = conds.iter().map(String::as_str).collect();
     let mut used: HashSet<&str> = HashSet::new();
