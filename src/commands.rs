@@ -527,7 +527,13 @@ pub struct TargetJob {
     pub samples: usize,
     /// Write the best model found even when it misses the goal (the run still exits 1).
     pub write_best: bool,
+    /// Realizations of the evaluation samples each variant, and the final model, is scored on
+    /// ([`verify::Realizations`]).
+    pub realizations: usize,
 }
+
+/// The default of [`TargetJob::realizations`]: the samples as given and two near copies.
+pub const DEFAULT_REALIZATIONS: usize = 3;
 
 impl TargetJob {
     /// The target search the user asked for, checked: `None` without a target. Percentages
@@ -582,7 +588,27 @@ impl TargetJob {
             },
             samples,
             write_best,
+            realizations: DEFAULT_REALIZATIONS,
         }))
+    }
+
+    /// The job scoring on `realizations` realizations (1 to 16) of the evaluation samples.
+    pub fn with_realizations(
+        self,
+        realizations: usize,
+        flag: &dyn Fn(&str) -> String,
+        sep: &str,
+    ) -> Result<TargetJob> {
+        if !(1..=16).contains(&realizations) {
+            return Err(Error::Usage(format!(
+                "{}{sep}{realizations}: use 1 (the samples as given) to 16",
+                flag("realizations")
+            )));
+        }
+        Ok(TargetJob {
+            realizations,
+            ..self
+        })
     }
 }
 
@@ -964,19 +990,20 @@ pub fn quantize_file(
         }
         (None, Some(t)) => {
             let eval = eval_cases.as_deref().unwrap_or(calib.as_ref());
-            let mut search_opts = options.clone();
-            search_opts.bias_correction = false;
-            search_opts.equalize_bias_correction = false;
-            // the model written is the one searched (an explicit --bias-correction aside)
-            options.equalize_bias_correction = false;
-            let prepared = crate::quant::prepare(&model, &search_opts)?;
+            // (the search corrects biases as the model written will be corrected)
+            let prepared = crate::quant::prepare(&model, &options)?;
             let reference = analysis_reference(&model, &prepared)?;
             let cases = crate::quant::analyze::take_samples(eval, t.samples)?;
+            let taken = cases.len();
+            let cases = crate::quant::analyze::take_samples(
+                &verify::Realizations::new(&cases, t.realizations),
+                0,
+            )?;
             let evaluator = Evaluator::new(&reference, cases, options.threads)?;
             drop(reference);
             let found = crate::quant::target::search(
                 &prepared,
-                &search_opts,
+                &options,
                 calib.as_ref(),
                 &evaluator,
                 t.goal,
@@ -985,7 +1012,10 @@ pub fn quantize_file(
                 .prepared_exclude
                 .extend(found.exclude.iter().cloned());
             ranges_file = found.ranges;
-            target = Some(found.report);
+            let mut report = found.report;
+            report.samples = taken;
+            report.realizations = t.realizations;
+            target = Some(report);
             Calibration::Chosen {
                 ranges: &ranges_file,
                 samples: calib.as_ref(),
@@ -1034,11 +1064,18 @@ pub fn quantize_file(
     // form tract runs where it may not run the old ops).
     let upgrade_to = report.qdq.opset.map(|(_, to)| to);
     let eval_cases = eval_cases.as_deref().unwrap_or(calib.as_ref());
+    // with a target, on the realizations the search scored on
+    let realizations = job.target.as_ref().map_or(1, |t| t.realizations);
+    let eval_source = if realizations > 1 {
+        format!("{eval_source}, {realizations} realizations (inputs scaled by 1, 1 + 2^-20, ...)")
+    } else {
+        eval_source
+    };
     let evaluation = evaluate(
         &float_outputs,
         &mut |s| reference_runner(model_path, upgrade_to, s),
         &quantized,
-        eval_cases,
+        &verify::Realizations::new(eval_cases, realizations),
         job.min_sqnr,
         eval_source,
     )?;

@@ -270,6 +270,12 @@ fn target_sqnr_recovers_what_minmax_misses_in_tract_and_onnx_runtime() {
     );
     let t = &v["target"];
     assert_eq!(t["methods"].as_array().unwrap().len(), 5);
+    // scored, and judged, on the 4 samples in 3 realizations (as given, inputs x (1 +- 2^-20))
+    assert_eq!(
+        (t["samples"].as_u64(), t["realizations"].as_u64()),
+        (Some(4), Some(3))
+    );
+    assert_eq!(v["evaluation"]["comparison"]["samples"], 12);
     let left = fallback_nodes(t);
     assert_eq!(left, ["fc2", "fc1"]);
     assert_eq!(
@@ -290,6 +296,41 @@ fn target_sqnr_recovers_what_minmax_misses_in_tract_and_onnx_runtime() {
     let ort_minmax = r["minmax"]["ort_sqnr_db"].as_f64().unwrap();
     assert!(ort_minmax < 30.0 && ort_target >= 30.0);
     assert!((ort_target - reached).abs() < 0.05 && (ort_minmax - minmax).abs() < 0.05);
+}
+
+#[test]
+fn target_search_scores_the_bias_corrected_model_it_writes() {
+    // with --bias-correction every variant the search scores has the biases of its quantized
+    // layers corrected, as the model written has: the searched figure is the written one
+    // (before, the search ran uncorrected and the correction came after: 34.76 searched,
+    // 34.98 written)
+    let scratch = TempDir::new("target");
+    let out = scratch.join("bc.onnx");
+    let (code, v, stderr) = quantize_outlier(
+        &out,
+        &[
+            "--target-sqnr",
+            "30",
+            "--min-quantized",
+            "30",
+            "--bias-correction",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let t = &v["target"];
+    assert_eq!(t["bias_correction"], true);
+    assert_eq!(fallback_nodes(t), ["fc2", "fc1"]);
+    let searched = t["score"]["sqnr_db"].as_f64().unwrap();
+    let written = reported_sqnr(&v);
+    assert!((searched - written).abs() < 1e-6, "{searched} {written}");
+    // only the layer left quantized is corrected; the float ones keep their biases
+    let layers = v["quantization"]["bias_correction"]["layers"]
+        .as_array()
+        .unwrap();
+    let corrected: Vec<&str> = layers.iter().map(|l| l["node"].as_str().unwrap()).collect();
+    assert_eq!(corrected, ["fc3"]);
+    // and the correction is worth something here: above the uncorrected search's 34.76
+    assert!(written > 34.76 + 0.1, "{written}");
 }
 
 #[test]

@@ -324,6 +324,7 @@ def quantize(
     target_accuracy=None,
     min_quantized=50.0,
     write_best=False,
+    realizations=3,
 ):
     """Fuse, calibrate on tract, and write a quantized model (QDQ, or QOperator with
     ``format="qoperator"``).
@@ -345,7 +346,10 @@ def quantize(
     ``layers``, variants run on ``samples`` evaluation samples), ``target_sqnr`` (dB) /
     ``target_accuracy`` (percent): leave float the fewest layers that reach it, keeping at
     least ``min_quantized`` percent of Conv/Gemm/MatMul quantized; a missed target raises
-    :class:`QfoldError` and writes nothing unless ``write_best``.
+    :class:`QfoldError` and writes nothing unless ``write_best``. With a target, variants
+    and the model written are scored on ``realizations`` copies of the evaluation samples
+    pooled (as given, then float inputs scaled by 1 + 2^-20, 1 - 2^-20, ...): one draw of a
+    quantized model's rounding flips can be lucky.
 
     Returns ``qfold quantize --json``'s report: ``quantization`` (options, fusion, plan,
     qdq), ``evaluation`` (``comparison`` with per-output ``sqnr_db``, accuracies),
@@ -392,6 +396,7 @@ def quantize(
         "target_accuracy": None if target_accuracy is None else float(target_accuracy),
         "min_quantized": float(min_quantized),
         "write_best": bool(write_best),
+        "realizations": int(realizations),
     }
     return _rewrite(
         _native.quantize,

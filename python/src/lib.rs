@@ -266,19 +266,25 @@ struct Accuracy {
     target_accuracy: Option<f64>,
     min_quantized: f64,
     write_best: bool,
+    realizations: usize,
 }
 
 impl Accuracy {
     fn target(&self) -> PyResult<Option<TargetJob>> {
+        let flag = |f: &str| f.replace('-', "_");
         TargetJob::checked(
             self.target_sqnr,
             self.target_accuracy,
             self.min_quantized,
             self.samples,
             self.write_best,
-            &|f| f.replace('-', "_"),
+            &flag,
             "=",
         )
+        .and_then(|t| {
+            t.map(|t| t.with_realizations(self.realizations, &flag, "="))
+                .transpose()
+        })
         .map_err(err)
     }
 }

@@ -101,10 +101,20 @@ pub fn fake_quantize_weight(
 
 /// A layer to correct: its node, the probe node's output, and how its bias is laid out.
 struct Probe {
-    node: usize,
+    label: String,
     output: String,
     /// Gemm's beta (1 for Conv): the bias input is scaled by it.
     beta: f64,
+}
+
+/// The measured shifts of the layers a plan quantizes ([`measure`]), to apply to the float
+/// model ([`Shifts::apply`]) for that plan or any plan that quantizes fewer of them (the
+/// shift of a layer depends only on its own weight and the float activations it reads).
+#[derive(Debug, Clone, Default)]
+pub struct Shifts {
+    samples: usize,
+    /// By node label: the mean output shift per channel, and the bias scale (Gemm's beta).
+    layers: BTreeMap<String, (Vec<f64>, f64)>,
 }
 
 /// Corrects the biases of the plan's Conv and Gemm layers in `float` (see the module docs),
@@ -115,6 +125,17 @@ pub fn correct<S: SampleSource + ?Sized>(
     opts: &QuantizeOptions,
     samples: &S,
 ) -> Result<BiasCorrectionReport> {
+    measure(float, plan, opts, samples)?.apply(float, plan)
+}
+
+/// Measures the output shift of each Conv and Gemm layer whose weight `plan` quantizes, on
+/// at most [`MAX_SAMPLES`] of `samples`, without changing `float`.
+pub fn measure<S: SampleSource + ?Sized>(
+    float: &Model,
+    plan: &QuantPlan,
+    opts: &QuantizeOptions,
+    samples: &S,
+) -> Result<Shifts> {
     if samples.is_empty() {
         return Err(Error::Usage(
             "--bias-correction needs calibration samples".into(),
@@ -124,7 +145,6 @@ pub fn correct<S: SampleSource + ?Sized>(
     let grid = qdq.weight_grid();
     let g = Graph::of_model(float);
     let by_label: BTreeMap<String, usize> = (0..g.len()).map(|i| (label(g.node(i)), i)).collect();
-    let mut probe_model = float.clone();
     let mut names = Names::new(g.proto());
     let mut patch = Patch::new("bias correction probes");
     let mut probes: Vec<Probe> = Vec::new();
@@ -163,14 +183,16 @@ pub fn correct<S: SampleSource + ?Sized>(
             1.0
         };
         probes.push(Probe {
-            node: i,
+            label: w.node.clone(),
             output: out,
             beta,
         });
     }
     if probes.is_empty() {
-        return Ok(BiasCorrectionReport::default());
+        return Ok(Shifts::default());
     }
+    drop(g);
+    let mut probe_model = float.clone();
     patch.apply(probe_model.graph_mut())?;
     let extra: Vec<String> = probes.iter().map(|p| p.output.clone()).collect();
     let count = samples.len().min(MAX_SAMPLES);
@@ -216,60 +238,86 @@ pub fn correct<S: SampleSource + ?Sized>(
         progress.inc();
     }
     drop(progress);
-    drop(probe_model);
-
-    let mut report = BiasCorrectionReport {
+    let layers = probes
+        .into_iter()
+        .zip(sums)
+        .filter_map(|(p, sum)| {
+            let shift = sum?.iter().map(|v| v / count as f64).collect();
+            Some((p.label, (shift, p.beta)))
+        })
+        .collect();
+    Ok(Shifts {
         samples: count,
-        layers: vec![],
-    };
-    let mut patch = Patch::new("bias correction");
-    for (p, sum) in probes.iter().zip(sums) {
-        let Some(sum) = sum else { continue };
-        let shift: Vec<f64> = sum.iter().map(|v| v / count as f64).collect();
-        let n = g.node(p.node);
-        let m = shift.len();
-        let old = match n.input.get(2).filter(|s| !s.is_empty()) {
-            Some(b) => match g.constant(b)? {
-                Some(t) => Some(t),
-                None => continue, // a computed bias: leave it
-            },
-            None => None,
+        layers,
+    })
+}
+
+impl Shifts {
+    /// Corrects, in `float`, the bias of each measured layer whose weight `plan` quantizes
+    /// (layers `plan` leaves float keep theirs).
+    pub fn apply(&self, float: &mut Model, plan: &QuantPlan) -> Result<BiasCorrectionReport> {
+        let mut report = BiasCorrectionReport {
+            samples: self.samples,
+            layers: vec![],
         };
-        let (ty, mut bias) = match &old {
-            Some(t) => (t.elem_type(), t.to_f64()),
-            None => (ElemType::F32, ArrayD::zeros(IxDyn(&[m]))),
-        };
-        if !ty.is_float() || bias.ndim() == 0 || bias.shape()[bias.ndim() - 1] != m {
-            continue;
+        if self.layers.is_empty() {
+            return Ok(report);
         }
-        let last = bias.ndim() - 1;
-        for (c, mut col) in bias.axis_iter_mut(Axis(last)).enumerate() {
-            col.mapv_inplace(|v| v - shift[c] / p.beta);
+        let g = Graph::of_model(float);
+        let by_label: BTreeMap<String, usize> =
+            (0..g.len()).map(|i| (label(g.node(i)), i)).collect();
+        let mut names = Names::new(g.proto());
+        let mut patch = Patch::new("bias correction");
+        for w in plan.weights.iter().filter(|w| w.slot == 1) {
+            let (Some((shift, beta)), Some(&i)) = (self.layers.get(&w.node), by_label.get(&w.node))
+            else {
+                continue;
+            };
+            let n = g.node(i);
+            let m = shift.len();
+            let old = match n.input.get(2).filter(|s| !s.is_empty()) {
+                Some(b) => match g.constant(b)? {
+                    Some(t) => Some(t),
+                    None => continue, // a computed bias: leave it
+                },
+                None => None,
+            };
+            let (ty, mut bias) = match &old {
+                Some(t) => (t.elem_type(), t.to_f64()),
+                None => (ElemType::F32, ArrayD::zeros(IxDyn(&[m]))),
+            };
+            if !ty.is_float() || bias.ndim() == 0 || bias.shape()[bias.ndim() - 1] != m {
+                continue;
+            }
+            let last = bias.ndim() - 1;
+            for (c, mut col) in bias.axis_iter_mut(Axis(last)).enumerate() {
+                col.mapv_inplace(|v| v - shift[c] / beta);
+            }
+            let base = n
+                .input
+                .get(2)
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .unwrap_or_else(|| format!("{}_bias", n.input[1]));
+            let bname = names.fresh(&format!("{base}_corrected"));
+            patch.add_initializer(TensorData::from_f64(bias, ty)?.to_proto(&bname));
+            let mut node = n.clone();
+            if node.input.len() < 3 {
+                node.input.resize(3, String::new());
+            }
+            node.input[2] = bname;
+            patch.replace_node(i, node);
+            report.layers.push(CorrectedLayer {
+                node: label(n),
+                max_abs_shift: shift.iter().fold(0.0f64, |a, v| a.max(v.abs())),
+                mean_abs_shift: shift.iter().map(|v| v.abs()).sum::<f64>() / m.max(1) as f64,
+                added_bias: old.is_none(),
+            });
         }
-        let base = n
-            .input
-            .get(2)
-            .filter(|s| !s.is_empty())
-            .cloned()
-            .unwrap_or_else(|| format!("{}_bias", n.input[1]));
-        let bname = names.fresh(&format!("{base}_corrected"));
-        patch.add_initializer(TensorData::from_f64(bias, ty)?.to_proto(&bname));
-        let mut node = n.clone();
-        if node.input.len() < 3 {
-            node.input.resize(3, String::new());
-        }
-        node.input[2] = bname;
-        patch.replace_node(p.node, node);
-        report.layers.push(CorrectedLayer {
-            node: label(n),
-            max_abs_shift: shift.iter().fold(0.0f64, |a, v| a.max(v.abs())),
-            mean_abs_shift: shift.iter().map(|v| v.abs()).sum::<f64>() / m.max(1) as f64,
-            added_bias: old.is_none(),
-        });
+        drop(g);
+        patch.apply(float.graph_mut())?;
+        Ok(report)
     }
-    drop(g);
-    patch.apply(float.graph_mut())?;
-    Ok(report)
 }
 
 #[cfg(test)]

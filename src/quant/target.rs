@@ -20,7 +20,10 @@
 //!    they were added) and stays quantized if the target still holds: the fewest are left.
 //!
 //! Variants only change which nodes the plan excludes ([`super::plan`] on the prepared float
-//! model) and never recalibrate. The result is an exclusion list and a ranges table, which
+//! model) and never recalibrate. With bias correction asked for (`--bias-correction`, or
+//! `--equalize` with its correction), the shifts are measured once
+//! ([`super::bias_correction::measure`]) and every variant corrects the layers it quantizes,
+//! so the model written (corrected for its own plan) is the one scored. The result is an exclusion list and a ranges table, which
 //! [`super::quantize`] turns into the model like any other run.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,15 +31,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use super::analyze::{Evaluator, Score};
+use super::bias_correction::{self, Shifts};
 use super::calibrate::{self, Ranges};
 use super::observe::{Method, Target};
 use super::params::{compute_scale_zp, dequantize, quantize};
 use super::plan::{self, QUANTIZED_OPS, SHARING_OPS};
-use super::{emit, keep_output_ranges, Prepared, QuantizeOptions};
+use super::{emit, keep_output_ranges, materialize_float, Prepared, QuantizeOptions};
 use crate::error::{Error, Result};
 use crate::fusion::rules::label;
 use crate::graph::Graph;
-use crate::onnx::ElemType;
+use crate::onnx::{ElemType, Model};
 use crate::verify::SampleSource;
 
 /// What to reach.
@@ -93,6 +97,8 @@ pub struct TargetReport {
     pub goal: Goal,
     /// Evaluation samples the search scored on.
     pub samples: usize,
+    /// Each scored on this many realizations (`quantize --realizations`), pooled.
+    pub realizations: usize,
     /// Every method applied uniformly, and the per-activation choice ("per-activation").
     pub methods: Vec<MethodScore>,
     /// The one kept.
@@ -111,6 +117,9 @@ pub struct TargetReport {
     pub compute_quantized: usize,
     /// Variants scored.
     pub variants: usize,
+    /// Every variant had its quantized layers' biases corrected (`--bias-correction`, or
+    /// `--equalize` with its bias correction), as the model written has.
+    pub bias_correction: bool,
 }
 
 /// The result: ranges for every value any plan may need, the exclusions, the report.
@@ -173,15 +182,38 @@ fn all_candidate_values(g: &Graph) -> Vec<String> {
         .collect()
 }
 
-/// The plan of `prepared` with `exclude` added to the user's exclusions.
+/// The plan of `float` with `exclude` added to the user's exclusions.
 fn plan_with(
-    prepared: &Prepared,
+    float: &Model,
     opts: &QuantizeOptions,
     extra: &BTreeSet<String>,
 ) -> Result<plan::QuantPlan> {
     let mut o = opts.plan_options();
     o.exclude.extend(extra.iter().cloned());
-    plan::plan(&prepared.float, &o)
+    plan::plan(float, &o)
+}
+
+/// The QDQ model of `prepared` with `extra` left float and `ranges`; with `shifts`, the
+/// biases of the layers this plan quantizes corrected first, as [`super::quantize`] will
+/// correct them in the model written (its plan then is the one after correction, which may
+/// have added biases).
+fn variant(
+    prepared: &Prepared,
+    opts: &QuantizeOptions,
+    extra: &BTreeSet<String>,
+    ranges: &Ranges,
+    shifts: Option<&Shifts>,
+) -> Result<Model> {
+    let plan = plan_with(&prepared.float, opts, extra)?;
+    match shifts {
+        None => Ok(emit(prepared, &plan, ranges, opts)?.0),
+        Some(s) => {
+            let mut float = prepared.float.clone();
+            s.apply(&mut float, &plan)?;
+            let plan = plan_with(&float, opts, extra)?;
+            Ok(materialize_float(float, prepared.upgraded.as_ref(), &plan, ranges, opts)?.0)
+        }
+    }
 }
 
 /// Searches ranges and exclusions that meet `goal` (see the module docs). `prepared` is the
@@ -285,10 +317,33 @@ pub fn search<S: SampleSource + ?Sized>(
         .map(|(m, r)| (m.name().to_string(), r.clone()))
         .collect();
     candidates_ranges.push(("per-activation".into(), chosen));
+    // Bias correction, when asked for (or with equalization), is part of every variant: the
+    // shifts are measured once, on the calibration samples, for every layer the full plan
+    // quantizes.
+    let shifts = if opts.corrects_biases() {
+        let _p = crate::progress::phase("measuring weight-quantization shifts");
+        Some(bias_correction::measure(
+            &prepared.float,
+            base_plan,
+            opts,
+            calib,
+        )?)
+    } else {
+        None
+    };
+    let none = BTreeSet::new();
     let scores = eval.score_many(
         &format!("scoring {} calibration methods", candidates_ranges.len()),
         candidates_ranges.len(),
-        |k| Ok(emit(prepared, base_plan, &candidates_ranges[k].1, opts)?.0),
+        |k| {
+            variant(
+                prepared,
+                opts,
+                &none,
+                &candidates_ranges[k].1,
+                shifts.as_ref(),
+            )
+        },
     )?;
     variants += scores.len();
     let best = (0..scores.len())
@@ -360,10 +415,7 @@ pub fn search<S: SampleSource + ?Sized>(
         eval.score_many(
             &format!("scoring {} fallback variants", extra.len()),
             extra.len(),
-            |k| {
-                let p = plan_with(prepared, opts, &expand(extra[k]))?;
-                Ok(emit(prepared, &p, &ranges, opts)?.0)
-            },
+            |k| variant(prepared, opts, &expand(extra[k]), &ranges, shifts.as_ref()),
         )
     };
     let mut float: Vec<FallbackStep> = Vec::new();
@@ -484,7 +536,7 @@ pub fn search<S: SampleSource + ?Sized>(
         float.retain(|f| float_set.contains(&f.node));
     }
     let float_set = expand(&float_set);
-    let final_plan = plan_with(prepared, opts, &float_set)?;
+    let final_plan = plan_with(&prepared.float, opts, &float_set)?;
     let compute_nodes = compute_total;
     let compute_quantized = final_plan
         .quantized
@@ -506,6 +558,7 @@ pub fn search<S: SampleSource + ?Sized>(
         report: TargetReport {
             goal,
             samples: eval.cases().len(),
+            realizations: 1,
             methods: method_scores,
             method,
             per_activation,
@@ -516,6 +569,7 @@ pub fn search<S: SampleSource + ?Sized>(
             compute_nodes,
             compute_quantized,
             variants,
+            bias_correction: shifts.is_some(),
         },
         ranges,
     })

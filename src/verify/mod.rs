@@ -26,4 +26,4 @@ pub use data::{
 };
 pub use image::{ChannelOrder, Layout, Preprocess, PreprocessPreset};
 pub use metrics::{accuracy, tolerance, Comparer, Comparison, Criterion, OutputMetrics};
-pub use source::{open_data, SampleSource};
+pub use source::{open_data, realization_factor, Realizations, SampleSource};
