@@ -115,6 +115,7 @@ SPECS = {
 
 N_CALIB = 8
 N_EVAL = 4
+REALIZATIONS = 1
 
 
 def sha256(path):
@@ -359,6 +360,32 @@ def write_sets(plan, folder, n, seed):
     return samples
 
 
+def realization_factor(j):
+    """The input scale of realization j, as qfold's `--realizations`: 1, 1 + 2^-20, 1 - 2^-20, ..."""
+    step = ((j + 1) // 2) * 2.0 ** -20
+    return 1.0 + step if j % 2 == 1 else 1.0 - step
+
+
+def add_realizations(samples, folder, count):
+    """Appends count - 1 copies of the evaluation samples with float inputs scaled by
+    realization_factor(j): a quantized model's SQNR on a few samples is one draw of its rounding
+    flips, and pooling near copies measures the model rather than the draw (both tools are
+    scored on the same pooled folder)."""
+    import numpy as np
+    from onnx import numpy_helper
+    n = len(samples)
+    for j in range(1, count):
+        f = realization_factor(j)
+        for s, sample in enumerate(samples):
+            d = os.path.join(folder, f"test_data_set_{j * n + s}")
+            os.makedirs(d)
+            for k, (iname, arr) in enumerate(sample.items()):
+                if arr.dtype.kind == "f":
+                    arr = (arr.astype(np.float64) * f).astype(arr.dtype)
+                with open(os.path.join(d, f"input_{k}.pb"), "wb") as fh:
+                    fh.write(numpy_helper.from_array(arr, iname).SerializeToString())
+
+
 # ----------------------------------------------------------------------------------- running
 
 
@@ -523,6 +550,8 @@ def cmd_ort(args):
 def score_one(name, folder, qfold, timeout):
     model = os.path.join(folder, "model.onnx")
     work = os.path.join(folder, "score" if N_EVAL == 4 else f"score_eval{N_EVAL}")
+    if REALIZATIONS > 1:
+        work += f"_r{REALIZATIONS}"
     os.makedirs(work, exist_ok=True)
     prov = json.load(open(os.path.join(folder, "provenance.json")))
     res = dict(name=name, package=f"{prov['package']}=={prov['version']}", log=[])
@@ -530,7 +559,8 @@ def score_one(name, folder, qfold, timeout):
     plan = input_plan(name, model)
     res["inputs"] = [dict(name=i, kind=k, shape=s, dtype=d) for i, k, s, d, _ in plan]
     write_sets(plan, os.path.join(work, "calib"), N_CALIB, 0)
-    write_sets(plan, os.path.join(work, "eval"), N_EVAL, 1)
+    evals = write_sets(plan, os.path.join(work, "eval"), N_EVAL, 1)
+    add_realizations(evals, os.path.join(work, "eval"), REALIZATIONS)
     calib, evald = os.path.join(work, "calib"), os.path.join(work, "eval")
     shapes = []
     for i, k, s, d, _ in plan:
@@ -691,9 +721,12 @@ def cmd_score(args):
     corpus = os.path.abspath(args.corpus)
     every = sorted(d for d in os.listdir(corpus) if os.path.exists(os.path.join(corpus, d, "model.onnx")))
     names = [n for n in every if n in args.only.split(",")] if args.only else every
-    global N_EVAL
+    global N_EVAL, REALIZATIONS
     N_EVAL = args.eval_samples
+    REALIZATIONS = max(1, args.realizations)
     suffix = "" if N_EVAL == 4 else f".eval{N_EVAL}"
+    if REALIZATIONS > 1:
+        suffix += f".r{REALIZATIONS}"
     out_json = os.path.join(corpus, f"score{suffix}.json")
     results = []
     if args.resume and os.path.exists(out_json):
@@ -713,7 +746,8 @@ def cmd_score(args):
         r["seconds"] = round(time.time() - t0, 1)
         results.append(r)
         with open(out_json, "w") as f:
-            json.dump(dict(bin=os.path.abspath(args.bin), bin_sha256=bin_sha, n_calib=N_CALIB, n_eval=N_EVAL, results=results), f,
+            json.dump(dict(bin=os.path.abspath(args.bin), bin_sha256=bin_sha, n_calib=N_CALIB, n_eval=N_EVAL,
+                           realizations=REALIZATIONS, results=results), f,
                       indent=1, default=str)
         print(f"   {r['seconds']} s", flush=True)
     order = {n: k for k, n in enumerate(every)}
@@ -737,6 +771,9 @@ def main():
     s.add_argument("--resume", action="store_true", help="keep results already in score.json")
     s.add_argument("--eval-samples", type=int, default=N_EVAL,
                    help="evaluation samples (other than 4: written to score_evalN/ folders and score.evalN.json/.md)")
+    s.add_argument("--realizations", type=int, default=1,
+                   help="score on the evaluation samples and R-1 copies with float inputs scaled by 1 + 2^-20, "
+                        "1 - 2^-20, ... pooled (folders and files get an _rR / .rR suffix)")
     o = sub.add_parser("_ort")
     o.add_argument("--model")
     o.add_argument("--calib")
