@@ -225,6 +225,15 @@ def test_analyze_and_accuracy_options(tmp_path, calib):
                        target_sqnr=41, report_layers=True, samples=2)
     assert r["target"]["met"] and sqnr(r) >= 41
     assert r["layers"]["samples"] == 2
+    # the search and the judgment pool 3 realizations of the evaluation samples by default
+    assert r["target"]["realizations"] == 3
+    n = r["evaluation"]["comparison"]["samples"]
+    r = qfold.quantize(MODEL, tmp_path / "t1.onnx", {"input": calib}, eval=DIGITS / "eval",
+                       target_sqnr=41, samples=2, realizations=1)
+    assert r["target"]["realizations"] == 1
+    assert r["evaluation"]["comparison"]["samples"] * 3 == n
+    with pytest.raises(qfold.QfoldError, match="realizations=0: use 1"):
+        qfold.quantize(MODEL, tmp_path / "r0.onnx", {"input": calib}, target_sqnr=41, realizations=0)
     with pytest.raises(qfold.QfoldError, match="not reached"):
         qfold.quantize(MODEL, tmp_path / "n.onnx", {"input": calib}, eval=DIGITS / "eval",
                        target_sqnr=300, samples=1)
