@@ -647,6 +647,8 @@ pub struct QuantizeSettings {
     pub bias_correction: bool,
     /// No bias correction with equalization either.
     pub no_bias_correction: bool,
+    /// Correct biases for the mean error of each layer's output in the quantized model.
+    pub output_bias_correction: bool,
 }
 
 impl Default for QuantizeSettings {
@@ -671,6 +673,7 @@ impl Default for QuantizeSettings {
             equalize: None,
             bias_correction: false,
             no_bias_correction: false,
+            output_bias_correction: false,
         }
     }
 }
@@ -777,6 +780,7 @@ impl QuantizeSettings {
             o.equalize_measured = false;
         }
         o.bias_correction = self.bias_correction;
+        o.output_bias_correction = self.output_bias_correction;
         o.equalize_bias_correction = !self.no_bias_correction;
         Ok(o)
     }
@@ -987,6 +991,13 @@ pub fn quantize_file(
         (Some(p), None) => {
             ranges_file = Ranges::load(p)?;
             Calibration::Ranges(&ranges_file)
+        }
+        (None, Some(_)) if options.output_bias_correction => {
+            return Err(Error::Usage(
+                "--output-bias-correction is not combined with --target-sqnr / --target-accuracy \
+                 (the search would have to correct every variant): use --bias-correction"
+                    .into(),
+            ))
         }
         (None, Some(t)) => {
             let eval = eval_cases.as_deref().unwrap_or(calib.as_ref());
@@ -1240,6 +1251,7 @@ fn analyze_with_ranges(
     let mut opts = opts.clone();
     // bias correction changed the weights' biases only; the analysis is of the same plan
     opts.bias_correction = false;
+    opts.output_bias_correction = false;
     let prepared = crate::quant::prepare(model, &opts)?;
     let (ranges, _) =
         crate::quant::calibrate_prepared(&prepared, Calibration::Ranges(ranges), &opts)?;
@@ -1276,10 +1288,11 @@ pub fn analyze_file(
 ) -> Result<AnalyzeOutput> {
     calibration.check_count("--calib-random")?;
     let opts = settings.options()?;
-    if opts.bias_correction {
-        return Err(Error::Usage(
-            "analyze measures the plain quantization: drop --bias-correction".into(),
-        ));
+    if opts.bias_correction || opts.output_bias_correction {
+        return Err(Error::Usage(format!(
+            "analyze measures the plain quantization: drop --{}bias-correction",
+            if opts.bias_correction { "" } else { "output-" }
+        )));
     }
     let model = load(model_path)?;
     let calib = calibration.open(&model)?;

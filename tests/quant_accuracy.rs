@@ -470,6 +470,127 @@ fn bias_correction_removes_a_systematic_weight_rounding_shift() {
     assert!(corrected > plain + 10.0, "{plain} -> {corrected}");
 }
 
+#[test]
+fn output_bias_correction_removes_the_shift_activation_rounding_causes() {
+    use qfold::onnx::{ElemType, TensorData};
+    use qfold::quant::quantize;
+    // y = x W^T, 4 output channels. The weights sit on their grid (row maximum 1.27, the others
+    // multiples of 0.01: per-channel scale 0.01), so weight-only correction finds nothing. The
+    // input is quantized with range [0, 2.55] (scale 0.01, zero point 0) and its other values
+    // sit 0.4 step above a grid point: each rounds down by 0.004, and every output shifts by
+    // -0.004 times its row sum. Only a correction measured on the quantized model sees it.
+    let (k, m) = (64usize, 4usize);
+    let w: Vec<f32> = (0..m * k)
+        .map(|i| {
+            if i % k == 0 {
+                1.27
+            } else {
+                0.01 * ((i * 7 + i / k * 3) % 40) as f32
+            }
+        })
+        .collect();
+    // the inputs that round: every column but 0 and 1 (0 and 2.55, on the grid)
+    let row_sums: Vec<f64> = w
+        .chunks(k)
+        .map(|r| r[2..].iter().map(|&v| v as f64).sum())
+        .collect();
+    let w = TensorData::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[m, k]), w).unwrap());
+    let b = TensorData::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[m])));
+    let model = model_of(
+        vec![node_of(
+            "Gemm",
+            "fc",
+            &["x", "w", "b"],
+            &["y"],
+            vec![int("transB", 1)],
+        )],
+        vec![("w".into(), w), ("b".into(), b)],
+        value_info("x", ElemType::F32, &[8, k]),
+        "y",
+    );
+    let mut state = 11u64;
+    let mut case = |_| {
+        let v: Vec<f32> = (0..8 * k)
+            .map(|i| match i % k {
+                0 => 0.0,
+                1 => 2.55,
+                _ => {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    0.004 + 0.01 * ((state >> 40) % 200) as f32
+                }
+            })
+            .collect();
+        f32_case("x", &[8, k], v)
+    };
+    let calib: Vec<Case> = (0..8).map(&mut case).collect();
+    let eval: Vec<Case> = (0..4).map(&mut case).collect();
+    let run = |bias_correction: bool, output_bias_correction: bool| {
+        let opts = QuantizeOptions {
+            bias_correction,
+            output_bias_correction,
+            ..QuantizeOptions::default()
+        };
+        let (q, _, r) = quantize(&model, Calibration::Source(&calib), &opts).unwrap();
+        let e = Evaluator::new(&model, eval.clone(), 1).unwrap();
+        (e.score(&q).unwrap().db(), r)
+    };
+    let (plain, _) = run(false, false);
+    let (weights_only, r) = run(true, false);
+    let (corrected, r2) = run(false, true);
+    // weight-only correction: nothing to correct
+    let w_shift = r.bias_correction.unwrap().layers[0].max_abs_shift;
+    assert!(w_shift < 1e-4, "{w_shift}");
+    assert!((weights_only - plain).abs() < 0.1, "{plain} {weights_only}");
+    // the output correction removes -0.004 x the row sum of the rounded columns per channel
+    let report = r2.output_bias_correction.unwrap();
+    assert_eq!(report.layers.len(), 1);
+    assert_eq!(report.samples, 8);
+    let mean: f64 = row_sums.iter().map(|s| 0.004 * s).sum::<f64>() / m as f64;
+    let got = report.layers[0].mean_abs_shift;
+    assert!((got - mean).abs() < 0.01 * mean, "{got} {mean}");
+    assert!(plain > 40.0 && plain < 55.0, "{plain}");
+    // 47.8 -> 57.1 dB measured; what is left is the output's own rounding (scale ~0.05)
+    assert!(corrected > plain + 8.0, "{plain} -> {corrected}");
+}
+
+#[test]
+fn output_bias_correction_is_refused_where_it_cannot_apply() {
+    let scratch = TempDir::new("obc");
+    let out = scratch.join("o.onnx");
+    let (model, calib) = (outlier_path("model.onnx"), outlier_path("calib"));
+    let args = |extra: &[&str]| -> (i32, String) {
+        let mut a = vec![
+            "quantize",
+            &model,
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            &calib,
+        ];
+        a.extend(extra);
+        let (code, _, stderr) = run_qfold(&a);
+        (code, stderr)
+    };
+    let (code, err) = args(&["--output-bias-correction", "--target-sqnr", "30"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--output-bias-correction is not combined"),
+        "{err}"
+    );
+    let (code, _, err) = run_qfold(&[
+        "analyze",
+        &model,
+        "--calib",
+        &calib,
+        "--output-bias-correction",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("drop --output-bias-correction"), "{err}");
+    assert!(!out.exists());
+}
+
 /// 1x1 conv 4 -> 8, Clip(0, 6), depthwise 3x3 (group 8), Clip(0, 6), 1x1 conv 8 -> 4, with
 /// channel scales spread over two orders of magnitude; input `x` [1, 4, 6, 6], output `y`.
 fn dw_relu6_model() -> Model {

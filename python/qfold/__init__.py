@@ -304,6 +304,7 @@ def quantize(
     threads=0,
     equalize=None,
     bias_correction=None,
+    output_bias_correction=False,
     eval=None,
     eval_labels=None,
     labels=None,
@@ -342,6 +343,8 @@ def quantize(
 
     Accuracy tools: ``equalize`` (cross-layer equalization; None: the preset's),
     ``bias_correction`` (None: on with equalization, else off; True / False force it),
+    ``output_bias_correction`` (biases corrected for the mean error of each layer's output in
+    the quantized model, upstream rounding included),
     ``report_layers`` (the per-tensor table of :func:`analyze` in
     ``layers``, variants run on ``samples`` evaluation samples), ``target_sqnr`` (dB) /
     ``target_accuracy`` (percent): leave float the fewest layers that reach it, keeping at
@@ -388,6 +391,7 @@ def quantize(
         "threads": int(threads),
         "equalize": None if equalize is None else bool(equalize),
         "bias_correction": None if bias_correction is None else bool(bias_correction),
+        "output_bias_correction": bool(output_bias_correction),
     }
     accuracy = {
         "report_layers": bool(report_layers),
@@ -521,5 +525,6 @@ def analyze(
         "threads": int(threads),
         "equalize": None if equalize is None else bool(equalize),
         "bias_correction": None,
+        "output_bias_correction": False,
     }
     return json.loads(_run(_native.analyze, _path(path), settings, calib, eval_spec, int(samples)))

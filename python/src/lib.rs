@@ -254,6 +254,7 @@ struct Settings {
     equalize: Option<bool>,
     /// None: the default (on with equalization); true: on; false: off, even with equalization.
     bias_correction: Option<bool>,
+    output_bias_correction: bool,
 }
 
 /// The accuracy tools' options of `quantize` (issue 11), from a dict with every key.
@@ -311,6 +312,7 @@ impl From<Settings> for QuantizeSettings {
             equalize: s.equalize,
             bias_correction: s.bias_correction == Some(true),
             no_bias_correction: s.bias_correction == Some(false),
+            output_bias_correction: s.output_bias_correction,
         }
     }
 }

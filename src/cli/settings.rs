@@ -71,6 +71,11 @@ pub struct SettingsArgs {
     /// No bias correction, not even with --equalize.
     #[arg(long)]
     no_bias_correction: bool,
+    /// Correct each quantized Conv / Gemm bias for the mean error of its output in the
+    /// quantized model (its weight's rounding and every rounding upstream), measured on the
+    /// calibration data layer group by layer group (AIMET's empirical bias correction).
+    #[arg(long)]
+    output_bias_correction: bool,
 }
 
 impl SettingsArgs {
@@ -104,6 +109,7 @@ impl SettingsArgs {
             },
             bias_correction: self.bias_correction,
             no_bias_correction: self.no_bias_correction,
+            output_bias_correction: self.output_bias_correction,
         }
     }
 

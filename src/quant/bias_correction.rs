@@ -320,6 +320,179 @@ impl Shifts {
     }
 }
 
+/// Per-channel means (over every axis but 1) of the values `extra` of `model`, averaged over
+/// `count` samples of `samples` (one runner per input shape). With `only`, `model`'s outputs
+/// are replaced by those values, so tract skips what only comes after them.
+fn channel_means<S: SampleSource + ?Sized>(
+    model: &Model,
+    extra: &[String],
+    samples: &S,
+    count: usize,
+    only: Option<&str>,
+) -> Result<Vec<Vec<f64>>> {
+    let names: Vec<String> = match only {
+        Some(o) => vec![o.to_string()],
+        None => extra.to_vec(),
+    };
+    let extra = &names[..];
+    let runner_extra: &[String] = if only.is_some() { &[] } else { extra };
+    let mut sums: Vec<Option<Vec<f64>>> = vec![None; extra.len()];
+    let mut runner: Option<(Runner, Vec<Vec<usize>>)> = None;
+    for k in 0..count {
+        let s = samples.read(k)?;
+        let shapes: Vec<Vec<usize>> = s.inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
+        if runner.as_ref().is_none_or(|(_, sh)| *sh != shapes) {
+            runner = Some((Runner::new(model, &s.inputs, runner_extra)?, shapes));
+        }
+        let (r, _) = runner.as_ref().expect("set above");
+        let out = r.run(&s.inputs)?;
+        let skip = out.len().saturating_sub(extra.len());
+        for (j, t) in out[skip..].iter().enumerate() {
+            let a = t.to_f64();
+            if a.ndim() < 2 {
+                return Err(Error::tensor(
+                    &extra[j],
+                    "a corrected layer's output of rank < 2",
+                ));
+            }
+            let m = a.shape()[1];
+            let per = (a.len() / m.max(1)).max(1) as f64;
+            let mut ch = vec![0.0f64; m];
+            for (idx, v) in a.indexed_iter() {
+                ch[idx[1]] += v;
+            }
+            ch.iter_mut().for_each(|v| *v /= per * count as f64);
+            match &mut sums[j] {
+                Some(acc) if acc.len() == m => acc.iter_mut().zip(&ch).for_each(|(a, c)| *a += c),
+                Some(_) => {
+                    return Err(Error::tensor(
+                        &extra[j],
+                        "channel count changed between samples",
+                    ))
+                }
+                slot => *slot = Some(ch),
+            }
+        }
+    }
+    Ok(sums.into_iter().map(Option::unwrap_or_default).collect())
+}
+
+/// Output bias correction (`--output-bias-correction`): corrects the bias of every Conv and
+/// Gemm whose weight the plan quantizes by the mean error of its output in the quantized model,
+/// per channel: `b' = b - (E[y~] - E[y])`, where `y~` is the layer's output (before its own
+/// QuantizeLinear) with every rounding upstream and its own weight's, and `y` the float
+/// model's. This is the empirical bias correction done on the quantized model's activations,
+/// as AIMET does it layer by layer; weight-only correction ([`correct`]) sees only the
+/// weight's part. The layers are corrected one by one in topological order: each pass builds
+/// the QDQ model with the corrections so far (`build`, from the float model and its plan) and
+/// runs it up to the next layer on at most [`MAX_SAMPLES`] of `samples`. Correcting several
+/// layers from one run over-corrects: an upstream correction also removes the error the
+/// layers after it measured (PP-OCRv4 det: 8.03 dB in 8 groups, 13.54 layer by layer).
+pub fn correct_outputs<S, B>(
+    float: &mut Model,
+    plan_of: &dyn Fn(&Model) -> Result<QuantPlan>,
+    build: B,
+    samples: &S,
+) -> Result<BiasCorrectionReport>
+where
+    S: SampleSource + ?Sized,
+    B: Fn(&Model, &QuantPlan) -> Result<Model>,
+{
+    if samples.is_empty() {
+        return Err(Error::Usage(
+            "--output-bias-correction needs calibration samples".into(),
+        ));
+    }
+    let count = samples.len().min(MAX_SAMPLES);
+    // the layers, in node order (ONNX graphs are topologically sorted), with Gemm's beta
+    let mut layers: Vec<(String, String, f64)> = Vec::new();
+    {
+        let plan = plan_of(float)?;
+        let g = Graph::of_model(float);
+        let quantized: std::collections::HashSet<&str> = plan
+            .weights
+            .iter()
+            .filter(|w| w.slot == 1)
+            .map(|w| w.node.as_str())
+            .collect();
+        for i in 0..g.len() {
+            let n = g.node(i);
+            let l = label(n);
+            if !matches!(n.op_type.as_str(), "Conv" | "Gemm") || !quantized.contains(l.as_str()) {
+                continue;
+            }
+            let Some(out) = n.output.first().filter(|o| !o.is_empty()) else {
+                continue;
+            };
+            if n.op_type == "Gemm" && attr::int(n, "transA", defaults::GEMM_TRANS)? != 0 {
+                continue;
+            }
+            let beta = if n.op_type == "Gemm" {
+                attr::float(n, "beta", defaults::GEMM_BETA)? as f64
+            } else {
+                1.0
+            };
+            layers.push((l, out.clone(), beta));
+        }
+    }
+    let mut report = BiasCorrectionReport {
+        samples: count,
+        layers: vec![],
+    };
+    if layers.is_empty() {
+        return Ok(report);
+    }
+    let outputs: Vec<String> = layers.iter().map(|l| l.1.clone()).collect();
+    let float_means = {
+        let _p = crate::progress::phase(format!(
+            "measuring {} layer outputs of the float model on {count} samples",
+            layers.len()
+        ));
+        channel_means(float, &outputs, samples, count, None)?
+    };
+    let mut progress = crate::progress::counted(
+        "correcting output biases, layer by layer".to_string(),
+        layers.len(),
+    );
+    for (k, layer) in layers.iter().enumerate() {
+        let plan = plan_of(float)?;
+        let mut quantized = build(float, &plan)?;
+        // the layer's output in the quantized model is its node's output (the QDQ form may
+        // have renamed it `..._prequant`)
+        let qg = Graph::of_model(&quantized);
+        let by_label: BTreeMap<String, usize> =
+            (0..qg.len()).map(|i| (label(qg.node(i)), i)).collect();
+        let Some(name) = by_label
+            .get(&layer.0)
+            .and_then(|&i| qg.node(i).output.first().cloned())
+        else {
+            continue;
+        };
+        drop(qg);
+        // only this layer's output: tract runs the model up to it
+        let mut out = crate::onnx::proto::ValueInfoProto::new();
+        out.name = name.clone();
+        quantized.graph_mut().output = vec![out];
+        let means = channel_means(&quantized, &[], samples, count, Some(&name))?;
+        drop(quantized);
+        let (Some(m), f) = (means.into_iter().next(), &float_means[k]) else {
+            continue;
+        };
+        if m.len() != f.len() {
+            continue;
+        }
+        let shift = m.iter().zip(f).map(|(q, f)| q - f).collect();
+        let shifts = Shifts {
+            samples: count,
+            layers: BTreeMap::from([(layer.0.clone(), (shift, layer.2))]),
+        };
+        let r = shifts.apply(float, &plan)?;
+        report.layers.extend(r.layers);
+        progress.inc();
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

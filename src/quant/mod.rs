@@ -108,6 +108,7 @@ impl Preset {
             equalize_measured: false,
             equalize_bias_correction: true,
             bias_correction: false,
+            output_bias_correction: false,
             quantize_softmax: matches!(self, Preset::Qfold | Preset::Ort),
         };
         match self {
@@ -183,6 +184,9 @@ pub struct QuantizeOptions {
     /// Correct each quantized layer's bias for the mean shift its weight quantization causes
     /// ([`bias_correction`]).
     pub bias_correction: bool,
+    /// Correct each quantized layer's bias for the mean error of its output in the quantized
+    /// model, upstream rounding included ([`bias_correction::correct_outputs`]).
+    pub output_bias_correction: bool,
     /// Quantize Softmax, as ONNX Runtime's QDQ quantizer does (the qfold and ort presets);
     /// the others keep it float, as their runtimes do ([`plan`]).
     pub quantize_softmax: bool,
@@ -250,6 +254,9 @@ pub struct QuantizeReport {
     /// Bias correction (`--bias-correction`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bias_correction: Option<bias_correction::BiasCorrectionReport>,
+    /// Output bias correction (`--output-bias-correction`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_bias_correction: Option<bias_correction::BiasCorrectionReport>,
     pub plan: QuantPlan,
     pub qdq: QdqReport,
     pub calibration_samples: usize,
@@ -576,20 +583,27 @@ fn quantize_prepared(
     opts: &QuantizeOptions,
 ) -> Result<(Model, Ranges, QuantizeReport)> {
     let mut prepared = prepared;
-    let bias_samples = match (&calibration, opts.corrects_biases()) {
+    let bias_samples = match (
+        &calibration,
+        opts.corrects_biases() || opts.output_bias_correction,
+    ) {
         (Calibration::Samples(s), true) => Some(BiasSamples::Samples(s)),
         (Calibration::Source(s), true) => Some(BiasSamples::Source(*s)),
         (Calibration::Chosen { samples, .. }, true) => Some(BiasSamples::Source(*samples)),
-        (Calibration::Ranges(_), true) if opts.bias_correction => {
-            return Err(Error::Usage(
-                "--bias-correction measures on calibration samples: give --calib, not --ranges"
-                    .into(),
-            ))
+        (Calibration::Ranges(_), true) if opts.bias_correction || opts.output_bias_correction => {
+            return Err(Error::Usage(format!(
+                "{} measures on calibration samples: give --calib, not --ranges",
+                if opts.bias_correction {
+                    "--bias-correction"
+                } else {
+                    "--output-bias-correction"
+                }
+            )))
         }
         _ => None,
     };
     let (ranges, from_file) = calibrate_prepared_lending(&mut prepared, calibration, opts)?;
-    let bias_correction = match bias_samples {
+    let bias_correction = match bias_samples.filter(|_| opts.corrects_biases()) {
         Some(s) => {
             let _p = crate::progress::phase("correcting biases for weight quantization");
             Some(match s {
@@ -607,6 +621,26 @@ fn quantize_prepared(
         // new bias initializers may have new names
         prepared.plan = plan::plan(&prepared.float, &opts.plan_options())?;
     }
+    let output_bias_correction = match bias_samples.filter(|_| opts.output_bias_correction) {
+        Some(s) => {
+            let plan_of = |m: &Model| plan::plan(m, &opts.plan_options());
+            let upgraded = prepared.upgraded.clone();
+            let build = |f: &Model, p: &QuantPlan| {
+                Ok(materialize_float(f.clone(), upgraded.as_ref(), p, &ranges, opts)?.0)
+            };
+            let r = match s {
+                BiasSamples::Samples(s) => {
+                    bias_correction::correct_outputs(&mut prepared.float, &plan_of, build, s)?
+                }
+                BiasSamples::Source(s) => {
+                    bias_correction::correct_outputs(&mut prepared.float, &plan_of, build, s)?
+                }
+            };
+            prepared.plan = plan::plan(&prepared.float, &opts.plan_options())?;
+            Some(r)
+        }
+        None => None,
+    };
     let Prepared {
         float,
         plan,
@@ -624,6 +658,7 @@ fn quantize_prepared(
         fusion,
         equalization,
         bias_correction,
+        output_bias_correction,
         plan,
         qdq,
         calibration_samples: ranges.samples,
@@ -633,6 +668,7 @@ fn quantize_prepared(
     Ok((quantized, ranges, report))
 }
 
+#[derive(Clone, Copy)]
 enum BiasSamples<'a> {
     Samples(&'a [Sample]),
     Source(&'a dyn crate::verify::SampleSource),
