@@ -221,6 +221,11 @@ def test_analyze_and_accuracy_options(tmp_path, calib):
                        equalize=True, bias_correction=False, per_channel=False)
     assert "bias_correction" not in r["quantization"]
     assert 36.0 < sqnr(r) < 39.0  # 37.29 dB measured: equalization alone
+    # the correction measured on the quantized model's activations, layer by layer
+    r = qfold.quantize(MODEL, tmp_path / "obc.onnx", {"input": calib}, eval=DIGITS / "eval",
+                       output_bias_correction=True)
+    assert len(r["quantization"]["output_bias_correction"]["layers"]) == 5
+    assert "bias_correction" not in r["quantization"]
     r = qfold.quantize(MODEL, tmp_path / "t.onnx", {"input": calib}, eval=DIGITS / "eval",
                        target_sqnr=41, report_layers=True, samples=2)
     assert r["target"]["met"] and sqnr(r) >= 41
