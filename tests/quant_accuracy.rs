@@ -403,9 +403,27 @@ fn target_mode_writes_the_searched_model_when_decomposed_hardswish_nodes_stay_fl
     );
 }
 
+/// `y = x W^T` (Gemm "fc", transB) with `w` of shape [m, k], a zero bias, `x` of shape [8, k].
+fn gemm_model(w: Vec<f32>, m: usize, k: usize) -> Model {
+    use qfold::onnx::{ElemType, TensorData};
+    let w = TensorData::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[m, k]), w).unwrap());
+    let b = TensorData::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[m])));
+    model_of(
+        vec![node_of(
+            "Gemm",
+            "fc",
+            &["x", "w", "b"],
+            &["y"],
+            vec![int("transB", 1)],
+        )],
+        vec![("w".into(), w), ("b".into(), b)],
+        value_info("x", ElemType::F32, &[8, k]),
+        "y",
+    )
+}
+
 #[test]
 fn bias_correction_removes_a_systematic_weight_rounding_shift() {
-    use qfold::onnx::{ElemType, TensorData};
     use qfold::quant::quantize;
     // y = x W^T with 4 output channels: one weight per row is 1.27 (scale 0.01 per channel),
     // the 63 others sit 0.4 step above a grid point, so each rounds down by 0.004: for inputs
@@ -420,20 +438,7 @@ fn bias_correction_removes_a_systematic_weight_rounding_shift() {
             }
         })
         .collect();
-    let w = TensorData::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[m, k]), w).unwrap());
-    let b = TensorData::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[m])));
-    let model = model_of(
-        vec![node_of(
-            "Gemm",
-            "fc",
-            &["x", "w", "b"],
-            &["y"],
-            vec![int("transB", 1)],
-        )],
-        vec![("w".into(), w), ("b".into(), b)],
-        value_info("x", ElemType::F32, &[8, k]),
-        "y",
-    );
+    let model = gemm_model(w, m, k);
     let mut state = 7u64;
     let mut case = |_| {
         let v: Vec<f32> = (0..8 * k)
@@ -472,7 +477,6 @@ fn bias_correction_removes_a_systematic_weight_rounding_shift() {
 
 #[test]
 fn output_bias_correction_removes_the_shift_activation_rounding_causes() {
-    use qfold::onnx::{ElemType, TensorData};
     use qfold::quant::quantize;
     // y = x W^T, 4 output channels. The weights sit on their grid (row maximum 1.27, the others
     // multiples of 0.01: per-channel scale 0.01), so weight-only correction finds nothing. The
@@ -494,20 +498,7 @@ fn output_bias_correction_removes_the_shift_activation_rounding_causes() {
         .chunks(k)
         .map(|r| r[2..].iter().map(|&v| v as f64).sum())
         .collect();
-    let w = TensorData::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[m, k]), w).unwrap());
-    let b = TensorData::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[m])));
-    let model = model_of(
-        vec![node_of(
-            "Gemm",
-            "fc",
-            &["x", "w", "b"],
-            &["y"],
-            vec![int("transB", 1)],
-        )],
-        vec![("w".into(), w), ("b".into(), b)],
-        value_info("x", ElemType::F32, &[8, k]),
-        "y",
-    );
+    let model = gemm_model(w, m, k);
     let mut state = 11u64;
     let mut case = |_| {
         let v: Vec<f32> = (0..8 * k)

@@ -196,55 +196,17 @@ pub fn measure<S: SampleSource + ?Sized>(
     patch.apply(probe_model.graph_mut())?;
     let extra: Vec<String> = probes.iter().map(|p| p.output.clone()).collect();
     let count = samples.len().min(MAX_SAMPLES);
-    let mut sums: Vec<Option<Vec<f64>>> = vec![None; probes.len()];
-    let mut runner: Option<(Runner, Vec<Vec<usize>>)> = None;
-    let mut progress = crate::progress::counted(
-        format!("measuring weight-quantization shifts on {count} samples"),
-        count,
-    );
-    for k in 0..count {
-        let s = samples.read(k)?;
-        let shapes: Vec<Vec<usize>> = s.inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
-        if runner.as_ref().is_none_or(|(_, sh)| *sh != shapes) {
-            runner = Some((Runner::new(&probe_model, &s.inputs, &extra)?, shapes));
-        }
-        let (r, _) = runner.as_ref().expect("set above");
-        let out = r.run(&s.inputs)?;
-        let skip = out.len() - extra.len();
-        for (j, t) in out[skip..].iter().enumerate() {
-            let a = t.to_f64();
-            if a.ndim() < 2 {
-                return Err(Error::tensor(&extra[j], "a probe output of rank < 2"));
-            }
-            // mean over every axis but the channel axis 1
-            let m = a.shape()[1];
-            let per = (a.len() / m.max(1)).max(1) as f64;
-            let mut ch = vec![0.0f64; m];
-            for (idx, v) in a.indexed_iter() {
-                ch[idx[1]] += v;
-            }
-            ch.iter_mut().for_each(|v| *v /= per);
-            match &mut sums[j] {
-                Some(acc) if acc.len() == m => acc.iter_mut().zip(&ch).for_each(|(a, c)| *a += c),
-                Some(_) => {
-                    return Err(Error::tensor(
-                        &extra[j],
-                        "channel count changed between samples",
-                    ))
-                }
-                slot => *slot = Some(ch),
-            }
-        }
-        progress.inc();
-    }
-    drop(progress);
+    let means = {
+        let _p = crate::progress::phase(format!(
+            "measuring weight-quantization shifts on {count} samples"
+        ));
+        channel_means(&probe_model, &extra, samples, count, false)?
+    };
     let layers = probes
         .into_iter()
-        .zip(sums)
-        .filter_map(|(p, sum)| {
-            let shift = sum?.iter().map(|v| v / count as f64).collect();
-            Some((p.label, (shift, p.beta)))
-        })
+        .zip(means)
+        .filter(|(_, m)| !m.is_empty())
+        .map(|(p, shift)| (p.label, (shift, p.beta)))
         .collect();
     Ok(Shifts {
         samples: count,
@@ -320,23 +282,19 @@ impl Shifts {
     }
 }
 
-/// Per-channel means (over every axis but 1) of the values `extra` of `model`, averaged over
-/// `count` samples of `samples` (one runner per input shape). With `only`, `model`'s outputs
-/// are replaced by those values, so tract skips what only comes after them.
+/// Per-channel means (over every axis but 1) of the values `names` of `model`, averaged over
+/// `count` samples of `samples` (one runner per input shape). With `are_outputs`, `names` are
+/// `model`'s graph outputs (so tract skips what only comes after them); otherwise they are
+/// read beside its outputs.
 fn channel_means<S: SampleSource + ?Sized>(
     model: &Model,
-    extra: &[String],
+    names: &[String],
     samples: &S,
     count: usize,
-    only: Option<&str>,
+    are_outputs: bool,
 ) -> Result<Vec<Vec<f64>>> {
-    let names: Vec<String> = match only {
-        Some(o) => vec![o.to_string()],
-        None => extra.to_vec(),
-    };
-    let extra = &names[..];
-    let runner_extra: &[String] = if only.is_some() { &[] } else { extra };
-    let mut sums: Vec<Option<Vec<f64>>> = vec![None; extra.len()];
+    let runner_extra: &[String] = if are_outputs { &[] } else { names };
+    let mut sums: Vec<Option<Vec<f64>>> = vec![None; names.len()];
     let mut runner: Option<(Runner, Vec<Vec<usize>>)> = None;
     for k in 0..count {
         let s = samples.read(k)?;
@@ -346,14 +304,11 @@ fn channel_means<S: SampleSource + ?Sized>(
         }
         let (r, _) = runner.as_ref().expect("set above");
         let out = r.run(&s.inputs)?;
-        let skip = out.len().saturating_sub(extra.len());
+        let skip = out.len().saturating_sub(names.len());
         for (j, t) in out[skip..].iter().enumerate() {
             let a = t.to_f64();
             if a.ndim() < 2 {
-                return Err(Error::tensor(
-                    &extra[j],
-                    "a corrected layer's output of rank < 2",
-                ));
+                return Err(Error::tensor(&names[j], "a measured output of rank < 2"));
             }
             let m = a.shape()[1];
             let per = (a.len() / m.max(1)).max(1) as f64;
@@ -366,7 +321,7 @@ fn channel_means<S: SampleSource + ?Sized>(
                 Some(acc) if acc.len() == m => acc.iter_mut().zip(&ch).for_each(|(a, c)| *a += c),
                 Some(_) => {
                     return Err(Error::tensor(
-                        &extra[j],
+                        &names[j],
                         "channel count changed between samples",
                     ))
                 }
@@ -448,7 +403,7 @@ where
             "measuring {} layer outputs of the float model on {count} samples",
             layers.len()
         ));
-        channel_means(float, &outputs, samples, count, None)?
+        channel_means(float, &outputs, samples, count, false)?
     };
     let mut progress = crate::progress::counted(
         "correcting output biases, layer by layer".to_string(),
@@ -473,7 +428,13 @@ where
         let mut out = crate::onnx::proto::ValueInfoProto::new();
         out.name = name.clone();
         quantized.graph_mut().output = vec![out];
-        let means = channel_means(&quantized, &[], samples, count, Some(&name))?;
+        let means = channel_means(
+            &quantized,
+            std::slice::from_ref(&name),
+            samples,
+            count,
+            true,
+        )?;
         drop(quantized);
         let (Some(m), f) = (means.into_iter().next(), &float_means[k]) else {
             continue;
