@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::fusion::{fuse, FuseOptions, FuseReport};
+use crate::graph::Graph;
 use crate::inspect::{summarize, ModelSummary};
 use crate::onnx::{Model, SaveOptions};
 use crate::progress;
@@ -223,6 +224,14 @@ fn output_names(m: &Model) -> Vec<String> {
 fn load(path: &Path) -> Result<Model> {
     let _p = progress::phase(format!("loading {}", path.display()));
     crate::onnx::load(path)
+}
+
+/// Fails on a main graph that cannot be ordered (a cycle, a value read that nothing produces,
+/// a value produced twice) before any input data is read or generated: random inputs of a
+/// large declared shape take seconds to draw, and a broken graph should not wait for them.
+/// One pass when the stored order is already topological.
+fn check_order(model: &Model) -> Result<()> {
+    Graph::of_model(model).topo_order().map(drop)
 }
 
 /// Loads a model to be run only, its external data left in the files for tract to read
@@ -454,6 +463,7 @@ pub fn check_files(
     criterion: Option<Criterion>,
 ) -> Result<Comparison> {
     let model_a = lazy(a)?;
+    check_order(&model_a)?;
     let crit = criterion.unwrap_or_else(|| tolerance::for_model(&model_a));
     inputs.check_count("--random")?;
     match b {
@@ -954,6 +964,7 @@ pub fn quantize_file(
         crate::files::check_destination(p)?;
     }
     let model = load(model_path)?;
+    check_order(&model)?;
     dest.check_against(&model)?;
     if let Some(p) = &job.save_ranges {
         crate::files::check_side_output("--save-ranges", p, &model.files, &dest.path)?;
@@ -1295,6 +1306,7 @@ pub fn analyze_file(
         )));
     }
     let model = load(model_path)?;
+    check_order(&model)?;
     let calib = calibration.open(&model)?;
     let (eval, source) = match eval {
         Some((i, s)) => (Some(i.open(&model)?), s),

@@ -84,3 +84,29 @@ fn every_fuzz_crasher_is_refused_cleanly() {
         }
     }
 }
+
+/// A graph that cannot be ordered is refused before any input data are drawn: the fuzzer's
+/// timeout was a one-node cycle declaring a 1x3x1000000x32 input, for which `quantize` drew
+/// 384 MB random samples (20 s) and only then found the cycle. Three samples are over the
+/// random-data bound, so drawing first would fail on the bound instead of naming the cycle.
+#[test]
+fn a_cycle_is_named_before_random_inputs_are_drawn() {
+    let m = root().join("tests/crashers/quantize-timeout-cycle-behind-large-input.onnx");
+    let m = m.to_str().unwrap();
+    let tmp = TempDir::new("cycle_first");
+    let out = tmp.join("out.onnx");
+    let o = out.to_str().unwrap();
+    for args in [
+        vec!["quantize", m, "-o", o, "--calib-random", "3"],
+        vec!["analyze", m, "--calib-random", "3"],
+        vec!["check", m, m, "--random", "3"],
+    ] {
+        let (code, err) = run_limited(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("the graph has a cycle through node '' (Relu)"),
+            "{args:?}: {err}"
+        );
+        assert!(!out.exists(), "{args:?} wrote {o}");
+    }
+}
