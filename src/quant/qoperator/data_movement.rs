@@ -6,9 +6,11 @@
 //! after:   xq -> Reshape -> yq                     xq -> Split -> aq, bq
 //! ```
 //!
-//! Ops: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, MaxPool, Split, Slice, Gather (every
-//! standard-domain version takes 8-bit tensors), Resize in `nearest` mode (it copies input
-//! values), Pad from opset 11 (where it takes 8-bit tensors). DepthToSpace and SpaceToDepth
+//! Ops: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Split, Slice, Gather (every
+//! standard-domain version from opset 10 takes 8-bit tensors), MaxPool from opset 12 and Pad
+//! from opset 11 (where each starts to take them), Resize in `nearest` mode (it copies input
+//! values). Below those opsets the op stays between DQ and Q: an 8-bit MaxPool in an opset-11
+//! model is refused by `onnx.checker` and by ONNX Runtime. DepthToSpace and SpaceToDepth
 //! stay between DQ and Q: ONNX allows them on 8-bit tensors, but ONNX Runtime 1.20 has no such
 //! kernel, and a QOperator model must run there too.
 //!
@@ -77,7 +79,7 @@ fn pad_code(
 }
 
 /// DQ -> data movement -> Q with the same parameters  =>  the op on the 8-bit tensor.
-/// `opset` is the model's (Pad takes 8-bit tensors from 11).
+/// `opset` is the model's (Pad takes 8-bit tensors from 11, MaxPool from 12).
 pub fn data_movement(
     g: &Graph,
     i: usize,
@@ -96,7 +98,7 @@ pub fn data_movement(
     if op == "Resize" && attr::string(n, "mode")?.is_some_and(|m| m != "nearest") {
         return Ok(None);
     }
-    if op == "Pad" && opset < 11 {
+    if (op == "Pad" && opset < 11) || (op == "MaxPool" && opset < 12) {
         return Ok(None);
     }
     let Some(x) = dq_of(g, &n.input[0]) else {
@@ -201,6 +203,26 @@ mod tests {
 
     fn x() -> crate::runtime::Sample {
         sample("x", &[1, 2, 4, 4], seq(32, 1))
+    }
+
+    #[test]
+    fn maxpool_stays_float_below_opset_12() {
+        let mp = node(
+            "MaxPool",
+            "op",
+            &["xd"],
+            &["t"],
+            vec![ints("kernel_shape", &[2, 2])],
+        );
+        let m = dm_model(mp, 0.02, 128);
+        not_applied(&m, "op", |g: &Graph, i, names: &mut crate::graph::Names| {
+            data_movement(g, i, names, 11)
+        });
+        let (f, rec) = rewrite(&m, "op", |g: &Graph, i, names: &mut crate::graph::Names| {
+            data_movement(g, i, names, 12)
+        });
+        assert_eq!(rec.nodes, ["op"]);
+        assert_eq!(node_named(&f, "op").input[0], "xq");
     }
 
     #[test]
