@@ -827,7 +827,7 @@ pub struct QuantizeOutput {
     pub written: Option<String>,
     /// How the calibration and evaluation data were read (layouts, casts, files left out,
     /// images converted).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// (always present, `[]` when there is nothing to say: a stable key for scripts)
     pub notes: Vec<String>,
     /// The SQNR threshold the evaluation was judged by.
     #[serde(skip)]
@@ -1245,7 +1245,7 @@ pub struct AnalyzeOutput {
     pub calibration_samples: usize,
     pub analysis: LayerAnalysis,
     /// How the calibration and evaluation data were read.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// (always present, `[]` when there is nothing to say: a stable key for scripts)
     pub notes: Vec<String>,
 }
 

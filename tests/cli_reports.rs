@@ -103,6 +103,8 @@ fn every_command_prints_one_object_with_its_schema() {
         v["evaluation"]["comparison"]["criterion"],
         json!({"kind": "min_sqnr", "db": 20.0})
     );
+    // a stable key: present when the data needed no note
+    assert_eq!(v["notes"], json!([]));
 
     let qop = scratch.join("qop.onnx");
     let (v, _) = parse(
