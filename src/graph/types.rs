@@ -53,7 +53,25 @@ pub fn elem_types(g: &Graph) -> Map<String, ElemType> {
                 .and_then(|c| i32::try_from(c).ok())
                 .and_then(ElemType::from_onnx)
         };
+        if n.op_type == "If" {
+            // each output has the type its branches declare for it (not the condition's)
+            for branch in ["then_branch", "else_branch"] {
+                let Some(b) = attr::find(n, branch).and_then(|a| a.g.as_ref()) else {
+                    continue;
+                };
+                for (o, v) in n.output.iter().zip(&b.output) {
+                    if let Some(t) = v.type_.as_ref().and_then(declared) {
+                        if !o.is_empty() {
+                            ty.entry(o.clone()).or_insert(t);
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         let out: Option<ElemType> = match n.op_type.as_str() {
+            // outputs of other control flow are not their first input's type
+            "Loop" | "Scan" => None,
             "Constant" => super::constant_node_value(n).ok().map(|t| t.elem_type()),
             "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" | "NonMaxSuppression" => {
                 Some(ElemType::I64)
@@ -93,4 +111,56 @@ pub fn elem_types(g: &Graph) -> Map<String, ElemType> {
         }
     }
     ty
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::testing::*;
+    use crate::onnx::proto::{attribute_proto::AttributeType, AttributeProto, GraphProto};
+
+    fn branch(out: &str, ty: ElemType) -> AttributeProto {
+        let mut g = GraphProto::new();
+        g.node.push(node("Identity", "id", &["x"], &[out], vec![]));
+        g.output.push(value_info(out, ty, &[2]));
+        let mut a = AttributeProto::new();
+        a.type_ = AttributeType::GRAPH.into();
+        a.g = Some(g).into();
+        a
+    }
+
+    /// An If's output is typed from its branches: silero-vad's decoder reads a float If output
+    /// through an Unsqueeze, which was typed bool (the condition's type) and left out of the
+    /// values the target search observes.
+    #[test]
+    fn an_if_output_has_its_branches_type_not_the_conditions() {
+        let mut then_b = branch("t", ElemType::F32);
+        then_b.name = "then_branch".into();
+        let mut else_b = branch("e", ElemType::F32);
+        else_b.name = "else_branch".into();
+        let m = model(
+            vec![
+                node("Greater", "cmp", &["x", "zero"], &["c0"], vec![]),
+                node("ReduceMin", "all", &["c0"], &["c"], vec![]),
+                node("If", "if", &["c"], &["y"], vec![then_b, else_b]),
+                node("Unsqueeze", "u", &["y", "axes"], &["z"], vec![]),
+                node("Loop", "loop", &["", "c", "x"], &["l"], vec![]),
+            ],
+            vec![
+                ("zero", f32_scalar(0.0)),
+                (
+                    "axes",
+                    crate::onnx::TensorData::I64(ndarray::arr1(&[0i64]).into_dyn()),
+                ),
+            ],
+            value_info("x", ElemType::F32, &[2]),
+            "z",
+        );
+        let g = Graph::of_model(&m);
+        let t = elem_types(&g);
+        assert_eq!(t.get("c0"), Some(&ElemType::Bool));
+        assert_eq!(t.get("y"), Some(&ElemType::F32));
+        assert_eq!(t.get("z"), Some(&ElemType::F32));
+        assert_eq!(t.get("l"), None);
+    }
 }

@@ -149,8 +149,12 @@ fn candidate_methods(opts: &QuantizeOptions) -> Vec<Method> {
 }
 
 /// Every float value a plan of this model could calibrate: the inputs and outputs of nodes
-/// with a quantized form, and the graph inputs.
-fn all_candidate_values(g: &Graph) -> Vec<String> {
+/// with a quantized form, and the graph inputs; and every value `base` (the plan with no
+/// fallback) calibrates, whatever its known type: a quantized op's input whose element type
+/// is not known (silero-vad's decoder reads an If's output through an Unsqueeze) is
+/// calibrated as a float, and a search that had not observed it failed with "no calibrated
+/// range".
+fn all_candidate_values(g: &Graph, base: &plan::QuantPlan) -> Vec<String> {
     let types = crate::graph::types::elem_types(g);
     let mut out = BTreeSet::new();
     for v in g.real_inputs() {
@@ -168,7 +172,8 @@ fn all_candidate_values(g: &Graph) -> Vec<String> {
             }
         }
     }
-    out.into_iter()
+    let mut out: BTreeSet<String> = out
+        .into_iter()
         .filter(|v| {
             matches!(types.get(v.as_str()), Some(ElemType::F32))
                 || (!types.contains_key(v.as_str())
@@ -179,7 +184,9 @@ fn all_candidate_values(g: &Graph) -> Vec<String> {
                         )
                     }))
         })
-        .collect()
+        .collect();
+    out.extend(base.calibrated_values());
+    out.into_iter().collect()
 }
 
 /// The plan of `float` with `exclude` added to the user's exclusions.
@@ -231,7 +238,7 @@ pub fn search<S: SampleSource + ?Sized>(
         ));
     }
     let g = Graph::of_model(&prepared.float);
-    let values = all_candidate_values(&g);
+    let values = all_candidate_values(&g, &prepared.plan);
     let target: Target = opts.target();
     let observers = calibrate::observe(&prepared.float, &values, calib, Method::L2, opts.threads)?;
     let methods = candidate_methods(opts);
