@@ -150,10 +150,9 @@ fn candidate_methods(opts: &QuantizeOptions) -> Vec<Method> {
 
 /// Every float value a plan of this model could calibrate: the inputs and outputs of nodes
 /// with a quantized form, and the graph inputs; and every value `base` (the plan with no
-/// fallback) calibrates, whatever its known type: a quantized op's input whose element type
-/// is not known (silero-vad's decoder reads an If's output through an Unsqueeze) is
-/// calibrated as a float, and a search that had not observed it failed with "no calibrated
-/// range".
+/// fallback) calibrates, whatever type the type pass gives it: the search must have observed
+/// every value a variant may calibrate (silero-vad's decoder reads an If output, once typed
+/// bool, through an Unsqueeze, and the search failed with "no calibrated range").
 fn all_candidate_values(g: &Graph, base: &plan::QuantPlan) -> Vec<String> {
     let types = crate::graph::types::elem_types(g);
     let mut out = BTreeSet::new();
