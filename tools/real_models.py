@@ -38,7 +38,7 @@ Run (venv with tools/requirements.txt; the release binary is not built by this s
     /work/venv/bin/python tools/real_models.py score --corpus /work/corpus \
         --bin target/release/qfold [--only NAME,NAME] [--timeout 600]
 
-The corpus stays outside the repository: 145 MB of archives in DIR/_dl, 22 models (133 MB), and about
+The corpus stays outside the repository: about 185 MB of archives in DIR/_dl, 29 models (about 170 MB), and about
 2 GB of score/ folders (ORT's pre-processed copies of the ONNX light models materialize their
 ConstantOfShape weights: 575 MB for vgg19). A full score run takes about 15 minutes on 2 cores.
 """
