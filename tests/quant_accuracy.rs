@@ -422,6 +422,28 @@ fn gemm_model(w: Vec<f32>, m: usize, k: usize) -> Model {
     )
 }
 
+/// [m, k] Gemm weights, row by row: 1.27 first (per-channel scale 0.01), then multiples of
+/// 0.01 below 0.4, each moved by `offset` off its grid point.
+fn grid_rows(m: usize, k: usize, offset: f32) -> Vec<f32> {
+    (0..m * k)
+        .map(|i| {
+            if i % k == 0 {
+                1.27
+            } else {
+                0.01 * ((i * 7 + i / k * 3) % 40) as f32 + offset
+            }
+        })
+        .collect()
+}
+
+/// The next 24 bits of a 64-bit linear congruential generator.
+fn lcg(state: &mut u64) -> u64 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *state >> 40
+}
+
 #[test]
 fn bias_correction_removes_a_systematic_weight_rounding_shift() {
     use qfold::quant::quantize;
@@ -429,25 +451,12 @@ fn bias_correction_removes_a_systematic_weight_rounding_shift() {
     // the 63 others sit 0.4 step above a grid point, so each rounds down by 0.004: for inputs
     // of mean 1 every output shifts by about -0.25.
     let (k, m) = (64usize, 4usize);
-    let w: Vec<f32> = (0..m * k)
-        .map(|i| {
-            if i % k == 0 {
-                1.27
-            } else {
-                0.01 * ((i * 7 + i / k * 3) % 40) as f32 + 0.004
-            }
-        })
-        .collect();
+    let w = grid_rows(m, k, 0.004);
     let model = gemm_model(w, m, k);
     let mut state = 7u64;
     let mut case = |_| {
         let v: Vec<f32> = (0..8 * k)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                0.5 + (state >> 40) as f32 / (1u64 << 24) as f32
-            })
+            .map(|_| 0.5 + lcg(&mut state) as f32 / (1u64 << 24) as f32)
             .collect();
         f32_case("x", &[8, k], v)
     };
@@ -484,15 +493,7 @@ fn output_bias_correction_removes_the_shift_activation_rounding_causes() {
     // sit 0.4 step above a grid point: each rounds down by 0.004, and every output shifts by
     // -0.004 times its row sum. Only a correction measured on the quantized model sees it.
     let (k, m) = (64usize, 4usize);
-    let w: Vec<f32> = (0..m * k)
-        .map(|i| {
-            if i % k == 0 {
-                1.27
-            } else {
-                0.01 * ((i * 7 + i / k * 3) % 40) as f32
-            }
-        })
-        .collect();
+    let w = grid_rows(m, k, 0.0);
     // the inputs that round: every column but 0 and 1 (0 and 2.55, on the grid)
     let row_sums: Vec<f64> = w
         .chunks(k)
@@ -505,12 +506,7 @@ fn output_bias_correction_removes_the_shift_activation_rounding_causes() {
             .map(|i| match i % k {
                 0 => 0.0,
                 1 => 2.55,
-                _ => {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    0.004 + 0.01 * ((state >> 40) % 200) as f32
-                }
+                _ => 0.004 + 0.01 * (lcg(&mut state) % 200) as f32,
             })
             .collect();
         f32_case("x", &[8, k], v)
