@@ -413,17 +413,16 @@ where
         let plan = plan_of(float)?;
         let mut quantized = build(float, &plan)?;
         // the layer's output in the quantized model is its node's output (the QDQ form may
-        // have renamed it `..._prequant`)
-        let qg = Graph::of_model(&quantized);
-        let by_label: BTreeMap<String, usize> =
-            (0..qg.len()).map(|i| (label(qg.node(i)), i)).collect();
-        let Some(name) = by_label
-            .get(&layer.0)
-            .and_then(|&i| qg.node(i).output.first().cloned())
+        // have renamed it `..._prequant`); one scan, no index of the whole graph per layer
+        let Some(name) = quantized
+            .graph()
+            .node
+            .iter()
+            .find(|n| label(n) == layer.0)
+            .and_then(|n| n.output.first().cloned())
         else {
             continue;
         };
-        drop(qg);
         // only this layer's output: tract runs the model up to it
         let mut out = crate::onnx::proto::ValueInfoProto::new();
         out.name = name.clone();
