@@ -650,6 +650,8 @@ pub struct QuantizeSettings {
     pub no_constant_folding: bool,
     /// Initializers that are also graph inputs become constants.
     pub inputs_as_constants: bool,
+    /// Fuse without the channel-affine folds.
+    pub no_affine_folding: bool,
     pub threads: usize,
     /// Cross-layer equalization before quantizing (`None`: the preset's).
     pub equalize: Option<bool>,
@@ -679,6 +681,7 @@ impl Default for QuantizeSettings {
             fuse: true,
             no_constant_folding: false,
             inputs_as_constants: false,
+            no_affine_folding: false,
             threads: 0,
             equalize: None,
             bias_correction: false,
@@ -784,6 +787,7 @@ impl QuantizeSettings {
         o.fuse = self.fuse;
         o.no_constant_folding = self.no_constant_folding;
         o.inputs_as_constants = self.inputs_as_constants;
+        o.no_affine_folding = self.no_affine_folding;
         o.threads = self.threads;
         if let Some(e) = self.equalize {
             o.equalize = e;

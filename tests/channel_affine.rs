@@ -214,3 +214,127 @@ fn operands_that_are_not_per_channel_or_shared_outputs_stay() {
     );
     folds(&m, &[1, 3, 5, 5], &[("Mul", 1)]);
 }
+
+/// Conv -> BN -> Mul by a scalar -> Add a scalar (PP-LCNetV3's learnable affine block).
+fn conv_bn_scalar_affine() -> Model {
+    let mut inits = bn_params();
+    inits.push(("w".into(), f32s(&[4, 3, 3, 3], &[0.2, -0.1, 0.05, 0.3])));
+    inits.push(("k".into(), f32s(&[1], &[1.9])));
+    inits.push(("c".into(), f32s(&[1], &[0.8])));
+    model_of(
+        vec![
+            node_of("Conv", "conv", &["x", "w"], &["t"], vec![]),
+            bn("t", "u"),
+            node_of("Mul", "mul", &["k", "u"], &["a"], vec![]),
+            node_of("Add", "add", &["a", "c"], &["y"], vec![]),
+        ],
+        inits,
+        value_info("x", ElemType::F32, &[1, 3, 6, 6]),
+        "y",
+    )
+}
+
+#[test]
+fn no_affine_folding_keeps_the_scalar_chain_and_still_folds_bn() {
+    let m = conv_bn_scalar_affine();
+    // by default the whole chain folds into the Conv
+    folds(
+        &m,
+        &[1, 3, 6, 6],
+        &[("BatchNormalization", 0), ("Mul", 0), ("Add", 0)],
+    );
+    let mut kept = m.clone();
+    let opts = FuseOptions {
+        no_affine_folding: true,
+        ..FuseOptions::default()
+    };
+    let r = fuse(&mut kept, &opts).unwrap();
+    assert_eq!(
+        (
+            count(&kept, "BatchNormalization"),
+            count(&kept, "Mul"),
+            count(&kept, "Add")
+        ),
+        (0, 1, 1)
+    );
+    assert!(
+        r.groups.iter().all(|g| g.kind != GroupKind::ConvAffine),
+        "{:?}",
+        r.groups
+    );
+    let case = sample(&[1, 3, 6, 6]);
+    assert_close(
+        &run(&m, &case),
+        &run(&kept, &case),
+        qfold::verify::tolerance::FLOAT,
+        "fused without affine folding against original",
+    );
+}
+
+#[test]
+fn no_affine_folding_on_the_command_line() {
+    let dir = TempDir::new("no-affine");
+    let model = dir.join("m.onnx");
+    qfold::onnx::save(&conv_bn_scalar_affine(), &model, &Default::default()).unwrap();
+    let model = model.to_str().unwrap();
+    let fused = dir.join("f.onnx");
+    let (code, out, err) = run_qfold(&[
+        "fuse",
+        model,
+        "-o",
+        fused.to_str().unwrap(),
+        "--no-affine-folding",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let kinds: Vec<&str> = j["fusion"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["ConvBn"]);
+    // quantize: the Mul and the Add stay, each between DequantizeLinear and QuantizeLinear
+    let q = dir.join("q.onnx");
+    let (code, out, err) = run_qfold(&[
+        "quantize",
+        model,
+        "-o",
+        q.to_str().unwrap(),
+        "--calib-random",
+        "4",
+        "--no-affine-folding",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        j["quantization"]["options"]["no_affine_folding"], true,
+        "{j}"
+    );
+    let q = qfold::onnx::load(&q).unwrap();
+    assert_eq!((count(&q, "Mul"), count(&q, "Add")), (1, 1));
+    let reads_dq = |op: &str| {
+        let g = q.graph();
+        let n = g.node.iter().find(|n| n.op_type == op).unwrap();
+        n.input.iter().any(|i| {
+            g.node
+                .iter()
+                .any(|p| p.op_type == "DequantizeLinear" && p.output.first() == Some(i))
+        })
+    };
+    assert!(reads_dq("Mul") && reads_dq("Add"));
+    // and without the flag both are folded away
+    let (code, _, err) = run_qfold(&[
+        "quantize",
+        model,
+        "-o",
+        dir.join("q2.onnx").to_str().unwrap(),
+        "--calib-random",
+        "4",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let q2 = qfold::onnx::load(dir.join("q2.onnx")).unwrap();
+    assert_eq!((count(&q2, "Mul"), count(&q2, "Add")), (0, 0));
+}

@@ -177,6 +177,7 @@ fn fuse(
         fusers: vec![],
         no_constant_folding: false,
         inputs_as_constants: false,
+        no_affine_folding: false,
     };
     py.allow_threads(|| {
         let dest = destination(&path, out, in_place, external_data_threshold)?;
@@ -308,6 +309,7 @@ impl From<Settings> for QuantizeSettings {
             fuse: s.fuse,
             no_constant_folding: false,
             inputs_as_constants: false,
+            no_affine_folding: false,
             threads: s.threads,
             equalize: s.equalize,
             bias_correction: s.bias_correction == Some(true),

@@ -30,6 +30,10 @@ pub struct Args {
     /// defaults a caller may override, so they are not folded otherwise).
     #[arg(long)]
     inputs_as_constants: bool,
+    /// Leave Add / Sub / Mul / Div by constants after Conv, ConvTranspose, Gemm and MatMul
+    /// as they are (BatchNormalization still folds).
+    #[arg(long)]
+    no_affine_folding: bool,
     /// Run original and fused models in tract and refuse to write when they differ.
     #[arg(long)]
     check: bool,
@@ -120,6 +124,7 @@ pub fn run(args: Args) -> Result<i32> {
         fusers: vec![],
         no_constant_folding: args.no_constant_folding,
         inputs_as_constants: args.inputs_as_constants,
+        no_affine_folding: args.no_affine_folding,
     };
     let check = args.check.then(|| FuseCheck {
         inputs: match &args.inputs {

@@ -53,6 +53,11 @@ pub struct SettingsArgs {
     /// defaults a caller may override, so they are not folded otherwise).
     #[arg(long)]
     inputs_as_constants: bool,
+    /// Fuse without folding Add / Sub / Mul / Div by constants into the Conv, ConvTranspose,
+    /// Gemm or MatMul before them: they stay separate ops, quantized as ONNX Runtime
+    /// quantizes them (BatchNormalization still folds).
+    #[arg(long)]
+    no_affine_folding: bool,
     /// Calibration threads (0: every core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -101,6 +106,7 @@ impl SettingsArgs {
             fuse: !self.no_fuse,
             no_constant_folding: self.no_constant_folding,
             inputs_as_constants: self.inputs_as_constants,
+            no_affine_folding: self.no_affine_folding,
             threads: self.threads,
             equalize: match (self.equalize, self.no_equalize) {
                 (true, _) => Some(true),

@@ -42,6 +42,9 @@ pub struct FuseOptions {
     /// Initializers that are also graph inputs (overridable defaults, IR >= 4) become
     /// constants, so they fold too.
     pub inputs_as_constants: bool,
+    /// Leave Add / Sub / Mul / Div after a Conv, ConvTranspose, Gemm or MatMul as they are
+    /// (the channel-affine folds); BatchNormalization still folds where it directly follows.
+    pub no_affine_folding: bool,
 }
 
 /// One fusion group.
@@ -94,10 +97,13 @@ fn count_op(model: &Model, op: &str) -> usize {
         .count()
 }
 
+/// The channel-affine fold rule's name (left out with `no_affine_folding`).
+const AFFINE_RULE: &str = "conv_affine";
+
 /// The fold rules, in the order they are tried at each node.
 fn fold_rules() -> Vec<Rule<'static, FusedGroup>> {
     vec![
-        Rule::new("conv_affine", rules::conv_affine::conv_affine),
+        Rule::new(AFFINE_RULE, rules::conv_affine::conv_affine),
         Rule::new("conv_bn", rules::conv_bn::conv_bn),
         Rule::new("gemm_bn", rules::gemm_bn::gemm_bn),
         Rule::new("matmul_bn", rules::matmul_bn::matmul_bn),
@@ -183,6 +189,9 @@ fn fuse_auto(
         all.push(custom_rule(f)?);
     }
     all.extend(fold_rules());
+    if opts.no_affine_folding {
+        all.retain(|r| r.name != AFFINE_RULE);
+    }
     // The Relu groups are read from the engine's index of the final graph.
     let mut relus = Vec::new();
     let mut constants = ConstantReport::default();

@@ -99,6 +99,7 @@ impl Preset {
             fuse: true,
             no_constant_folding: false,
             inputs_as_constants: false,
+            no_affine_folding: false,
             per_tensor_min_sqnr: None,
             exclude: vec![],
             prepared_exclude: vec![],
@@ -157,6 +158,9 @@ pub struct QuantizeOptions {
     /// Initializers that are also graph inputs (overridable defaults, IR >= 4) become
     /// constants, so they fold and quantize as weights.
     pub inputs_as_constants: bool,
+    /// Fuse without the channel-affine folds (Add / Sub / Mul / Div after a Conv, ConvTranspose,
+    /// Gemm or MatMul stay separate, quantized ops).
+    pub no_affine_folding: bool,
     /// With per-channel weights: weights that quantize per tensor with at least this SQNR
     /// (dB) stay per tensor (the tract preset: its per-tensor integer kernels are faster).
     pub per_tensor_min_sqnr: Option<f64>,
@@ -367,6 +371,7 @@ fn prepare_checked(mut float: Model, opts: &QuantizeOptions) -> Result<Prepared>
             &FuseOptions {
                 no_constant_folding: opts.no_constant_folding,
                 inputs_as_constants: opts.inputs_as_constants,
+                no_affine_folding: opts.no_affine_folding,
                 ..FuseOptions::default()
             },
         )?)
