@@ -174,6 +174,12 @@ fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[S
             r.decomposed.len()
         );
     }
+    if !r.gemm_from_matmul.is_empty() {
+        println!(
+            "  {} MatMul + bias Add quantized as one Gemm (as ONNX Runtime's pre-processing does)",
+            r.gemm_from_matmul.len()
+        );
+    }
     if let Some((a, b)) = r.qdq.opset {
         println!("  opset raised from {a} to {b}");
     }

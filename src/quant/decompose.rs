@@ -67,6 +67,150 @@ pub fn hardswish(model: &mut Model, keep: &[String]) -> Result<Vec<String>> {
     Ok(rewritten)
 }
 
+/// Replaces each 2-D `MatMul(A, B) -> Add(., C)` by `Gemm(A, B, C)`, as ONNX Runtime's
+/// pre-processing does (its MatMul + Add fusion), except nodes named in `keep`; returns the
+/// MatMul labels rewritten. Conditions: `A` known to be 2-D, `B` a float32 initializer of
+/// rank 2 (`[K, N]`), the MatMul's output read only by the Add and not a graph output, and `C`
+/// a float32 initializer of shape `[N]` or `[1, N]` (broadcast along the rows either way).
+/// The same function in float; quantized, the bias joins the product as an int32 bias and the
+/// output is rounded once, where MatMul then Add rounds the product and then the sum (MTCNN's
+/// O-Net: 18.65 -> 20.93 dB in ONNX Runtime, which itself gives 20.92).
+pub fn matmul_add_gemm(model: &mut Model, keep: &[String]) -> Result<Vec<String>> {
+    let g = Graph::of_model(model);
+    let mut patch = Patch::new("MatMul + Add -> Gemm");
+    let mut rewritten = Vec::new();
+    let f32_init = |name: &str| {
+        g.initializer(name)
+            .filter(|t| t.data_type == crate::onnx::proto::tensor_proto::DataType::FLOAT as i32)
+    };
+    let default_domain = |n: &NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
+    for i in 0..g.len() {
+        let mm = g.node(i);
+        if mm.op_type != "MatMul"
+            || !default_domain(mm)
+            || mm.input.len() != 2
+            || mm.output.len() != 1
+            || mm.input.iter().any(|x| x.is_empty())
+            || mm.output[0].is_empty()
+            || keep.contains(&mm.name)
+            || g.is_output(&mm.output[0])
+        {
+            continue;
+        }
+        let Some(b) = f32_init(&mm.input[1]) else {
+            continue;
+        };
+        if b.dims.len() != 2 || rank_through_elementwise(&g, &mm.input[0]) != Some(2) {
+            continue;
+        }
+        let n = b.dims[1];
+        let &[add] = g.consumers(&mm.output[0]) else {
+            continue;
+        };
+        let a = g.node(add);
+        if a.op_type != "Add"
+            || !default_domain(a)
+            || a.input.len() != 2
+            || a.output.len() != 1
+            || a.output[0].is_empty()
+            || keep.contains(&a.name)
+        {
+            continue;
+        }
+        let other = if a.input[0] == mm.output[0] {
+            &a.input[1]
+        } else if a.input[1] == mm.output[0] {
+            &a.input[0]
+        } else {
+            continue;
+        };
+        let Some(c) = f32_init(other) else {
+            continue;
+        };
+        if !(c.dims == [n] || c.dims == [1, n]) {
+            continue;
+        }
+        let mut gemm = NodeProto::new();
+        gemm.op_type = "Gemm".into();
+        gemm.name = mm.name.clone();
+        gemm.input = vec![mm.input[0].clone(), mm.input[1].clone(), other.clone()];
+        gemm.output = a.output.clone();
+        gemm.metadata_props = mm.metadata_props.clone();
+        patch.replace_node(i, gemm);
+        patch.remove_node(add);
+        rewritten.push(if mm.name.is_empty() {
+            mm.output[0].clone()
+        } else {
+            mm.name.clone()
+        });
+    }
+    drop(g);
+    if !rewritten.is_empty() {
+        patch.apply(model.graph_mut())?;
+    }
+    Ok(rewritten)
+}
+
+/// The rank of `value` when known ([`crate::fusion::rules::known_rank`]: declared, or the
+/// output of a Gemm or Flatten), also through ops whose output has their first input's shape
+/// (activations, and PRelu, whose slope broadcasts to its input): TF exports' dense layers
+/// read `Flatten -> MatMul -> Add -> PRelu -> MatMul` with no shapes declared in between.
+fn rank_through_elementwise(g: &Graph, value: &str) -> Option<usize> {
+    const SAME_SHAPE: &[&str] = &[
+        "Relu",
+        "PRelu",
+        "LeakyRelu",
+        "Sigmoid",
+        "Tanh",
+        "Clip",
+        "HardSigmoid",
+        "HardSwish",
+        "Elu",
+        "Selu",
+        "Softplus",
+        "Softsign",
+        "Neg",
+        "Abs",
+        "Identity",
+    ];
+    let mut v = value;
+    // the largest rank of the constants broadcast on the way (Add / Sub / Mul / Div)
+    let mut at_least = 0;
+    // bounded: a chain longer than this is left unrewritten
+    for _ in 0..32 {
+        if let Some(r) = crate::fusion::rules::known_rank(g, v) {
+            return Some(r.max(at_least));
+        }
+        let p = g.node(g.producer(v)?);
+        if !(p.domain.is_empty() || p.domain == "ai.onnx") {
+            return None;
+        }
+        if SAME_SHAPE.contains(&p.op_type.as_str()) {
+            v = p.input.first().filter(|x| !x.is_empty())?;
+        } else if ["Add", "Sub", "Mul", "Div"].contains(&p.op_type.as_str()) && p.input.len() == 2 {
+            // one operand a constant initializer: the output has the other's rank, or the
+            // constant's when that is larger
+            let (other, c) = match (g.initializer(&p.input[0]), g.initializer(&p.input[1])) {
+                (None, Some(c)) => (&p.input[0], c),
+                (Some(c), None) => (&p.input[1], c),
+                _ => return None,
+            };
+            at_least = at_least.max(c.dims.len());
+            v = other;
+        } else if p.op_type == "MatMul"
+            && p.input.len() == 2
+            && g.initializer(&p.input[1])
+                .is_some_and(|b| b.dims.len() == 2)
+        {
+            // [.., M, K] x [K, N]: the input's rank (from 2 on)
+            v = &p.input[0];
+        } else {
+            return None;
+        }
+    }
+    None
+}
+
 /// The axis a Softmax of a model at `opset` normalizes over, when that is one axis: any
 /// `axis` from opset 13 (default -1); before 13, where Softmax flattens the axes from `axis`
 /// on, only the last one (`axis` -1, or `rank - 1` with `rank` known). `None` otherwise.
@@ -237,5 +381,107 @@ mod tests {
         assert!(worst < 1e-6, "{worst}");
         // values on both sides of the knees (-3 and 3) are not all zero or identity
         assert!(a.iter().any(|&v| v < 0.0) && a.iter().any(|&v| v > 3.0));
+    }
+
+    fn f32s(shape: &[usize], f: impl Fn(usize) -> f32) -> TensorData {
+        let n: usize = shape.iter().product();
+        TensorData::F32(
+            ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), (0..n).map(f).collect())
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn matmul_and_bias_add_become_gemm_through_activations() {
+        // x [2, 6] -> MatMul -> Add [5] -> PRelu -> MatMul -> Add [1, 3] -> y, as TF exports
+        // dense layers; a third MatMul whose output is read twice stays.
+        let mut m = model(
+            vec![
+                node("MatMul", "fc1", &["x", "w1"], &["h"], vec![]),
+                node("Add", "fc1_bias", &["h", "b1"], &["hb"], vec![]),
+                node("PRelu", "act", &["hb", "slope"], &["a"], vec![]),
+                node("MatMul", "fc2", &["a", "w2"], &["o"], vec![]),
+                node("Add", "fc2_bias", &["b2", "o"], &["y"], vec![]),
+                node("MatMul", "fc3", &["a", "w3"], &["p"], vec![]),
+                node("Add", "fc3_bias", &["p", "b3"], &["q"], vec![]),
+                node("Add", "twice", &["p", "q"], &["z"], vec![]),
+            ],
+            vec![
+                ("w1", f32s(&[6, 5], |k| (k as f32 * 0.37).sin())),
+                ("b1", f32s(&[5], |k| k as f32 * 0.1 - 0.2)),
+                ("slope", f32s(&[5], |k| 0.1 + k as f32 * 0.05)),
+                ("w2", f32s(&[5, 3], |k| (k as f32 * 0.71).cos())),
+                ("b2", f32s(&[1, 3], |k| 0.5 - k as f32 * 0.3)),
+                ("w3", f32s(&[5, 2], |k| k as f32 * 0.2 - 0.5)),
+                ("b3", f32s(&[2], |k| k as f32)),
+            ],
+            value_info("x", crate::onnx::ElemType::F32, &[2, 6]),
+            "y",
+        );
+        add_output(&mut m, "z");
+        let sample = vec![("x".to_string(), f32s(&[2, 6], |k| (k as f32 - 6.0) / 3.0))];
+        let before = run_once(&m, &sample).unwrap();
+        assert!(
+            matmul_add_gemm(&mut m.clone(), &["fc1".to_string(), "fc2".to_string()])
+                .unwrap()
+                .is_empty()
+        );
+        let done = matmul_add_gemm(&mut m, &[]).unwrap();
+        assert_eq!(done, ["fc1", "fc2"]);
+        let ops: Vec<&str> = m.graph().node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["Gemm", "PRelu", "Gemm", "MatMul", "Add", "Add"]);
+        let gemm = &m.graph().node[2];
+        assert_eq!(
+            (gemm.name.as_str(), gemm.output.as_slice()),
+            ("fc2", &["y".to_string()][..])
+        );
+        assert_eq!(gemm.input, ["a", "w2", "b2"]);
+        let after = run_once(&m, &sample).unwrap();
+        for ((n1, a), (n2, b)) in before.iter().zip(&after) {
+            assert_eq!(n1, n2);
+            let worst = a
+                .to_f64()
+                .iter()
+                .zip(b.to_f64().iter())
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f64::max);
+            assert!(worst < 1e-5, "{n1}: {worst}");
+        }
+    }
+
+    #[test]
+    fn matmul_of_unknown_or_higher_rank_stays() {
+        // a [1, 2, 6] input: Gemm takes 2-D only
+        let w = ("w", f32s(&[6, 4], |k| k as f32));
+        let b = ("b", f32s(&[4], |k| k as f32));
+        let chain = || {
+            vec![
+                node("MatMul", "mm", &["x", "w"], &["h"], vec![]),
+                node("Add", "add", &["h", "b"], &["y"], vec![]),
+            ]
+        };
+        let mut m = model(
+            chain(),
+            vec![w.clone(), b.clone()],
+            value_info("x", crate::onnx::ElemType::F32, &[1, 2, 6]),
+            "y",
+        );
+        assert!(matmul_add_gemm(&mut m, &[]).unwrap().is_empty());
+        // a bias of another width, or a MatMul output that is a graph output
+        let mut m = model(
+            chain(),
+            vec![w.clone(), ("b", f32s(&[2, 4], |k| k as f32))],
+            value_info("x", crate::onnx::ElemType::F32, &[2, 6]),
+            "y",
+        );
+        assert!(matmul_add_gemm(&mut m, &[]).unwrap().is_empty());
+        let mut m = model(
+            chain(),
+            vec![w, b],
+            value_info("x", crate::onnx::ElemType::F32, &[2, 6]),
+            "y",
+        );
+        add_output(&mut m, "h");
+        assert!(matmul_add_gemm(&mut m, &[]).unwrap().is_empty());
     }
 }

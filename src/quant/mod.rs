@@ -267,6 +267,9 @@ pub struct QuantizeReport {
     pub ranges_from_file: bool,
     /// HardSwish nodes quantized as `x * HardSigmoid(x)` ([`decompose`]).
     pub decomposed: Vec<String>,
+    /// MatMul nodes that, with the bias Add after them, became one Gemm
+    /// ([`decompose::matmul_add_gemm`]).
+    pub gemm_from_matmul: Vec<String>,
 }
 
 /// Where activation ranges come from.
@@ -339,6 +342,8 @@ pub struct Prepared {
     pub upgraded: Option<(i64, i64, Vec<String>)>,
     /// HardSwish nodes rewritten as `x * HardSigmoid(x)` ([`decompose`]).
     pub decomposed: Vec<String>,
+    /// MatMul + bias Add pairs rewritten as one Gemm (their MatMul labels).
+    pub gemm_from_matmul: Vec<String>,
 }
 
 /// Fuses (unless disabled), equalizes (when asked), plans and raises the opset: the steps of
@@ -398,6 +403,17 @@ fn prepare_checked(mut float: Model, opts: &QuantizeOptions) -> Result<Prepared>
     } else {
         decompose::hardswish(&mut float, &opts.exclude)?
     };
+    // 2-D MatMul + bias Add as one Gemm, as ONNX Runtime's pre-processing presents it, unless
+    // one of those op types is left float.
+    let gemm_from_matmul = if opts.exclude_op_types.iter().any(|t| {
+        ["MatMul", "Add", "Gemm"]
+            .iter()
+            .any(|o| t.eq_ignore_ascii_case(o))
+    }) {
+        Vec::new()
+    } else {
+        decompose::matmul_add_gemm(&mut float, &opts.exclude)?
+    };
     let mut plan = plan::plan(&float, &opts.plan_options())?;
     // Raise the opset the QDQ form needs before calibrating: the upgraded float model is the
     // one calibrated (tract runs it where it may not run the old ops, e.g. Upsample), and a
@@ -422,6 +438,7 @@ fn prepare_checked(mut float: Model, opts: &QuantizeOptions) -> Result<Prepared>
         equalization,
         upgraded,
         decomposed,
+        gemm_from_matmul,
     })
 }
 
@@ -653,6 +670,7 @@ fn quantize_prepared(
         equalization,
         upgraded,
         decomposed,
+        gemm_from_matmul,
     } = prepared;
     let (quantized, qdq) = {
         let _p = crate::progress::phase("inserting QuantizeLinear / DequantizeLinear");
@@ -669,6 +687,7 @@ fn quantize_prepared(
         calibration_samples: ranges.samples,
         ranges_from_file: from_file,
         decomposed,
+        gemm_from_matmul,
     };
     Ok((quantized, ranges, report))
 }
