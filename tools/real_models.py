@@ -26,8 +26,12 @@ qfold on each of them and compares with ONNX Runtime (issue 9, item 7).
                   `quantize_static` (QDQ, per-channel, QUInt8 activations / QInt8 weights, MinMax,
                   same 8 calibration samples; on the model after `quant_pre_process` when that
                   succeeds, on the raw model otherwise) and its SQNR in ORT; whether qfold's QDQ
-                  model loads and runs in ORT, and its SQNR there. ORT sessions run with graph
-                  optimizations disabled, as in tools/compare_quant.py.
+                  model loads and runs in ORT, and its SQNR there. Where ORT's per-channel model
+                  of an opset 11/12 model does not load (per-axis DequantizeLinear needs 13), its
+                  per-tensor result, and its per-channel one on the pre-processed model raised to
+                  opset 13 by onnx.version_converter (the like-for-like reference for qfold's
+                  default). ORT sessions run with graph optimizations disabled, as in
+                  tools/compare_quant.py.
               SQNR = 10 log10(sum ref^2 / sum (ref - q)^2) per float output over all evaluation
               samples; the tables show the worst output. Prints a markdown table and writes
               DIR/score.md and DIR/score.json (every command line, exit code, stderr tail).
@@ -577,6 +581,24 @@ def cmd_ort(args):
                 pt.setdefault("quantize_ok", False)
                 pt["error"] = (type(e).__name__ + ": " + (str(e).strip().splitlines() or [""])[0])[:400]
             result["ort_quantize_per_tensor"] = pt
+            # ...and its per-channel result with the same settings on that model raised to opset 13
+            # by onnx's own version converter, the like-for-like reference for qfold's default.
+            pc13 = dict(prep=info["prep"])
+            out13 = args.ort_out.replace(".onnx", ".opset13.onnx")
+            try:
+                import onnx
+                from onnx import version_converter
+                src13 = args.ort_out.replace(".onnx", ".src13.onnx")
+                onnx.save(version_converter.convert_version(onnx.load(src), 13), src13)
+                quantize_static(src13, out13, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.MinMax)
+                pc13["quantize_ok"] = True
+                pc13["outputs"] = sqnr(ref, run_model(out13))
+            except Exception as e:
+                pc13.setdefault("quantize_ok", False)
+                pc13["error"] = (type(e).__name__ + ": " + (str(e).strip().splitlines() or [""])[0])[:400]
+            result["ort_quantize_opset13"] = pc13
     print(json.dumps(result))
 
 
@@ -743,6 +765,9 @@ def table(results):
         pt = ort_.get("ort_quantize_per_tensor")
         if pt:
             oqs += "; per-tensor " + (fmt_db(worst(pt.get("outputs"))) if pt.get("outputs") else "fail")
+        p13 = ort_.get("ort_quantize_opset13")
+        if p13:
+            oqs += "; per-channel at opset 13 " + (fmt_db(worst(p13.get("outputs"))) if p13.get("outputs") else "fail")
         ins = "; ".join(f"{i['name']} {'x'.join(map(str, i['shape'])) or 'scalar'}" for i in r.get("inputs", []))
         err = "<br>".join(e.replace("|", "\\|")[:160] for e in errs) or ""
         rows.append(f"| {r['name']} | {r['package']} | {opset} | {r.get('nodes', '-')} | {ins} | {fc} | {chk} | {qd} "
