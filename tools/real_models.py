@@ -567,38 +567,35 @@ def cmd_ort(args):
                 info["run_error"] = str(e).strip().splitlines()[0][:400]
         result["ort_quantize"] = info
         if info.get("run_error"):
-            # ORT 1.20 writes per-axis DequantizeLinear into opset 11/12 models, which it then cannot
-            # load: measure its per-tensor result as well, so these models still have a reference.
-            pt = dict(prep=info["prep"])
-            out_pt = args.ort_out.replace(".onnx", ".per_tensor.onnx")
-            try:
-                quantize_static(src, out_pt, Reader(), quant_format=QuantFormat.QDQ, per_channel=False,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=CalibrationMethod.MinMax)
-                pt["quantize_ok"] = True
-                pt["outputs"] = sqnr(ref, run_model(out_pt))
-            except Exception as e:
-                pt.setdefault("quantize_ok", False)
-                pt["error"] = (type(e).__name__ + ": " + (str(e).strip().splitlines() or [""])[0])[:400]
-            result["ort_quantize_per_tensor"] = pt
-            # ...and its per-channel result with the same settings on that model raised to opset 13
-            # by onnx's own version converter, the like-for-like reference for qfold's default.
-            pc13 = dict(prep=info["prep"])
-            out13 = args.ort_out.replace(".onnx", ".opset13.onnx")
-            try:
+            def reference(source, out, per_channel):
+                """quantize_static with the settings above; its SQNR, or the error."""
+                r = dict(prep=info["prep"])
+                try:
+                    quantize_static(source(), out, Reader(), quant_format=QuantFormat.QDQ,
+                                    per_channel=per_channel, activation_type=QuantType.QUInt8,
+                                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                    r["quantize_ok"] = True
+                    r["outputs"] = sqnr(ref, run_model(out))
+                except Exception as e:
+                    r.setdefault("quantize_ok", False)
+                    r["error"] = (type(e).__name__ + ": " + (str(e).strip().splitlines() or [""])[0])[:400]
+                return r
+
+            def raised_to_13():
                 import onnx
                 from onnx import version_converter
                 src13 = args.ort_out.replace(".onnx", ".src13.onnx")
                 onnx.save(version_converter.convert_version(onnx.load(src), 13), src13)
-                quantize_static(src13, out13, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=CalibrationMethod.MinMax)
-                pc13["quantize_ok"] = True
-                pc13["outputs"] = sqnr(ref, run_model(out13))
-            except Exception as e:
-                pc13.setdefault("quantize_ok", False)
-                pc13["error"] = (type(e).__name__ + ": " + (str(e).strip().splitlines() or [""])[0])[:400]
-            result["ort_quantize_opset13"] = pc13
+                return src13
+
+            # ORT 1.20 writes per-axis DequantizeLinear into opset 11/12 models, which it then cannot
+            # load: measure its per-tensor result as well, so these models still have a reference,
+            # and its per-channel one on the model raised to opset 13 by onnx's own version
+            # converter, the like-for-like reference for qfold's default.
+            result["ort_quantize_per_tensor"] = reference(
+                lambda: src, args.ort_out.replace(".onnx", ".per_tensor.onnx"), False)
+            result["ort_quantize_opset13"] = reference(
+                raised_to_13, args.ort_out.replace(".onnx", ".opset13.onnx"), True)
     print(json.dumps(result))
 
 
