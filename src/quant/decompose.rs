@@ -76,6 +76,10 @@ pub fn hardswish(model: &mut Model, keep: &[String]) -> Result<Vec<String>> {
 /// output is rounded once, where MatMul then Add rounds the product and then the sum (MTCNN's
 /// O-Net: 18.65 -> 20.93 dB in ONNX Runtime, which itself gives 20.92).
 pub fn matmul_add_gemm(model: &mut Model, keep: &[String]) -> Result<Vec<String>> {
+    // before opset 7 Gemm broadcasts C only with its `broadcast` attribute
+    if model.opset().is_none_or(|v| v < 7) {
+        return Ok(Vec::new());
+    }
     let g = Graph::of_model(model);
     let mut patch = Patch::new("MatMul + Add -> Gemm");
     let mut rewritten = Vec::new();
@@ -482,6 +486,19 @@ mod tests {
             "y",
         );
         add_output(&mut m, "h");
+        assert!(matmul_add_gemm(&mut m, &[]).unwrap().is_empty());
+        // below opset 7, where Gemm broadcasts C only when told to
+        let mut m = model(
+            chain(),
+            vec![
+                ("w", f32s(&[6, 4], |k| k as f32)),
+                ("b", f32s(&[4], |k| k as f32)),
+            ],
+            value_info("x", crate::onnx::ElemType::F32, &[2, 6]),
+            "y",
+        );
+        assert_eq!(matmul_add_gemm(&mut m.clone(), &[]).unwrap(), ["mm"]);
+        m.proto.opset_import[0].version = 6;
         assert!(matmul_add_gemm(&mut m, &[]).unwrap().is_empty());
     }
 }
