@@ -110,3 +110,28 @@ fn a_cycle_is_named_before_random_inputs_are_drawn() {
         assert!(!out.exists(), "{args:?} wrote {o}");
     }
 }
+
+/// tract runs a node by its op type whatever its domain, so the size bounds of the op specs
+/// apply to every domain before a model reaches tract: the fuzzer's `com.microsoft` MaxPool
+/// with a kernel of 2^63 - 1 made tract's MaxPool ask for 4 GiB of patch offsets and abort.
+#[test]
+fn a_contrib_domain_op_is_bounded_like_the_standard_one() {
+    let m =
+        root().join("tests/crashers/quantize-memory-allocation-failed-contrib-domain-maxpool.onnx");
+    let tmp = TempDir::new("contrib-maxpool");
+    let out = tmp.join("out.onnx");
+    let (code, err) = run_limited(&[
+        "quantize",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib-random",
+        "2",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("(MaxPool): attribute 'kernel_shape' has the entry 9223372036854775807"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -291,7 +291,7 @@ pub fn check_for_tract(g: &Graph, input_ranks: &[(String, usize)]) -> Result<()>
         });
     }
     for n in g.nodes() {
-        if let Err(reason) = spec::check(n) {
+        if let Err(reason) = spec::check_any_domain(n) {
             return Err(Error::Node {
                 node: super::engine::label(n),
                 op_type: n.op_type.clone(),

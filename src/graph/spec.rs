@@ -367,9 +367,24 @@ fn check_attr(n: &NodeProto, spec: &AttrSpec) -> Result<(), String> {
 
 /// Checks a node against its op's spec; `Err` says what is wrong. Ops without a spec pass.
 pub fn check(n: &NodeProto) -> Result<(), String> {
-    let Some(spec) = spec_of(n) else {
-        return Ok(());
-    };
+    match spec_of(n) {
+        Some(spec) => check_with(spec, n),
+        None => Ok(()),
+    }
+}
+
+/// [`check`] by op type whatever the node's domain: tract runs a node by its op type alone,
+/// so a `com.microsoft` MaxPool with a kernel of 2^63 reaches tract's MaxPool. Checked before
+/// a model is handed to tract ([`super::guard`]), not by the rules, which match the default
+/// domain only.
+pub fn check_any_domain(n: &NodeProto) -> Result<(), String> {
+    match SPECS.iter().find(|s| s.op == n.op_type) {
+        Some(spec) => check_with(spec, n),
+        None => Ok(()),
+    }
+}
+
+fn check_with(spec: &OpSpec, n: &NodeProto) -> Result<(), String> {
     let ni = n.input.len();
     if ni < spec.min_inputs || ni > spec.max_inputs {
         return Err(arity("inputs", ni, spec.min_inputs, spec.max_inputs));
