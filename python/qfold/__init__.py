@@ -152,6 +152,7 @@ def fuse(
     *,
     only=None,
     qat=False,
+    affine_folding=True,
     check=False,
     inputs=None,
     random=2,
@@ -166,8 +167,11 @@ def fuse(
 
     ``only``: explicit chains, ``[["conv1", "bn1", "relu1"], ...]`` (node names or PyTorch
     module paths; a chain may also be a comma-separated string); without it every pattern is
-    fused. ``qat``: record the groups, fold nothing. ``check``: run both models in tract on
-    ``inputs`` (samples, see the module doc) or ``random`` random samples, and raise
+    fused. ``qat``: record the groups, fold nothing. ``affine_folding=False`` leaves Add / Sub /
+    Mul / Div by constants after a Conv, ConvTranspose, Gemm or MatMul unfolded (BN still
+    folds; ``quantize`` and ``analyze`` take it too, as ``--no-affine-folding``). ``check``:
+    run both models in tract on ``inputs`` (samples, see the module doc) or ``random`` random
+    samples, and raise
     :class:`QfoldError` (writing nothing) when they differ beyond ``tolerance`` (exact, float,
     half, loose).
 
@@ -188,6 +192,7 @@ def fuse(
         _path(out),
         chains,
         bool(qat),
+        bool(affine_folding),
         spec,
         tolerance,
         bool(in_place),
@@ -301,6 +306,7 @@ def quantize(
     exclude=None,
     op_types=None,
     fuse=True,
+    affine_folding=True,
     threads=0,
     equalize=None,
     bias_correction=None,
@@ -388,6 +394,7 @@ def quantize(
         "exclude": [exclude] if isinstance(exclude, str) else [str(e) for e in exclude or []],
         "op_types": _names(op_types),
         "fuse": bool(fuse),
+        "affine_folding": bool(affine_folding),
         "threads": int(threads),
         "equalize": None if equalize is None else bool(equalize),
         "bias_correction": None if bias_correction is None else bool(bias_correction),
@@ -492,6 +499,7 @@ def analyze(
     exclude=None,
     op_types=None,
     fuse=True,
+    affine_folding=True,
     threads=0,
     equalize=None,
 ):
@@ -522,6 +530,7 @@ def analyze(
         "exclude": [exclude] if isinstance(exclude, str) else [str(e) for e in exclude or []],
         "op_types": _names(op_types),
         "fuse": bool(fuse),
+        "affine_folding": bool(affine_folding),
         "threads": int(threads),
         "equalize": None if equalize is None else bool(equalize),
         "bias_correction": None,

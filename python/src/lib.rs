@@ -165,6 +165,7 @@ fn fuse(
     out: Option<PathBuf>,
     only: Vec<Vec<String>>,
     qat: bool,
+    affine_folding: bool,
     check: Option<Bound<'_, PyAny>>,
     tolerance: Option<String>,
     in_place: bool,
@@ -177,7 +178,7 @@ fn fuse(
         fusers: vec![],
         no_constant_folding: false,
         inputs_as_constants: false,
-        no_affine_folding: false,
+        no_affine_folding: !affine_folding,
     };
     py.allow_threads(|| {
         let dest = destination(&path, out, in_place, external_data_threshold)?;
@@ -251,6 +252,8 @@ struct Settings {
     exclude: Vec<String>,
     op_types: Vec<String>,
     fuse: bool,
+    /// False: Add / Sub / Mul / Div after a Conv, ConvTranspose, Gemm or MatMul stay unfolded.
+    affine_folding: bool,
     threads: usize,
     equalize: Option<bool>,
     /// None: the default (on with equalization); true: on; false: off, even with equalization.
@@ -309,7 +312,7 @@ impl From<Settings> for QuantizeSettings {
             fuse: s.fuse,
             no_constant_folding: false,
             inputs_as_constants: false,
-            no_affine_folding: false,
+            no_affine_folding: !s.affine_folding,
             threads: s.threads,
             equalize: s.equalize,
             bias_correction: s.bias_correction == Some(true),

@@ -243,3 +243,18 @@ def test_analyze_and_accuracy_options(tmp_path, calib):
         qfold.quantize(MODEL, tmp_path / "n.onnx", {"input": calib}, eval=DIGITS / "eval",
                        target_sqnr=300, samples=1)
     assert not (tmp_path / "n.onnx").exists()
+
+
+def test_affine_folding_off(tmp_path):
+    # a conformance model whose Conv is followed by Adds of per-channel constants
+    model = ROOT / "onnx_models" / "conformance" / "external_data_typed" / "model.onnx"
+
+    def kinds(r):
+        return [g["kind"] for g in r["fusion"]["groups"]]
+
+    assert "ConvAffine" in kinds(qfold.fuse(model, tmp_path / "a.onnx", check=True))
+    r = qfold.fuse(model, tmp_path / "b.onnx", affine_folding=False, check=True)
+    assert "ConvAffine" not in kinds(r) and r["check"]["passed"]
+    q = qfold.quantize(model, tmp_path / "q.onnx", random=4, affine_folding=False)
+    assert q["quantization"]["options"]["no_affine_folding"] is True
+    assert "ConvAffine" not in kinds(q["quantization"])
