@@ -69,7 +69,8 @@ pub fn hardswish(model: &mut Model, keep: &[String]) -> Result<Vec<String>> {
 
 /// Replaces each 2-D `MatMul(A, B) -> Add(., C)` by `Gemm(A, B, C)`, as ONNX Runtime's
 /// pre-processing does (its MatMul + Add fusion), except nodes named in `keep`; returns the
-/// MatMul labels rewritten. Conditions: `A` known to be 2-D, `B` a float32 initializer of
+/// MatMul labels rewritten. Conditions: `A` known to be 2-D (declared, or propagated from the
+/// declared input ranks), `B` a float32 initializer of
 /// rank 2 (`[K, N]`), the MatMul's output read only by the Add and not a graph output, and `C`
 /// a float32 initializer of shape `[N]` or `[1, N]` (broadcast along the rows either way).
 /// The same function in float; quantized, the bias joins the product as an int32 bias and the
@@ -81,6 +82,10 @@ pub fn matmul_add_gemm(model: &mut Model, keep: &[String]) -> Result<Vec<String>
         return Ok(Vec::new());
     }
     let g = Graph::of_model(model);
+    // ranks: declared, or propagated from the declared inputs (TF exports' dense layers read
+    // `Flatten -> MatMul -> Add -> PRelu -> MatMul` with no shapes declared in between)
+    let ranks = crate::graph::upgrade::input_ranks(model, &g);
+    let rank = |v: &str| crate::fusion::rules::known_rank(&g, v).or_else(|| ranks.get(v).copied());
     let mut patch = Patch::new("MatMul + Add -> Gemm");
     let mut rewritten = Vec::new();
     let f32_init = |name: &str| {
@@ -104,7 +109,7 @@ pub fn matmul_add_gemm(model: &mut Model, keep: &[String]) -> Result<Vec<String>
         let Some(b) = f32_init(&mm.input[1]) else {
             continue;
         };
-        if b.dims.len() != 2 || rank_through_elementwise(&g, &mm.input[0]) != Some(2) {
+        if b.dims.len() != 2 || rank(&mm.input[0]) != Some(2) {
             continue;
         }
         let n = b.dims[1];
@@ -153,66 +158,6 @@ pub fn matmul_add_gemm(model: &mut Model, keep: &[String]) -> Result<Vec<String>
         patch.apply(model.graph_mut())?;
     }
     Ok(rewritten)
-}
-
-/// The rank of `value` when known ([`crate::fusion::rules::known_rank`]: declared, or the
-/// output of a Gemm or Flatten), also through ops whose output has their first input's shape
-/// (activations, and PRelu, whose slope broadcasts to its input): TF exports' dense layers
-/// read `Flatten -> MatMul -> Add -> PRelu -> MatMul` with no shapes declared in between.
-fn rank_through_elementwise(g: &Graph, value: &str) -> Option<usize> {
-    const SAME_SHAPE: &[&str] = &[
-        "Relu",
-        "PRelu",
-        "LeakyRelu",
-        "Sigmoid",
-        "Tanh",
-        "Clip",
-        "HardSigmoid",
-        "HardSwish",
-        "Elu",
-        "Selu",
-        "Softplus",
-        "Softsign",
-        "Neg",
-        "Abs",
-        "Identity",
-    ];
-    let mut v = value;
-    // the largest rank of the constants broadcast on the way (Add / Sub / Mul / Div)
-    let mut at_least = 0;
-    // bounded: a chain longer than this is left unrewritten
-    for _ in 0..32 {
-        if let Some(r) = crate::fusion::rules::known_rank(g, v) {
-            return Some(r.max(at_least));
-        }
-        let p = g.node(g.producer(v)?);
-        if !(p.domain.is_empty() || p.domain == "ai.onnx") {
-            return None;
-        }
-        if SAME_SHAPE.contains(&p.op_type.as_str()) {
-            v = p.input.first().filter(|x| !x.is_empty())?;
-        } else if ["Add", "Sub", "Mul", "Div"].contains(&p.op_type.as_str()) && p.input.len() == 2 {
-            // one operand a constant initializer: the output has the other's rank, or the
-            // constant's when that is larger
-            let (other, c) = match (g.initializer(&p.input[0]), g.initializer(&p.input[1])) {
-                (None, Some(c)) => (&p.input[0], c),
-                (Some(c), None) => (&p.input[1], c),
-                _ => return None,
-            };
-            at_least = at_least.max(c.dims.len());
-            v = other;
-        } else if p.op_type == "MatMul"
-            && p.input.len() == 2
-            && g.initializer(&p.input[1])
-                .is_some_and(|b| b.dims.len() == 2)
-        {
-            // [.., M, K] x [K, N]: the input's rank (from 2 on)
-            v = &p.input[0];
-        } else {
-            return None;
-        }
-    }
-    None
 }
 
 /// The axis a Softmax of a model at `opset` normalizes over, when that is one axis: any

@@ -272,7 +272,8 @@ fn data_input(n: &NodeProto) -> std::result::Result<&str, String> {
         .ok_or_else(|| "it has no data input".to_string())
 }
 
-fn input_ranks(model: &Model, g: &Graph) -> HashMap<String, usize> {
+/// The rank of every value that follows from the declared input ranks ([`guard::ranks`]).
+pub(crate) fn input_ranks(model: &Model, g: &Graph) -> HashMap<String, usize> {
     let declared: Vec<(String, usize)> = model
         .graph()
         .input
