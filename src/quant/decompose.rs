@@ -14,6 +14,7 @@
 //! and output, so module paths and graph outputs are unchanged.
 
 use crate::error::Result;
+use crate::graph::spec::is_op;
 use crate::graph::{Graph, Names, Patch};
 use crate::onnx::attr;
 use crate::onnx::proto::NodeProto;
@@ -74,8 +75,9 @@ pub fn hardswish(model: &mut Model, keep: &[String]) -> Result<Vec<String>> {
 /// rank 2 (`[K, N]`), the MatMul's output read only by the Add and not a graph output, and `C`
 /// a float32 initializer of shape `[N]` or `[1, N]` (broadcast along the rows either way).
 /// The same function in float; quantized, the bias joins the product as an int32 bias and the
-/// output is rounded once, where MatMul then Add rounds the product and then the sum (MTCNN's
-/// O-Net: 18.65 -> 20.93 dB in ONNX Runtime, which itself gives 20.92).
+/// output is rounded once, where MatMul then Add rounds the product, the bias on 8 bits and
+/// then the sum (MTCNN's O-Net over 16 samples x 5 realizations: 18.56 -> 19.45 dB in ONNX
+/// Runtime, which itself gives 19.59).
 pub fn matmul_add_gemm(model: &mut Model, keep: &[String]) -> Result<Vec<String>> {
     // before opset 7 Gemm broadcasts C only with its `broadcast` attribute
     if model.opset().is_none_or(|v| v < 7) {
@@ -92,17 +94,12 @@ pub fn matmul_add_gemm(model: &mut Model, keep: &[String]) -> Result<Vec<String>
         g.initializer(name)
             .filter(|t| t.data_type == crate::onnx::proto::tensor_proto::DataType::FLOAT as i32)
     };
-    let default_domain = |n: &NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
+    // (`is_op` checks the default domain and the spec's arity: two inputs, one output, named)
     for i in 0..g.len() {
         let mm = g.node(i);
-        if mm.op_type != "MatMul"
-            || !default_domain(mm)
-            || mm.input.len() != 2
-            || mm.output.len() != 1
-            || mm.input.iter().any(|x| x.is_empty())
-            || mm.output[0].is_empty()
+        if !is_op(mm, "MatMul")
             || keep.contains(&mm.name)
-            || g.is_output(&mm.output[0])
+            || crate::fusion::rules::single_use(&g, &mm.output[0]).is_some()
         {
             continue;
         }
@@ -117,13 +114,7 @@ pub fn matmul_add_gemm(model: &mut Model, keep: &[String]) -> Result<Vec<String>
             continue;
         };
         let a = g.node(add);
-        if a.op_type != "Add"
-            || !default_domain(a)
-            || a.input.len() != 2
-            || a.output.len() != 1
-            || a.output[0].is_empty()
-            || keep.contains(&a.name)
-        {
+        if !is_op(a, "Add") || keep.contains(&a.name) {
             continue;
         }
         let other = if a.input[0] == mm.output[0] {
