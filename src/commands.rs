@@ -1027,12 +1027,31 @@ pub fn quantize_file(
             )?;
             let evaluator = Evaluator::new(&reference, cases, options.threads)?;
             drop(reference);
+            // a state met on fewer samples than the evaluation data holds is checked on all
+            // of them, as the model written will be judged
+            let upgrade_to = prepared.upgraded.as_ref().map(|u| u.1);
+            let whole = verify::Realizations::new(eval, t.realizations);
+            let mut check = |m: &Model| -> Result<crate::quant::analyze::Score> {
+                let e = evaluate(
+                    &float_outputs,
+                    &mut |s| reference_runner(model_path, upgrade_to, s),
+                    m,
+                    &whole,
+                    0.0,
+                    String::new(),
+                )?;
+                Ok(crate::quant::analyze::Score::worst_of(
+                    &e.comparison.outputs,
+                    e.quantized_accuracy,
+                ))
+            };
             let found = crate::quant::target::search(
                 &prepared,
                 &options,
                 calib.as_ref(),
                 &evaluator,
                 t.goal,
+                (taken < eval.len()).then_some(&mut check as &mut dyn FnMut(&Model) -> _),
             )?;
             options
                 .prepared_exclude
@@ -1130,16 +1149,10 @@ pub fn quantize_file(
     // The target is judged on the whole evaluation set, in tract.
     let target_failure = match (&job.target, &mut target) {
         (Some(t), Some(r)) => {
-            let worst = evaluation
-                .comparison
-                .outputs
-                .iter()
-                .map(|o| o.sqnr_db.unwrap_or(f64::INFINITY))
-                .fold(f64::INFINITY, f64::min);
-            let score = crate::quant::analyze::Score {
-                sqnr_db: worst.is_finite().then_some(worst),
-                accuracy: evaluation.quantized_accuracy,
-            };
+            let score = crate::quant::analyze::Score::worst_of(
+                &evaluation.comparison.outputs,
+                evaluation.quantized_accuracy,
+            );
             r.met = t.goal.met(&score);
             (!r.met).then(|| {
                 format!(

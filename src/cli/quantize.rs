@@ -268,6 +268,35 @@ fn print_target(t: &qfold::quant::target::TargetReport) {
     if !t.restored.is_empty() {
         println!("  tried float, not needed: {}", t.restored.join(", "));
     }
+    let score = |s: &qfold::quant::analyze::Score| {
+        let db = s
+            .sqnr_db
+            .map_or("exact".to_string(), |d| format!("{d:.2} dB"));
+        match s.accuracy {
+            Some(a) => format!("{db}, top-1 {:.2}%", 100.0 * a),
+            None => db,
+        }
+    };
+    for c in &t.checks {
+        let raised = match (c.raised_sqnr_db, c.raised_accuracy) {
+            (None, None) => String::new(),
+            (d, a) => format!(
+                "; missed: the search goes on for {} on its samples",
+                d.map(|d| format!("{d:.2} dB"))
+                    .into_iter()
+                    .chain(a.map(|a| format!("top-1 {:.2}%", 100.0 * a)))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+        };
+        println!(
+            "  checked on the whole evaluation data, {} node(s) left float: {} ({} on the search samples){}",
+            c.left_float,
+            score(&c.score),
+            score(&c.search_score),
+            raised
+        );
+    }
     println!(
         "  Conv/ConvTranspose/Gemm/MatMul quantized: {} of {} ({:.1}%)",
         t.compute_quantized,

@@ -85,6 +85,23 @@ impl Score {
     pub fn db(&self) -> f64 {
         self.sqnr_db.unwrap_or(f64::INFINITY)
     }
+
+    /// The score of a comparison: its worst output's SQNR (a NaN, from non-finite outputs,
+    /// is the worst of all), and `accuracy`.
+    pub fn worst_of(outputs: &[crate::verify::OutputMetrics], accuracy: Option<f64>) -> Score {
+        let worst = outputs
+            .iter()
+            .map(|o| match o.sqnr_db {
+                None => f64::INFINITY,
+                Some(d) if d.is_nan() => f64::NEG_INFINITY,
+                Some(d) => d,
+            })
+            .fold(f64::INFINITY, f64::min);
+        Score {
+            sqnr_db: (worst != f64::INFINITY).then_some(worst),
+            accuracy,
+        }
+    }
 }
 
 /// One row of the table.
@@ -234,20 +251,7 @@ impl Evaluator {
         if let Some(m) = c.outputs.iter().find_map(|o| o.mismatch.clone()) {
             return Err(Error::runtime("scoring a quantized variant", m));
         }
-        // the worst output; a NaN (non-finite outputs) is the worst of all
-        let worst = c
-            .outputs
-            .iter()
-            .map(|o| match o.sqnr_db {
-                None => f64::INFINITY,
-                Some(d) if d.is_nan() => f64::NEG_INFINITY,
-                Some(d) => d,
-            })
-            .fold(f64::INFINITY, f64::min);
-        Ok(Score {
-            sqnr_db: (worst != f64::INFINITY).then_some(worst),
-            accuracy: accuracy_of(&out, &self.cases),
-        })
+        Ok(Score::worst_of(&c.outputs, accuracy_of(&out, &self.cases)))
     }
 
     /// Scores `count` models built by `build(k)`, in parallel; `what` names the phase.

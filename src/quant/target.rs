@@ -18,6 +18,10 @@
 //!    can lose what earlier ones gained).
 //! 4. Once the target is met, each node left float is tried quantized again (in the order
 //!    they were added) and stays quantized if the target still holds: the fewest are left.
+//! 5. When the search scored on a subset of the evaluation data (`quantize --samples`), the
+//!    state found is scored on all of it. Where the whole data misses the target, the goal on
+//!    the subset is raised by the gap between the two scores and steps 3 and 4 go on from
+//!    that state, up to [`MAX_CHECKS`] times.
 //!
 //! Variants only change which nodes the plan excludes ([`super::plan`] on the prepared float
 //! model) and never recalibrate. With bias correction asked for (`--bias-correction`, or
@@ -120,6 +124,47 @@ pub struct TargetReport {
     /// Every variant had its quantized layers' biases corrected (`--bias-correction`, or
     /// `--equalize` with its bias correction), as the model written has.
     pub bias_correction: bool,
+    /// When the search scored on fewer samples than the evaluation data holds: each state
+    /// that met the goal on them, scored on the whole evaluation data.
+    pub checks: Vec<TargetCheck>,
+}
+
+/// A state met on the search samples, checked on the whole evaluation data.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetCheck {
+    /// Nodes left float.
+    pub left_float: usize,
+    /// Its score on the search samples, and on the whole evaluation data.
+    pub search_score: Score,
+    pub score: Score,
+    /// Missed on the whole data: the goal the search then pursued on its samples (the
+    /// user's, raised by the gap measured between the two).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raised_sqnr_db: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raised_accuracy: Option<f64>,
+}
+
+/// The goal on the search samples after `whole` (the whole evaluation data) missed `goal`
+/// where `sub` (the search samples) met `search`: each missed part raised by the gap between
+/// the two scores, so that the same gap would meet it (and a little more for the SQNR,
+/// against one more round). The raised goal always exceeds `sub` on a missed part, unless
+/// it is capped (accuracy 100%).
+fn raise(goal: &Goal, search: &Goal, sub: &Score, whole: &Score) -> Goal {
+    let mut g = *search;
+    if let Some(t) = goal.sqnr_db {
+        if whole.db() < t {
+            let gap = (sub.db() - whole.db()).max(0.0);
+            g.sqnr_db = Some(search.sqnr_db.unwrap_or(t).max(t + gap + RAISE_MARGIN_DB));
+        }
+    }
+    if let (Some(t), Some(a)) = (goal.accuracy, whole.accuracy) {
+        if a + 1e-12 < t {
+            let gap = (sub.accuracy.unwrap_or(a) - a).max(0.0);
+            g.accuracy = Some(search.accuracy.unwrap_or(t).max(t + gap).min(1.0));
+        }
+    }
+    g
 }
 
 /// The result: ranges for every value any plan may need, the exclusions, the report.
@@ -134,6 +179,10 @@ const COMPUTE_OPS: &[&str] = &["Conv", "ConvTranspose", "Gemm", "MatMul"];
 const REMEASURE: usize = 4;
 /// At most this many greedy steps.
 const MAX_STEPS: usize = 64;
+/// At most this many checks on the whole evaluation data.
+const MAX_CHECKS: usize = 4;
+/// Added to a raised SQNR goal.
+const RAISE_MARGIN_DB: f64 = 0.1;
 
 fn candidate_methods(opts: &QuantizeOptions) -> Vec<Method> {
     let percentile = match opts.method {
@@ -222,14 +271,19 @@ fn variant(
     }
 }
 
+/// Scores a model on the whole evaluation data (step 5 of the module docs).
+pub type WholeCheck<'a> = dyn FnMut(&Model) -> Result<Score> + 'a;
+
 /// Searches ranges and exclusions that meet `goal` (see the module docs). `prepared` is the
-/// model prepared with `opts`; `calib` the calibration samples; `eval` scores variants.
+/// model prepared with `opts`; `calib` the calibration samples; `eval` scores variants;
+/// `check`, when `eval` holds only some of the evaluation data, scores a state on all of it.
 pub fn search<S: SampleSource + ?Sized>(
     prepared: &Prepared,
     opts: &QuantizeOptions,
     calib: &S,
     eval: &Evaluator,
     goal: Goal,
+    check: Option<&mut WholeCheck<'_>>,
 ) -> Result<TargetResult> {
     if goal.accuracy.is_some() && eval.float_accuracy().is_none() {
         return Err(Error::Usage(
@@ -427,120 +481,160 @@ pub fn search<S: SampleSource + ?Sized>(
     let mut float: Vec<FallbackStep> = Vec::new();
     let mut float_set: BTreeSet<String> = BTreeSet::new();
     let mut estimate: Vec<f64> = Vec::new();
-    if !goal.met(&current) && !candidates.is_empty() {
-        let sets: Vec<BTreeSet<String>> = candidates
-            .iter()
-            .map(|(n, _, _, _)| BTreeSet::from([n.clone()]))
-            .collect();
-        let refs: Vec<&BTreeSet<String>> = sets.iter().collect();
-        let s = score_with(&refs)?;
-        variants += s.len();
-        estimate = s
-            .iter()
-            .map(|s| goal.merit(s) - goal.merit(&current))
-            .collect();
-    }
     let compute_total = (0..g.len())
         .filter(|&i| COMPUTE_OPS.contains(&g.node(i).op_type.as_str()))
         .count();
     // compute nodes that may be left float
     let compute_budget =
         ((1.0 - goal.min_quantized.clamp(0.0, 1.0)) * compute_total as f64 + 1e-9).floor() as usize;
-    let mut compute_float = 0usize;
     let mut steps = 0;
-    // the best state seen: steps taken, and its score (a missed target keeps it, not the
-    // last one: past the best, each step may only lose)
-    let mut best = (0usize, current);
-    while !goal.met(&current) && steps < MAX_STEPS {
-        steps += 1;
-        // the best few by estimated gain per cost, re-measured on top of the current set
-        let mut order: Vec<usize> = (0..candidates.len())
-            .filter(|&k| !float_set.contains(&candidates[k].0))
-            .filter(|&k| candidates[k].2 < 1.0 || compute_float < compute_budget)
-            .collect();
-        if order.is_empty() {
-            break;
-        }
-        order.sort_by(|&a, &b| {
-            (estimate[b] / candidates[b].2).total_cmp(&(estimate[a] / candidates[a].2))
-        });
-        order.truncate(REMEASURE);
-        let sets: Vec<BTreeSet<String>> = order
-            .iter()
-            .map(|&k| {
-                let mut s = float_set.clone();
-                s.insert(candidates[k].0.clone());
-                s
-            })
-            .collect();
-        let refs: Vec<&BTreeSet<String>> = sets.iter().collect();
-        let s = score_with(&refs)?;
-        variants += s.len();
-        for (&k, sc) in order.iter().zip(&s) {
-            estimate[k] = goal.merit(sc) - goal.merit(&current);
-        }
-        let pick = (0..order.len())
-            .max_by(|&a, &b| {
-                (estimate[order[a]] / candidates[order[a]].2)
-                    .total_cmp(&(estimate[order[b]] / candidates[order[b]].2))
-            })
-            .expect("at least one candidate");
-        let k = order[pick];
-        let gain = estimate[k];
-        if candidates[k].2 >= 1.0 {
-            compute_float += 1;
-        }
-        float_set.insert(candidates[k].0.clone());
-        current = s[pick];
-        float.push(FallbackStep {
-            node: candidates[k].0.clone(),
-            op_type: candidates[k].1.clone(),
-            score: current,
-            reason: format!(
-                "{} {:+.2} {}{}",
-                if gain > 0.0 {
-                    "the best measured gain"
-                } else {
-                    "no candidate gains; the least loss"
-                },
-                gain,
-                if goal.accuracy.is_some() {
-                    "(accuracy x1000)"
-                } else {
-                    "dB"
-                },
-                if candidates[k].3.is_empty() {
-                    String::new()
-                } else {
-                    format!(", with {}", candidates[k].3.join(", "))
-                }
-            ),
-        });
-        if goal.merit(&current) > goal.merit(&best.1) {
-            best = (float.len(), current);
-        }
-    }
-    if !goal.met(&current) && best.0 < float.len() {
-        float.truncate(best.0);
-        float_set = float.iter().map(|f| f.node.clone()).collect();
-        current = best.1;
-    }
-    // Pruning: put back each node whose fallback the target no longer needs.
     let mut restored = Vec::new();
-    if goal.met(&current) && float.len() > 1 {
-        for step in float.clone() {
-            let mut s = float_set.clone();
-            s.remove(&step.node);
-            let sc = score_with(&[&s])?[0];
-            variants += 1;
-            if goal.met(&sc) {
-                float_set = s;
-                current = sc;
-                restored.push(step.node.clone());
+    let mut checks: Vec<TargetCheck> = Vec::new();
+    // The goal on the search samples: the user's, raised when the whole evaluation data
+    // misses what the search samples meet.
+    let mut search_goal = goal;
+    let mut check = check;
+    loop {
+        if estimate.is_empty() && !search_goal.met(&current) && !candidates.is_empty() {
+            let sets: Vec<BTreeSet<String>> = candidates
+                .iter()
+                .map(|(n, _, _, _)| BTreeSet::from([n.clone()]))
+                .collect();
+            let refs: Vec<&BTreeSet<String>> = sets.iter().collect();
+            let s = score_with(&refs)?;
+            variants += s.len();
+            estimate = s
+                .iter()
+                .map(|s| search_goal.merit(s) - search_goal.merit(&current))
+                .collect();
+        }
+        let mut compute_float = candidates
+            .iter()
+            .filter(|c| c.2 >= 1.0 && float_set.contains(&c.0))
+            .count();
+        // the best state seen: steps taken, and its score (a missed target keeps it, not the
+        // last one: past the best, each step may only lose)
+        let mut best = (float.len(), current);
+        while !search_goal.met(&current) && steps < MAX_STEPS {
+            steps += 1;
+            // the best few by estimated gain per cost, re-measured on top of the current set
+            let mut order: Vec<usize> = (0..candidates.len())
+                .filter(|&k| !float_set.contains(&candidates[k].0))
+                .filter(|&k| candidates[k].2 < 1.0 || compute_float < compute_budget)
+                .collect();
+            if order.is_empty() {
+                break;
+            }
+            order.sort_by(|&a, &b| {
+                (estimate[b] / candidates[b].2).total_cmp(&(estimate[a] / candidates[a].2))
+            });
+            order.truncate(REMEASURE);
+            let sets: Vec<BTreeSet<String>> = order
+                .iter()
+                .map(|&k| {
+                    let mut s = float_set.clone();
+                    s.insert(candidates[k].0.clone());
+                    s
+                })
+                .collect();
+            let refs: Vec<&BTreeSet<String>> = sets.iter().collect();
+            let s = score_with(&refs)?;
+            variants += s.len();
+            for (&k, sc) in order.iter().zip(&s) {
+                estimate[k] = goal.merit(sc) - goal.merit(&current);
+            }
+            let pick = (0..order.len())
+                .max_by(|&a, &b| {
+                    (estimate[order[a]] / candidates[order[a]].2)
+                        .total_cmp(&(estimate[order[b]] / candidates[order[b]].2))
+                })
+                .expect("at least one candidate");
+            let k = order[pick];
+            let gain = estimate[k];
+            if candidates[k].2 >= 1.0 {
+                compute_float += 1;
+            }
+            float_set.insert(candidates[k].0.clone());
+            current = s[pick];
+            float.push(FallbackStep {
+                node: candidates[k].0.clone(),
+                op_type: candidates[k].1.clone(),
+                score: current,
+                reason: format!(
+                    "{} {:+.2} {}{}",
+                    if gain > 0.0 {
+                        "the best measured gain"
+                    } else {
+                        "no candidate gains; the least loss"
+                    },
+                    gain,
+                    if goal.accuracy.is_some() {
+                        "(accuracy x1000)"
+                    } else {
+                        "dB"
+                    },
+                    if candidates[k].3.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", with {}", candidates[k].3.join(", "))
+                    }
+                ),
+            });
+            if goal.merit(&current) > goal.merit(&best.1) {
+                best = (float.len(), current);
             }
         }
-        float.retain(|f| float_set.contains(&f.node));
+        if !search_goal.met(&current) && best.0 < float.len() {
+            float.truncate(best.0);
+            float_set = float.iter().map(|f| f.node.clone()).collect();
+            current = best.1;
+        }
+        // Pruning: put back each node whose fallback the target no longer needs.
+        if search_goal.met(&current) && float.len() > 1 {
+            for step in float.clone() {
+                let mut s = float_set.clone();
+                s.remove(&step.node);
+                let sc = score_with(&[&s])?[0];
+                variants += 1;
+                if search_goal.met(&sc) {
+                    float_set = s;
+                    current = sc;
+                    restored.push(step.node.clone());
+                }
+            }
+            float.retain(|f| float_set.contains(&f.node));
+        }
+        // Met on the search samples: checked on the whole evaluation data.
+        let Some(check) = check.as_mut() else { break };
+        if !search_goal.met(&current) {
+            break;
+        }
+        let model = variant(
+            prepared,
+            opts,
+            &expand(&float_set),
+            &ranges,
+            shifts.as_ref(),
+        )?;
+        let whole = check(&model)?;
+        variants += 1;
+        let raised = (!goal.met(&whole) && checks.len() + 1 < MAX_CHECKS)
+            .then(|| raise(&goal, &search_goal, &current, &whole))
+            // a goal the current state already meets cannot move the search
+            .filter(|g| !g.met(&current));
+        checks.push(TargetCheck {
+            left_float: float.len(),
+            search_score: current,
+            score: whole,
+            raised_sqnr_db: raised.and_then(|g| g.sqnr_db),
+            raised_accuracy: raised.and_then(|g| g.accuracy),
+        });
+        match raised {
+            Some(g) => search_goal = g,
+            None => break,
+        }
     }
+    restored.retain(|n| !float_set.contains(n));
     let float_set = expand(&float_set);
     let final_plan = plan_with(&prepared.float, opts, &float_set)?;
     let compute_nodes = compute_total;
@@ -576,6 +670,7 @@ pub fn search<S: SampleSource + ?Sized>(
             compute_quantized,
             variants,
             bias_correction: shifts.is_some(),
+            checks,
         },
         ranges,
     })
