@@ -14,6 +14,7 @@ pub mod params;
 pub mod plan;
 pub mod qdq;
 pub mod qoperator;
+pub mod segments;
 pub mod target;
 
 use serde::Serialize;

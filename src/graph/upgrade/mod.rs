@@ -479,7 +479,8 @@ pub fn upgrade(model: &mut Model, to: i64) -> Result<UpgradeReport> {
     Ok(report)
 }
 
-fn tensor_value_info(name: &str, ty: ElemType, shape: &[usize]) -> ValueInfoProto {
+/// A tensor value declaration with a concrete shape.
+pub(crate) fn tensor_value_info(name: &str, ty: ElemType, shape: &[usize]) -> ValueInfoProto {
     let mut s = TensorShapeProto::new();
     for &d in shape {
         let mut dim = tensor_shape_proto::Dimension::new();
