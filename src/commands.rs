@@ -949,6 +949,46 @@ fn reference_runner(path: &Path, to: Option<i64>, sample: &Sample) -> Result<Run
     Runner::new_lending(&mut m, sample, &[])
 }
 
+/// Timed runs of each model in [`fallback_cost`].
+const LATENCY_RUNS: usize = 5;
+
+/// The median of [`LATENCY_RUNS`] runs of `r` on `s` after one warm-up, ms.
+fn median_ms(r: &Runner, s: &Sample) -> Result<f64> {
+    r.run(s)?;
+    let mut t = Vec::with_capacity(LATENCY_RUNS);
+    for _ in 0..LATENCY_RUNS {
+        let start = std::time::Instant::now();
+        r.run(s)?;
+        t.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[LATENCY_RUNS / 2])
+}
+
+/// Sizes and tract latencies of the float model (read again from `path`, raised to `to`),
+/// `all` (every node of the plan quantized) and `written`, on the first evaluation sample.
+fn fallback_cost(
+    path: &Path,
+    to: Option<i64>,
+    all: &Model,
+    written: &Model,
+    eval: &dyn SampleSource,
+) -> Result<crate::quant::target::FallbackCost> {
+    let _p = progress::phase("timing the float, all-quantized and written models in tract");
+    let sample = eval.read(0)?.into_owned().inputs;
+    let latency_float_ms = median_ms(&reference_runner(path, to, &sample)?, &sample)?;
+    let latency_all_quantized_ms = median_ms(&Runner::new(all, &sample, &[])?, &sample)?;
+    let latency_ms = median_ms(&Runner::new(written, &sample, &[])?, &sample)?;
+    Ok(crate::quant::target::FallbackCost {
+        size_all_quantized: protobuf::Message::compute_size(&all.proto),
+        size: protobuf::Message::compute_size(&written.proto),
+        latency_float_ms,
+        latency_all_quantized_ms,
+        latency_ms,
+        latency_runs: LATENCY_RUNS,
+    })
+}
+
 /// `qfold quantize`: fuses, calibrates on tract, emits QDQ (or QOperator), evaluates against
 /// the float model and writes the result unless `job.check` is set and the SQNR is too low.
 pub fn quantize_file(
@@ -997,6 +1037,7 @@ pub fn quantize_file(
     let ranges_file;
     let mut options = job.options.clone();
     let mut target = None;
+    let mut all_quantized = None;
     let calibration = match (&loaded, &job.target) {
         (Some(_), Some(_)) => {
             return Err(Error::Usage(
@@ -1057,6 +1098,7 @@ pub fn quantize_file(
                 .prepared_exclude
                 .extend(found.exclude.iter().cloned());
             ranges_file = found.ranges;
+            all_quantized = found.all_quantized;
             let mut report = found.report;
             report.samples = taken;
             report.realizations = t.realizations;
@@ -1124,6 +1166,15 @@ pub fn quantize_file(
         job.min_sqnr,
         eval_source,
     )?;
+    // what the nodes a target left float cost, in the form written
+    if let (Some(r), Some(mut all)) = (target.as_mut(), all_quantized.take()) {
+        if job.qoperator {
+            crate::quant::qoperator::convert(&mut all)?;
+        }
+        r.cost = Some(fallback_cost(
+            model_path, upgrade_to, &all, &quantized, eval_cases,
+        )?);
+    }
     let mut notes = calib.notes();
     for n in eval_cases.notes() {
         if !notes.contains(&n) {

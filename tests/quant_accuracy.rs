@@ -287,6 +287,21 @@ fn target_sqnr_recovers_what_minmax_misses_in_tract_and_onnx_runtime() {
         (Some(1), Some(3))
     );
     assert_eq!(t["met"], true);
+    // what the two float Gemms cost: float weights, against every node quantized
+    let c = &t["cost"];
+    assert!(
+        c["size"].as_u64().unwrap() > c["size_all_quantized"].as_u64().unwrap(),
+        "{c}"
+    );
+    assert_eq!(
+        c["size"].as_u64(),
+        std::fs::metadata(&out).ok().map(|m| m.len())
+    );
+    for k in ["latency_float_ms", "latency_all_quantized_ms", "latency_ms"] {
+        let ms = c[k].as_f64().unwrap();
+        assert!(ms > 0.0 && ms.is_finite(), "{k}: {c}");
+    }
+    assert_eq!(c["latency_runs"], 5);
     // the written model is the one evaluated: fc3 quantized, fc1 and fc2 float, Relus kept
     let m = qfold::onnx::load(&out).unwrap();
     assert_eq!(count(&m, "Relu"), 2);
@@ -403,7 +418,8 @@ fn a_target_met_on_the_search_samples_is_checked_on_the_whole_evaluation_data() 
     assert_eq!(left, ["fc1", "fc2", "fc3"]);
     assert!(reported_sqnr(&v) >= 36.0);
 
-    // the search on every sample needs no check
+    // the search on every sample needs no check (and a target met with nothing left float
+    // costs nothing)
     let (code, v, stderr) = quantize_outlier(
         &scratch.join("all.onnx"),
         &[
@@ -417,6 +433,15 @@ fn a_target_met_on_the_search_samples_is_checked_on_the_whole_evaluation_data() 
     );
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(v["target"]["checks"].as_array().unwrap().len(), 0);
+    let (code, v, stderr) = quantize_outlier(
+        &scratch.join("none.onnx"),
+        &["--target-sqnr", "10", "--samples", "0"],
+    );
+    // (the evaluation's criterion is the target: MinMax's 17.96 dB passes it)
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(v["evaluation"]["comparison"]["criterion"]["db"], 10.0);
+    assert!(v["target"]["fallback"].as_array().unwrap().is_empty());
+    assert!(v["target"].get("cost").is_none());
 }
 
 #[test]

@@ -200,6 +200,13 @@ def fuse(
     )
 
 
+def _min_sqnr(min_sqnr, target_sqnr):
+    """The evaluation's criterion: ``min_sqnr``, else the target, else 20 dB."""
+    if min_sqnr is not None:
+        return min_sqnr
+    return 20.0 if target_sqnr is None else target_sqnr
+
+
 def convert(
     path,
     out=None,
@@ -321,7 +328,7 @@ def quantize(
     ranges=None,
     save_ranges=None,
     check=False,
-    min_sqnr=20.0,
+    min_sqnr=None,
     allow_contrib_ops=False,
     in_place=False,
     external_data_threshold=None,
@@ -343,9 +350,9 @@ def quantize(
     preset's); ``exclude``: node names or module paths left float; ``op_types``: op types
     left float. The quantized model is evaluated against the float model on ``eval``
     (samples; ``eval_labels`` gives accuracy), or else on the calibration samples themselves
-    (``labels`` labels the calibration rows). An output SQNR below ``min_sqnr`` dB raises
-    :class:`QfoldError` (its ``report`` holds the figures): with ``check`` nothing is
-    written, without it the model is written first.
+    (``labels`` labels the calibration rows). An output SQNR below ``min_sqnr`` dB (default
+    ``target_sqnr`` when given, else 20) raises :class:`QfoldError` (its ``report`` holds the
+    figures): with ``check`` nothing is written, without it the model is written first.
 
     Accuracy tools: ``equalize`` (cross-layer equalization; None: the preset's),
     ``bias_correction`` (None: on with equalization, else off; True / False force it),
@@ -422,7 +429,7 @@ def quantize(
         int(seed),
         _shapes(input_shapes),
         bool(check),
-        float(min_sqnr),
+        float(_min_sqnr(min_sqnr, target_sqnr)),
         bool(allow_contrib_ops),
         bool(in_place),
         external_data_threshold,

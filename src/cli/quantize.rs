@@ -50,9 +50,10 @@ pub struct Args {
     /// below --min-sqnr.
     #[arg(long)]
     check: bool,
-    /// SQNR threshold for --check, in dB.
-    #[arg(long, default_value_t = 20.0)]
-    min_sqnr: f64,
+    /// SQNR threshold of the evaluation (and --check), in dB [default: the --target-sqnr
+    /// when given, else 20].
+    #[arg(long, value_name = "DB")]
+    min_sqnr: Option<f64>,
     /// With --format qoperator: also emit ONNX Runtime's com.microsoft QLinearAdd, QLinearMul,
     /// QLinearConcat and QLinearGlobalAveragePool. tract cannot run them: the evaluation then
     /// runs on the standard-domain model and the written model is for ONNX Runtime.
@@ -94,6 +95,9 @@ pub struct Args {
     #[command(flatten)]
     data: super::data::PreprocessArgs,
 }
+
+/// The evaluation's SQNR criterion without --min-sqnr or --target-sqnr, dB.
+const DEFAULT_MIN_SQNR: f64 = 20.0;
 
 /// The tract preset's measured choice of equalization.
 fn print_equalize_choice(c: &qfold::quant::equalize::EqualizeChoice) {
@@ -297,6 +301,20 @@ fn print_target(t: &qfold::quant::target::TargetReport) {
             raised
         );
     }
+    if let Some(c) = &t.cost {
+        println!(
+            "  cost of the fallback: {} bytes against {} with every node quantized ({:+.1}%); \
+             tract latency (first evaluation sample, median of {}): float {:.2} ms, every node \
+             quantized {:.2} ms, this model {:.2} ms",
+            c.size,
+            c.size_all_quantized,
+            100.0 * (c.size as f64 / c.size_all_quantized.max(1) as f64 - 1.0),
+            c.latency_runs,
+            c.latency_float_ms,
+            c.latency_all_quantized_ms,
+            c.latency_ms
+        );
+    }
     println!(
         "  Conv/ConvTranspose/Gemm/MatMul quantized: {} of {} ({:.1}%)",
         t.compute_quantized,
@@ -351,7 +369,7 @@ pub fn run(a: Args) -> Result<i32> {
         eval,
         save_ranges: a.save_ranges.clone(),
         check: a.check,
-        min_sqnr: a.min_sqnr,
+        min_sqnr: a.min_sqnr.or(a.target_sqnr).unwrap_or(DEFAULT_MIN_SQNR),
         report_layers: a.report_layers.then_some(a.samples),
         target: target(&a)?,
     };

@@ -127,6 +127,25 @@ pub struct TargetReport {
     /// When the search scored on fewer samples than the evaluation data holds: each state
     /// that met the goal on them, scored on the whole evaluation data.
     pub checks: Vec<TargetCheck>,
+    /// With nodes left float: what leaving them float costs (filled by the command that
+    /// writes the model).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<FallbackCost>,
+}
+
+/// What the nodes left float cost, against the model with every node of the plan quantized
+/// (same ranges, same form).
+#[derive(Debug, Clone, Serialize)]
+pub struct FallbackCost {
+    /// Encoded sizes, bytes.
+    pub size_all_quantized: u64,
+    pub size: u64,
+    /// tract latency on the first evaluation sample, ms (median of `latency_runs` runs after
+    /// one warm-up, one thread): the float model, every node quantized, the model written.
+    pub latency_float_ms: f64,
+    pub latency_all_quantized_ms: f64,
+    pub latency_ms: f64,
+    pub latency_runs: usize,
 }
 
 /// A state met on the search samples, checked on the whole evaluation data.
@@ -172,6 +191,9 @@ pub struct TargetResult {
     pub ranges: Ranges,
     pub exclude: Vec<String>,
     pub report: TargetReport,
+    /// With nodes left float: the model with every node of the plan quantized (same ranges),
+    /// against which the fallback's cost in size and latency is measured.
+    pub all_quantized: Option<Model>,
 }
 
 const COMPUTE_OPS: &[&str] = &["Conv", "ConvTranspose", "Gemm", "MatMul"];
@@ -653,6 +675,17 @@ pub fn search<S: SampleSource + ?Sized>(
             return Err(Error::tensor(&v, "no range was observed for this value"));
         }
     }
+    let all_quantized = if float_set.is_empty() {
+        None
+    } else {
+        Some(variant(
+            prepared,
+            opts,
+            &BTreeSet::new(),
+            &ranges,
+            shifts.as_ref(),
+        )?)
+    };
     Ok(TargetResult {
         exclude: float_set.into_iter().collect(),
         report: TargetReport {
@@ -671,7 +704,9 @@ pub fn search<S: SampleSource + ?Sized>(
             variants,
             bias_correction: shifts.is_some(),
             checks,
+            cost: None,
         },
+        all_quantized,
         ranges,
     })
 }
