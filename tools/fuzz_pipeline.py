@@ -18,8 +18,8 @@ from a seeded RNG (mutant ``i`` of ``--seed S`` is always the same model):
   external data references, deleted/duplicated/reordered nodes, cycles, opset and IR changes.
 
 Every mutant goes through ``qfold inspect M``, ``qfold fuse M -o out.onnx``,
-``qfold quantize M -o out.onnx --calib-random 2`` and, when the seed or the mutant has
-Q/DQ nodes, ``qfold convert M -o out.onnx``; each with a timeout (``--timeout``, 20 s) and an
+``qfold quantize M -o out.onnx --calib-random 2`` (plus ``--quantize-args``) and, when the
+seed or the mutant has Q/DQ nodes, ``qfold convert M -o out.onnx``; each with a timeout (``--timeout``, 20 s) and an
 address-space limit (``--mem-gb``, 8 GB, ``resource.setrlimit`` in the child) in a temp dir
 outside the repository.
 
@@ -68,6 +68,7 @@ import os
 import random
 import re
 import resource
+import shlex
 import shutil
 import signal
 import struct
@@ -744,7 +745,8 @@ def commands_for(bin_path: str, model: str, out: str, qdq: bool):
     cmds = [
         ("inspect", [bin_path, "inspect", model]),
         ("fuse", [bin_path, "fuse", model, "-o", out]),
-        ("quantize", [bin_path, "quantize", model, "-o", out, "--calib-random", "2"]),
+        ("quantize", [bin_path, "quantize", model, "-o", out, "--calib-random", "2"]
+         + shlex.split(os.environ.get("QFOLD_FUZZ_QUANTIZE_ARGS", ""))),
     ]
     if qdq:
         cmds.append(("convert", [bin_path, "convert", model, "-o", out]))
@@ -1109,11 +1111,15 @@ def main():
     ap.add_argument("--mem-gb", type=float, default=8.0, help="address-space limit per command (default 8)")
     ap.add_argument("--reduce-budget", type=int, default=300,
                     help="runs spent shrinking each new crasher (0: keep mutants as found)")
+    ap.add_argument("--quantize-args", default="",
+                    help="extra arguments of every quantize run, e.g. '--output-bias-correction'")
     ap.add_argument("--no-soft", action="store_true", help="do not save unnamed-error / contract findings")
     ap.add_argument("--replay", action="store_true", help="re-run the saved crashers against --bin and exit")
     args = ap.parse_args()
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid> prints where the fuzzer is
     args.bin = str(Path(args.bin).resolve())
+    # (workers inherit it)
+    os.environ["QFOLD_FUZZ_QUANTIZE_ARGS"] = args.quantize_args
     if not os.access(args.bin, os.X_OK):
         sys.exit(f"error: qfold binary {args.bin} not found or not executable (cargo build, or --bin)")
     if args.replay:
