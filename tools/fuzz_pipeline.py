@@ -1112,7 +1112,7 @@ def main():
     ap.add_argument("--reduce-budget", type=int, default=300,
                     help="runs spent shrinking each new crasher (0: keep mutants as found)")
     ap.add_argument("--quantize-args", default="",
-                    help="extra arguments of every quantize run, e.g. '--output-bias-correction'")
+                    help="extra arguments of every quantize run, e.g. --quantize-args=--output-bias-correction")
     ap.add_argument("--no-soft", action="store_true", help="do not save unnamed-error / contract findings")
     ap.add_argument("--replay", action="store_true", help="re-run the saved crashers against --bin and exit")
     args = ap.parse_args()
