@@ -168,7 +168,8 @@ impl Segments {
             .ok_or_else(|| Error::tensor(target, "no node computes it"))?;
         // the nodes between known values and the target, dependencies first
         let mut order = Vec::new();
-        let mut seen = vec![false; g.node.len()];
+        // (a set, not a flag per node: the cost of a run follows its nodes, not the model's)
+        let mut seen: HashSet<usize> = HashSet::new();
         let mut leaves: Vec<&str> = Vec::new();
         let mut leaf_seen: HashSet<&str> = HashSet::new();
         let mut stack = vec![(root, false)];
@@ -177,10 +178,9 @@ impl Segments {
                 order.push(n);
                 continue;
             }
-            if seen[n] {
+            if !seen.insert(n) {
                 continue;
             }
-            seen[n] = true;
             stack.push((n, true));
             for v in node_uses(&g.node[n]) {
                 if self.known.contains_key(v) {
@@ -191,7 +191,7 @@ impl Segments {
                     continue;
                 } else {
                     match self.producer(v) {
-                        Some(p) if !seen[p] => stack.push((p, false)),
+                        Some(p) if !seen.contains(&p) => stack.push((p, false)),
                         Some(_) => {}
                         None => {
                             return Err(Error::tensor(
@@ -215,7 +215,7 @@ impl Segments {
                     && self
                         .consumers
                         .get(o)
-                        .is_some_and(|r| r.iter().any(|&c| c == root || !seen[c]))
+                        .is_some_and(|r| r.iter().any(|&c| c == root || !seen.contains(&c)))
                 {
                     outputs.push(o.clone());
                 }
