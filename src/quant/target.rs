@@ -10,7 +10,8 @@
 //! 3. While the target is missed, one more node is left float: every candidate (a quantized
 //!    node that computes, not a data-movement op) is first scored with only itself left
 //!    float; then, greedily, the few best candidates by gain per cost are re-measured on top
-//!    of the nodes already left float and the best is added. Conv, ConvTranspose, Gemm and
+//!    of the nodes already left float and the best is added (when none of them gains, every
+//!    candidate is re-measured; when still none gains, the search stops). Conv, ConvTranspose, Gemm and
 //!    MatMul cost 1 (they are the compute that quantization speeds up); other nodes cost 0.1.
 //!    At least `min_quantized` of the compute nodes stay quantized: when the target needs
 //!    more fallback than that, it is unreachable, and the search returns the best state it
@@ -550,29 +551,45 @@ pub fn search<S: SampleSource + ?Sized>(
             order.sort_by(|&a, &b| {
                 (estimate[b] / candidates[b].2).total_cmp(&(estimate[a] / candidates[a].2))
             });
+            // The best few by estimate are re-measured; when none of them gains, the estimates
+            // are stale, and every candidate is re-measured once. When still none gains, no
+            // single node more helps: the search stops (leaving float nodes that gain nothing
+            // only spent its steps, PP-OCR cls: 45 of 64 steps at +0.00 dB).
+            let all = order.clone();
             order.truncate(REMEASURE);
-            let sets: Vec<BTreeSet<String>> = order
-                .iter()
-                .map(|&k| {
-                    let mut s = float_set.clone();
-                    s.insert(candidates[k].0.clone());
-                    s
-                })
-                .collect();
-            let refs: Vec<&BTreeSet<String>> = sets.iter().collect();
-            let s = score_with(&refs)?;
-            variants += s.len();
-            for (&k, sc) in order.iter().zip(&s) {
-                estimate[k] = goal.merit(sc) - goal.merit(&current);
+            let mut s;
+            let mut pick;
+            loop {
+                let sets: Vec<BTreeSet<String>> = order
+                    .iter()
+                    .map(|&k| {
+                        let mut s = float_set.clone();
+                        s.insert(candidates[k].0.clone());
+                        s
+                    })
+                    .collect();
+                let refs: Vec<&BTreeSet<String>> = sets.iter().collect();
+                s = score_with(&refs)?;
+                variants += s.len();
+                for (&k, sc) in order.iter().zip(&s) {
+                    estimate[k] = goal.merit(sc) - goal.merit(&current);
+                }
+                pick = (0..order.len())
+                    .max_by(|&a, &b| {
+                        (estimate[order[a]] / candidates[order[a]].2)
+                            .total_cmp(&(estimate[order[b]] / candidates[order[b]].2))
+                    })
+                    .expect("at least one candidate");
+                if estimate[order[pick]] > 0.0 || order.len() == all.len() {
+                    break;
+                }
+                order = all.clone();
             }
-            let pick = (0..order.len())
-                .max_by(|&a, &b| {
-                    (estimate[order[a]] / candidates[order[a]].2)
-                        .total_cmp(&(estimate[order[b]] / candidates[order[b]].2))
-                })
-                .expect("at least one candidate");
             let k = order[pick];
             let gain = estimate[k];
+            if gain <= 0.0 {
+                break;
+            }
             if candidates[k].2 >= 1.0 {
                 compute_float += 1;
             }
@@ -583,12 +600,7 @@ pub fn search<S: SampleSource + ?Sized>(
                 op_type: candidates[k].1.clone(),
                 score: current,
                 reason: format!(
-                    "{} {:+.2} {}{}",
-                    if gain > 0.0 {
-                        "the best measured gain"
-                    } else {
-                        "no candidate gains; the least loss"
-                    },
+                    "the best measured gain {:+.2} {}{}",
                     gain,
                     if goal.accuracy.is_some() {
                         "(accuracy x1000)"
