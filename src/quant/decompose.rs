@@ -177,6 +177,42 @@ pub fn declared_rank(g: &crate::onnx::proto::GraphProto, name: &str) -> Option<u
         .map(|s| s.dim.len())
 }
 
+/// The rank `name` is declared with, or else that of the value a QuantizeLinear or
+/// DequantizeLinear (which keep the shape) reads it from or writes it to, `depth` such steps
+/// at most: quantization moves a graph output's name (and its declared shape) past the Q / DQ
+/// pair after the node that made it.
+fn rank_through_qdq(
+    nodes: &[NodeProto],
+    g: &crate::onnx::proto::GraphProto,
+    name: &str,
+    depth: usize,
+) -> Option<usize> {
+    if let Some(r) = declared_rank(g, name) {
+        return Some(r);
+    }
+    if depth == 0 || name.is_empty() {
+        return None;
+    }
+    let qdq = |n: &&NodeProto| {
+        matches!(n.op_type.as_str(), "QuantizeLinear" | "DequantizeLinear")
+            && (n.domain.is_empty() || n.domain == "ai.onnx")
+    };
+    let before = nodes
+        .iter()
+        .filter(qdq)
+        .find(|n| n.output.first().is_some_and(|o| o == name))
+        .and_then(|n| n.input.first())
+        .and_then(|x| rank_through_qdq(nodes, g, x, depth - 1));
+    before.or_else(|| {
+        nodes
+            .iter()
+            .filter(qdq)
+            .filter(|n| n.input.first().is_some_and(|i| i == name))
+            .filter_map(|n| n.output.first())
+            .find_map(|y| rank_through_qdq(nodes, g, y, depth - 1))
+    })
+}
+
 /// The nodes of `g` as tract should run them: each Softmax that reads a DequantizeLinear
 /// output or feeds a QuantizeLinear becomes `Exp(x - ReduceMax(x)) / ReduceSum(...)` over its
 /// axis (the same function, in float). tract turns DequantizeLinear -> Softmax ->
@@ -228,7 +264,10 @@ pub fn softmax_for_tract(
         };
         let next_to_q = dequantized.contains(x.as_str()) || quantized.contains(y.as_str());
         let axis = (n.op_type == "Softmax" && default_domain(n) && next_to_q && !x.is_empty())
-            .then(|| softmax_axis(n, opset, declared_rank(g, x).or(declared_rank(g, y))))
+            .then(|| {
+                let rank = rank_through_qdq(nodes, g, x, 4).or(rank_through_qdq(nodes, g, y, 4));
+                softmax_axis(n, opset, rank)
+            })
             .flatten();
         let Some(axis) = axis else {
             out.push(n.clone());
