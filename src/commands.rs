@@ -659,6 +659,8 @@ pub struct QuantizeSettings {
     pub bias_correction: bool,
     /// No bias correction with equalization either.
     pub no_bias_correction: bool,
+    /// High-bias absorption, measured on the calibration data.
+    pub high_bias_absorption: bool,
     /// Correct biases for the mean error of each layer's output in the quantized model.
     pub output_bias_correction: bool,
 }
@@ -686,6 +688,7 @@ impl Default for QuantizeSettings {
             equalize: None,
             bias_correction: false,
             no_bias_correction: false,
+            high_bias_absorption: false,
             output_bias_correction: false,
         }
     }
@@ -796,6 +799,7 @@ impl QuantizeSettings {
         o.bias_correction = self.bias_correction;
         o.output_bias_correction = self.output_bias_correction;
         o.equalize_bias_correction = !self.no_bias_correction;
+        o.high_bias_absorption = self.high_bias_absorption;
         Ok(o)
     }
 }
@@ -1058,7 +1062,7 @@ pub fn quantize_file(
         (None, Some(t)) => {
             let eval = eval_cases.as_deref().unwrap_or(calib.as_ref());
             // (the search corrects biases as the model written will be corrected)
-            let prepared = crate::quant::prepare(&model, &options)?;
+            let prepared = crate::quant::prepare_on(&model, &options, calib.as_ref())?;
             let reference = analysis_reference(&model, &prepared)?;
             let cases = crate::quant::analyze::take_samples(eval, t.samples)?;
             let taken = cases.len();
@@ -1130,6 +1134,7 @@ pub fn quantize_file(
             let source = eval_source.clone();
             Some(analyze_with_ranges(
                 &load(model_path)?,
+                calib.as_ref(),
                 &ranges,
                 &job.options,
                 eval,
@@ -1321,6 +1326,7 @@ pub struct AnalyzeOutput {
 /// quantized tensor on `samples` samples of `eval` (0: all).
 fn analyze_with_ranges(
     model: &Model,
+    calib: &dyn SampleSource,
     ranges: &Ranges,
     opts: &QuantizeOptions,
     eval: &dyn SampleSource,
@@ -1331,7 +1337,7 @@ fn analyze_with_ranges(
     // bias correction changed the weights' biases only; the analysis is of the same plan
     opts.bias_correction = false;
     opts.output_bias_correction = false;
-    let prepared = crate::quant::prepare(model, &opts)?;
+    let prepared = crate::quant::prepare_on(model, &opts, calib)?;
     let (ranges, _) =
         crate::quant::calibrate_prepared(&prepared, Calibration::Ranges(ranges), &opts)?;
     let reference = analysis_reference(model, &prepared)?;
@@ -1380,7 +1386,7 @@ pub fn analyze_file(
         Some((i, s)) => (Some(i.open(&model)?), s),
         None => (None, "the calibration data (no --eval given)".into()),
     };
-    let prepared = crate::quant::prepare(&model, &opts)?;
+    let prepared = crate::quant::prepare_on(&model, &opts, calib.as_ref())?;
     let (ranges, _) =
         crate::quant::calibrate_prepared(&prepared, Calibration::Source(calib.as_ref()), &opts)?;
     let eval_source = eval.as_deref().unwrap_or(calib.as_ref());

@@ -925,3 +925,88 @@ fn equalize_corrects_biases_and_the_tract_preset_measures_it() {
         );
     }
 }
+
+/// High-bias absorption after equalization: in [`dw_relu6_model`] with a high bias on the
+/// depthwise conv's first channel, the equalized ReLU6 before the 1x1 projection (`Relu ->
+/// Min(x, cap)`) gives up each channel's lower bound to `pw2`'s bias, and its cap drops by the
+/// same amount; the first ReLU6 feeds a padded depthwise conv and is left as it is. The float
+/// model computes the same outputs on the calibration samples, the report says what moved, and
+/// the CLI refuses the option with `--ranges` (it measures on calibration samples).
+#[test]
+fn high_bias_absorption_after_equalization_is_exact_on_the_calibration_data() {
+    use qfold::onnx::TensorData;
+    let mut model = dw_relu6_model();
+    let b2 = model
+        .graph_mut()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == "b2")
+        .unwrap();
+    let mut v = TensorData::from_proto(b2).unwrap().to_f64();
+    v[[0]] = 8.0;
+    *b2 = TensorData::from_f64(v, qfold::onnx::ElemType::F32)
+        .unwrap()
+        .to_proto("b2");
+    let calib = dw_relu6_cases(0..8);
+    let opts = QuantizeOptions {
+        per_channel: false,
+        equalize: true,
+        high_bias_absorption: true,
+        ..QuantizeOptions::default()
+    };
+    let mut prepared = prepare(&model, &opts).unwrap();
+    let before = prepared.float.clone();
+    qfold::quant::absorb_prepared(&mut prepared, &calib, &opts).unwrap();
+    let r = prepared.absorption.as_ref().unwrap();
+    assert_eq!(r.samples, 8);
+    assert_eq!(r.activations.len(), 1, "{r:?}");
+    let a = &r.activations[0];
+    assert!(
+        a.chain.starts_with("dw -> ") && a.chain.ends_with("pw2"),
+        "{a:?}"
+    );
+    assert!(a.absorbed >= 1 && a.max_amount > 1.0, "{a:?}");
+    for c in &calib {
+        assert_close(
+            &run(&before, c),
+            &run(&prepared.float, c),
+            qfold::verify::Criterion::Tolerance {
+                atol: 1e-4,
+                rtol: 1e-4,
+            },
+            "absorbed",
+        );
+    }
+    // the plan follows the new bias names
+    let b = &qfold::graph::Graph::of_model(&prepared.float);
+    let pw2 = b.node(b.node_by_name("pw2").unwrap());
+    assert!(prepared
+        .plan
+        .biases
+        .iter()
+        .any(|w| w.node == "pw2" && w.tensor == pw2.input[2]));
+
+    // the CLI: refused with --ranges, reported with --calib
+    let scratch = TempDir::new("absorb");
+    let out = scratch.join("q.onnx");
+    let ranges = scratch.join("r.json");
+    let saved = quantize_digits(&out, &["--save-ranges", ranges.to_str().unwrap()]);
+    assert!(saved["quantization"].get("high_bias_absorption").is_none());
+    let (code, _, err) = run_qfold(&[
+        "quantize",
+        &digits_path("model.onnx"),
+        "-o",
+        out.to_str().unwrap(),
+        "--ranges",
+        ranges.to_str().unwrap(),
+        "--high-bias-absorption",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("give --calib, not --ranges"), "{err}");
+    // (the digits CNN's Relus feed MaxPool or padded convs: nothing to absorb, as reported)
+    let v = quantize_digits(&out, &["--high-bias-absorption"]);
+    let h = &v["quantization"]["high_bias_absorption"];
+    assert!(h["samples"].as_u64().unwrap() > 0, "{h}");
+    assert_eq!(h["activations"].as_array().map(Vec::len), Some(0), "{h}");
+    assert_eq!(reported_sqnr(&v), reported_sqnr(&saved));
+}

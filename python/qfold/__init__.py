@@ -317,6 +317,7 @@ def quantize(
     threads=0,
     equalize=None,
     bias_correction=None,
+    high_bias_absorption=False,
     output_bias_correction=False,
     eval=None,
     eval_labels=None,
@@ -356,6 +357,8 @@ def quantize(
 
     Accuracy tools: ``equalize`` (cross-layer equalization; None: the preset's),
     ``bias_correction`` (None: on with equalization, else off; True / False force it),
+    ``high_bias_absorption`` (the bias before each Relu / ReLU6 lowered by the smallest value
+    its channel takes on the calibration data, the next layer's raised to match),
     ``output_bias_correction`` (biases corrected for the mean error of each layer's output in
     the quantized model, upstream rounding included),
     ``report_layers`` (the per-tensor table of :func:`analyze` in
@@ -405,6 +408,7 @@ def quantize(
         "threads": int(threads),
         "equalize": None if equalize is None else bool(equalize),
         "bias_correction": None if bias_correction is None else bool(bias_correction),
+        "high_bias_absorption": bool(high_bias_absorption),
         "output_bias_correction": bool(output_bias_correction),
     }
     accuracy = {
@@ -509,6 +513,7 @@ def analyze(
     affine_folding=True,
     threads=0,
     equalize=None,
+    high_bias_absorption=False,
 ):
     """Per-tensor quantization sensitivity (``qfold analyze --json``): calibrate once, then for
     every quantized tensor its own SQNR, the model's output SQNR with only it quantized and with
@@ -541,6 +546,7 @@ def analyze(
         "threads": int(threads),
         "equalize": None if equalize is None else bool(equalize),
         "bias_correction": None,
+        "high_bias_absorption": bool(high_bias_absorption),
         "output_bias_correction": False,
     }
     return json.loads(_run(_native.analyze, _path(path), settings, calib, eval_spec, int(samples)))

@@ -258,6 +258,7 @@ struct Settings {
     equalize: Option<bool>,
     /// None: the default (on with equalization); true: on; false: off, even with equalization.
     bias_correction: Option<bool>,
+    high_bias_absorption: bool,
     output_bias_correction: bool,
 }
 
@@ -317,6 +318,7 @@ impl From<Settings> for QuantizeSettings {
             equalize: s.equalize,
             bias_correction: s.bias_correction == Some(true),
             no_bias_correction: s.bias_correction == Some(false),
+            high_bias_absorption: s.high_bias_absorption,
             output_bias_correction: s.output_bias_correction,
         }
     }

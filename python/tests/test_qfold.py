@@ -226,6 +226,13 @@ def test_analyze_and_accuracy_options(tmp_path, calib):
                        output_bias_correction=True)
     assert len(r["quantization"]["output_bias_correction"]["layers"]) == 5
     assert "bias_correction" not in r["quantization"]
+    # high-bias absorption is measured and reported (the digits CNN's Relus feed MaxPool or
+    # padded convs, so nothing moves)
+    r = qfold.quantize(MODEL, tmp_path / "hba.onnx", {"input": calib}, eval=DIGITS / "eval",
+                       high_bias_absorption=True)
+    assert r["quantization"]["high_bias_absorption"]["activations"] == []
+    a = qfold.analyze(MODEL, {"input": calib}, samples=1, high_bias_absorption=True)
+    assert a["options"]["high_bias_absorption"] is True
     r = qfold.quantize(MODEL, tmp_path / "t.onnx", {"input": calib}, eval=DIGITS / "eval",
                        target_sqnr=41, report_layers=True, samples=2)
     assert r["target"]["met"] and sqnr(r) >= 41

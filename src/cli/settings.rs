@@ -76,6 +76,12 @@ pub struct SettingsArgs {
     /// No bias correction, not even with --equalize.
     #[arg(long)]
     no_bias_correction: bool,
+    /// High-bias absorption (Nagel et al. 2019, section 4.1.1): lower the bias before each
+    /// Relu / ReLU6 by the smallest value its channel takes on the calibration data, and raise
+    /// the next layer's bias to match (where that layer is a Conv without padding or a Gemm).
+    /// Exact on the calibration data; it narrows activation ranges that equalization widened.
+    #[arg(long)]
+    high_bias_absorption: bool,
     /// Correct each quantized Conv / Gemm bias for the mean error of its output in the
     /// quantized model (its weight's rounding and every rounding upstream), measured on the
     /// calibration data layer group by layer group (AIMET's empirical bias correction).
@@ -115,6 +121,7 @@ impl SettingsArgs {
             },
             bias_correction: self.bias_correction,
             no_bias_correction: self.no_bias_correction,
+            high_bias_absorption: self.high_bias_absorption,
             output_bias_correction: self.output_bias_correction,
         }
     }

@@ -34,12 +34,12 @@
 //! of activations between them, must have exactly one consumer and not be a graph output; the
 //! weights must be constant. A channel whose range is zero on either side keeps `s_i = 1`.
 //!
-//! High-bias absorption (section 4.1.1) is not done: it is exact only where the absorbed
-//! amount never exceeds the activation's input, which a data-free pass can only assume from
-//! BatchNormalization statistics that fusion has already folded away. Bias correction
-//! ([`super::bias_correction`]), which `quantize` runs after equalization unless told not to
-//! (the paper's pipeline, section 4.2, here empirical), removes the mean shift instead; on
-//! resnet18 per-tensor weights need it to come within 1 dB of per-channel ones.
+//! High-bias absorption (section 4.1.1) is [`super::absorb`] (`--high-bias-absorption`),
+//! measured on the calibration data, since the BatchNormalization statistics the paper bounds
+//! activations with are folded away by then. Bias correction ([`super::bias_correction`]),
+//! which `quantize` runs after equalization unless told not to (the paper's pipeline, section
+//! 4.2, here empirical), removes the mean shift; on resnet18 per-tensor weights need it to come
+//! within 1 dB of per-channel ones.
 //!
 //! Equalization is exact in float but not free: it changes the activation ranges per-tensor
 //! activation quantization sees. [`choose`] measures both ways (the tract preset).
@@ -397,7 +397,10 @@ fn space_from(g: &Graph, w: usize) -> Option<Space> {
 }
 
 /// Clip's (min, max) when both are constant (absent bounds are infinite).
-fn clip_bounds(g: &Graph, n: &crate::onnx::proto::NodeProto) -> Result<Option<(f64, f64)>> {
+pub(crate) fn clip_bounds(
+    g: &Graph,
+    n: &crate::onnx::proto::NodeProto,
+) -> Result<Option<(f64, f64)>> {
     let mut b = [f64::NEG_INFINITY, f64::INFINITY];
     for (slot, name) in [(1usize, "min"), (2, "max")] {
         match n.input.get(slot).filter(|s| !s.is_empty()) {

@@ -4,6 +4,7 @@
 //! every batch into [`observe`] observers) -> compute parameters ([`params`]) -> emit QDQ
 //! ([`qdq`]) -> check on tract.
 
+pub mod absorb;
 pub mod analyze;
 pub mod bias_correction;
 pub mod calibrate;
@@ -109,6 +110,7 @@ impl Preset {
             equalize: false,
             equalize_measured: false,
             equalize_bias_correction: true,
+            high_bias_absorption: false,
             bias_correction: false,
             output_bias_correction: false,
             quantize_softmax: matches!(self, Preset::Qfold | Preset::Ort),
@@ -186,6 +188,10 @@ pub struct QuantizeOptions {
     /// empirical); skipped when the ranges come from a file (`--no-bias-correction` turns it
     /// off). Per-tensor weights need it to come within 1 dB of per-channel on resnet18.
     pub equalize_bias_correction: bool,
+    /// Lower the bias before each Relu / ReLU6 by the smallest value its channel takes on the
+    /// calibration samples, and raise the next layer's bias to match ([`absorb`]; the
+    /// equalization paper's high-bias absorption).
+    pub high_bias_absorption: bool,
     /// Correct each quantized layer's bias for the mean shift its weight quantization causes
     /// ([`bias_correction`]).
     pub bias_correction: bool,
@@ -256,6 +262,9 @@ pub struct QuantizeReport {
     /// Cross-layer equalization (`--equalize`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub equalization: Option<equalize::EqualizeReport>,
+    /// High-bias absorption (`--high-bias-absorption`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub high_bias_absorption: Option<absorb::AbsorbReport>,
     /// Bias correction (`--bias-correction`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bias_correction: Option<bias_correction::BiasCorrectionReport>,
@@ -339,6 +348,8 @@ pub struct Prepared {
     pub plan: QuantPlan,
     pub fusion: Option<FuseReport>,
     pub equalization: Option<equalize::EqualizeReport>,
+    /// High-bias absorption, once done ([`absorb_prepared`]).
+    pub absorption: Option<absorb::AbsorbReport>,
     /// The opset raised (from, to) and the nodes rewritten on the way.
     pub upgraded: Option<(i64, i64, Vec<String>)>,
     /// HardSwish nodes rewritten as `x * HardSigmoid(x)` ([`decompose`]).
@@ -437,10 +448,41 @@ fn prepare_checked(mut float: Model, opts: &QuantizeOptions) -> Result<Prepared>
         plan,
         fusion,
         equalization,
+        absorption: None,
         upgraded,
         decomposed,
         gemm_from_matmul,
     })
+}
+
+/// High-bias absorption on `prepared.float`, measured on `samples` ([`absorb`]), when the
+/// options ask for it and it was not done yet; the plan follows the new bias names.
+pub fn absorb_prepared<S: crate::verify::SampleSource + ?Sized>(
+    prepared: &mut Prepared,
+    samples: &S,
+    opts: &QuantizeOptions,
+) -> Result<()> {
+    if !opts.high_bias_absorption || prepared.absorption.is_some() {
+        return Ok(());
+    }
+    let _p = crate::progress::phase("absorbing high biases");
+    let r = absorb::absorb(&mut prepared.float, samples)?;
+    if !r.activations.is_empty() {
+        prepared.plan = plan::plan(&prepared.float, &opts.plan_options())?;
+    }
+    prepared.absorption = Some(r);
+    Ok(())
+}
+
+/// [`prepare`], then [`absorb_prepared`] on `samples`.
+pub fn prepare_on(
+    model: &Model,
+    opts: &QuantizeOptions,
+    samples: &dyn crate::verify::SampleSource,
+) -> Result<Prepared> {
+    let mut p = prepare(model, opts)?;
+    absorb_prepared(&mut p, samples, opts)?;
+    Ok(p)
 }
 
 /// Calibrates `prepared.float` (or takes the ranges given) for the plan's values; the model's
@@ -625,6 +667,20 @@ fn quantize_prepared(
         }
         _ => None,
     };
+    if opts.high_bias_absorption {
+        match &calibration {
+            Calibration::Samples(s) => absorb_prepared(&mut prepared, *s, opts)?,
+            Calibration::Source(s) | Calibration::Chosen { samples: s, .. } => {
+                absorb_prepared(&mut prepared, *s, opts)?
+            }
+            Calibration::Ranges(_) => {
+                return Err(Error::Usage(
+                    "--high-bias-absorption measures on calibration samples: give --calib, not --ranges"
+                        .into(),
+                ))
+            }
+        }
+    }
     let (ranges, from_file) = calibrate_prepared_lending(&mut prepared, calibration, opts)?;
     let bias_correction = match bias_samples.filter(|_| opts.corrects_biases()) {
         Some(s) => {
@@ -669,6 +725,7 @@ fn quantize_prepared(
         plan,
         fusion,
         equalization,
+        absorption,
         upgraded,
         decomposed,
         gemm_from_matmul,
@@ -681,6 +738,7 @@ fn quantize_prepared(
         options: opts.clone(),
         fusion,
         equalization,
+        high_bias_absorption: absorption,
         bias_correction,
         output_bias_correction,
         plan,
