@@ -650,8 +650,9 @@ pub struct QuantizeSettings {
     pub no_constant_folding: bool,
     /// Initializers that are also graph inputs become constants.
     pub inputs_as_constants: bool,
-    /// Fuse without the channel-affine folds.
-    pub no_affine_folding: bool,
+    /// The channel-affine folds: `Some(false)` without them, `Some(true)` with them, `None`:
+    /// with them unless leaving them out measures better ([`crate::quant::choose_affine_folding`]).
+    pub affine_folding: Option<bool>,
     pub threads: usize,
     /// Cross-layer equalization before quantizing (`None`: the preset's).
     pub equalize: Option<bool>,
@@ -683,7 +684,7 @@ impl Default for QuantizeSettings {
             fuse: true,
             no_constant_folding: false,
             inputs_as_constants: false,
-            no_affine_folding: false,
+            affine_folding: None,
             threads: 0,
             equalize: None,
             bias_correction: false,
@@ -790,7 +791,10 @@ impl QuantizeSettings {
         o.fuse = self.fuse;
         o.no_constant_folding = self.no_constant_folding;
         o.inputs_as_constants = self.inputs_as_constants;
-        o.no_affine_folding = self.no_affine_folding;
+        if let Some(f) = self.affine_folding {
+            o.no_affine_folding = !f;
+            o.affine_folding_measured = false;
+        }
         o.threads = self.threads;
         if let Some(e) = self.equalize {
             o.equalize = e;
@@ -831,6 +835,9 @@ pub struct QuantizeOutput {
     /// The tract preset's measured choice of equalization ([`crate::quant::equalize::choose`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub equalize_choice: Option<crate::quant::equalize::EqualizeChoice>,
+    /// The measured choice of the channel-affine folds ([`crate::quant::choose_affine_folding`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affine_folding_choice: Option<crate::quant::AffineFoldingChoice>,
     /// The path written, `None` when the check failed.
     pub written: Option<String>,
     /// How the calibration and evaluation data were read (layouts, casts, files left out,
@@ -1114,6 +1121,20 @@ pub fn quantize_file(
         }
         (None, None) => Calibration::Source(calib.as_ref()),
     };
+    // the channel-affine folds, kept unless leaving them out measures better
+    let affine_folding_choice = match (
+        &calibration,
+        options.fuse && !options.no_affine_folding && options.affine_folding_measured,
+    ) {
+        (Calibration::Source(c), true) => {
+            let choice = crate::quant::choose_affine_folding(&model, *c, &options)?;
+            if let Some(ch) = &choice {
+                options.no_scalar_affine_folding = !ch.folded;
+            }
+            choice
+        }
+        _ => None,
+    };
     // the tract preset's equalization, kept where it measures better
     let equalize_choice = match (&calibration, options.equalize && options.equalize_measured) {
         (Calibration::Source(c), true) => {
@@ -1242,6 +1263,7 @@ pub fn quantize_file(
         layers,
         target,
         equalize_choice,
+        affine_folding_choice,
         written: dest.written(passed),
         notes,
         min_sqnr: job.min_sqnr,

@@ -313,7 +313,7 @@ def quantize(
     exclude=None,
     op_types=None,
     fuse=True,
-    affine_folding=True,
+    affine_folding=None,
     threads=0,
     equalize=None,
     bias_correction=None,
@@ -357,6 +357,9 @@ def quantize(
 
     Accuracy tools: ``equalize`` (cross-layer equalization; None: the preset's),
     ``bias_correction`` (None: on with equalization, else off; True / False force it),
+    ``affine_folding`` (None: Add / Sub / Mul / Div by constants after a Conv, ConvTranspose,
+    Gemm or MatMul folded into it unless leaving them out measures better on the calibration
+    samples; True / False decide without measuring),
     ``high_bias_absorption`` (the bias before each Relu / ReLU6 lowered by the smallest value
     its channel takes on the calibration data, the next layer's raised to match),
     ``output_bias_correction`` (biases corrected for the mean error of each layer's output in
@@ -404,7 +407,7 @@ def quantize(
         "exclude": [exclude] if isinstance(exclude, str) else [str(e) for e in exclude or []],
         "op_types": _names(op_types),
         "fuse": bool(fuse),
-        "affine_folding": bool(affine_folding),
+        "affine_folding": None if affine_folding is None else bool(affine_folding),
         "threads": int(threads),
         "equalize": None if equalize is None else bool(equalize),
         "bias_correction": None if bias_correction is None else bool(bias_correction),
@@ -510,7 +513,7 @@ def analyze(
     exclude=None,
     op_types=None,
     fuse=True,
-    affine_folding=True,
+    affine_folding=None,
     threads=0,
     equalize=None,
     high_bias_absorption=False,
@@ -542,7 +545,7 @@ def analyze(
         "exclude": [exclude] if isinstance(exclude, str) else [str(e) for e in exclude or []],
         "op_types": _names(op_types),
         "fuse": bool(fuse),
-        "affine_folding": bool(affine_folding),
+        "affine_folding": None if affine_folding is None else bool(affine_folding),
         "threads": int(threads),
         "equalize": None if equalize is None else bool(equalize),
         "bias_correction": None,

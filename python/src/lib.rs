@@ -179,6 +179,7 @@ fn fuse(
         no_constant_folding: false,
         inputs_as_constants: false,
         no_affine_folding: !affine_folding,
+        no_scalar_affine_folding: false,
     };
     py.allow_threads(|| {
         let dest = destination(&path, out, in_place, external_data_threshold)?;
@@ -252,8 +253,9 @@ struct Settings {
     exclude: Vec<String>,
     op_types: Vec<String>,
     fuse: bool,
-    /// False: Add / Sub / Mul / Div after a Conv, ConvTranspose, Gemm or MatMul stay unfolded.
-    affine_folding: bool,
+    /// False: Add / Sub / Mul / Div after a Conv, ConvTranspose, Gemm or MatMul stay unfolded;
+    /// True: folded; None: folded unless leaving them out measures better.
+    affine_folding: Option<bool>,
     threads: usize,
     equalize: Option<bool>,
     /// None: the default (on with equalization); true: on; false: off, even with equalization.
@@ -313,7 +315,7 @@ impl From<Settings> for QuantizeSettings {
             fuse: s.fuse,
             no_constant_folding: false,
             inputs_as_constants: false,
-            no_affine_folding: !s.affine_folding,
+            affine_folding: s.affine_folding,
             threads: s.threads,
             equalize: s.equalize,
             bias_correction: s.bias_correction == Some(true),

@@ -125,6 +125,7 @@ pub fn run(args: Args) -> Result<i32> {
         no_constant_folding: args.no_constant_folding,
         inputs_as_constants: args.inputs_as_constants,
         no_affine_folding: args.no_affine_folding,
+        no_scalar_affine_folding: false,
     };
     let check = args.check.then(|| FuseCheck {
         inputs: match &args.inputs {

@@ -111,6 +111,19 @@ fn print_equalize_choice(c: &qfold::quant::equalize::EqualizeChoice) {
     );
 }
 
+/// The measured choice of the channel-affine folds.
+fn print_affine_folding_choice(c: &qfold::quant::AffineFoldingChoice) {
+    let db = |s: Option<f64>| s.map_or("inf".to_string(), |d| format!("{d:.2}"));
+    println!(
+        "single-value channel-affine folds ({}) {} (measured on {} calibration samples: {} dB with, {} dB without; --affine-folding / --no-affine-folding decide without measuring)",
+        c.folds,
+        if c.folded { "kept" } else { "left out" },
+        c.samples,
+        db(c.sqnr_with_db),
+        db(c.sqnr_without_db)
+    );
+}
+
 fn print(r: &QuantizeReport, e: &Evaluation, before: u64, after: u64, notes: &[String]) {
     if let Some(f) = &r.fusion {
         println!(
@@ -385,6 +398,9 @@ pub fn run(a: Args) -> Result<i32> {
                 out.size_after,
                 &out.notes,
             );
+            if let Some(c) = &out.affine_folding_choice {
+                print_affine_folding_choice(c);
+            }
             if let Some(c) = &out.equalize_choice {
                 print_equalize_choice(c);
             }

@@ -55,9 +55,13 @@ pub struct SettingsArgs {
     inputs_as_constants: bool,
     /// Fuse without folding Add / Sub / Mul / Div by constants into the Conv, ConvTranspose,
     /// Gemm or MatMul before them: they stay separate ops, quantized as ONNX Runtime
-    /// quantizes them (BatchNormalization still folds).
-    #[arg(long)]
+    /// quantizes them (BatchNormalization still folds). By default quantize makes the folds
+    /// unless leaving them out measures better on the calibration samples.
+    #[arg(long, conflicts_with = "affine_folding")]
     no_affine_folding: bool,
+    /// Make the channel-affine folds without measuring whether leaving them out is better.
+    #[arg(long)]
+    affine_folding: bool,
     /// Calibration threads (0: every core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -112,7 +116,11 @@ impl SettingsArgs {
             fuse: !self.no_fuse,
             no_constant_folding: self.no_constant_folding,
             inputs_as_constants: self.inputs_as_constants,
-            no_affine_folding: self.no_affine_folding,
+            affine_folding: match (self.affine_folding, self.no_affine_folding) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
             threads: self.threads,
             equalize: match (self.equalize, self.no_equalize) {
                 (true, _) => Some(true),

@@ -45,6 +45,9 @@ pub struct FuseOptions {
     /// Leave Add / Sub / Mul / Div after a Conv, ConvTranspose, Gemm or MatMul as they are
     /// (the channel-affine folds); BatchNormalization still folds where it directly follows.
     pub no_affine_folding: bool,
+    /// Without `no_affine_folding`: fold only the constants with a value per channel, not
+    /// single values (see [`rules::conv_affine::conv_affine_per_channel`]).
+    pub no_scalar_affine_folding: bool,
 }
 
 /// One fusion group.
@@ -191,6 +194,10 @@ fn fuse_auto(
     all.extend(fold_rules());
     if opts.no_affine_folding {
         all.retain(|r| r.name != AFFINE_RULE);
+    } else if opts.no_scalar_affine_folding {
+        for r in all.iter_mut().filter(|r| r.name == AFFINE_RULE) {
+            *r = Rule::new(AFFINE_RULE, rules::conv_affine::conv_affine_per_channel);
+        }
     }
     // The Relu groups are read from the engine's index of the final graph.
     let mut relus = Vec::new();

@@ -86,6 +86,17 @@ fn per_channel(
 
 /// Folds the Add / Sub / Mul / Div at node `i` into the Conv, ConvTranspose or Gemm before it.
 pub fn conv_affine(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Outcome>> {
+    fold(g, i, names, true)
+}
+
+/// [`conv_affine`] for constants with a value per channel only: a single value (PP-LCNetV3's
+/// learnable affine blocks, `Conv -> Mul(s) -> Add(t)`) is not a match. ONNX Runtime's
+/// pre-processing folds the per-channel ones (Paddle's bias Adds) and not those.
+pub fn conv_affine_per_channel(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Outcome>> {
+    fold(g, i, names, false)
+}
+
+fn fold(g: &Graph, i: usize, names: &mut Names, scalars: bool) -> Result<Option<Outcome>> {
     let n = g.node(i);
     let op = ["Mul", "Div", "Add", "Sub"]
         .into_iter()
@@ -110,6 +121,9 @@ pub fn conv_affine(g: &Graph, i: usize, names: &mut Names) -> Result<Option<Outc
     };
     let other = &n.input[1 - slot];
     if g.const_source(other).is_none() {
+        return Ok(None);
+    }
+    if !scalars && g.constant(other)?.is_some_and(|t| t.len() == 1) {
         return Ok(None);
     }
     let prod = g.node(p);
