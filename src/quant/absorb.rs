@@ -45,7 +45,6 @@ use crate::graph::{Graph, Names, Patch};
 use crate::onnx::attr::{self, defaults};
 use crate::onnx::proto::NodeProto;
 use crate::onnx::{ElemType, Model, TensorData};
-use crate::runtime::Runner;
 use crate::verify::SampleSource;
 
 /// At most this many calibration samples measure the amounts.
@@ -330,40 +329,30 @@ fn channel_stats<S: SampleSource + ?Sized>(
     count: usize,
 ) -> Result<Vec<ChannelStats>> {
     let mut acc: Vec<Option<ChannelStats>> = vec![None; names.len()];
-    let mut runner: Option<(Runner, Vec<Vec<usize>>)> = None;
-    for k in 0..count {
-        let s = samples.read(k)?;
-        let shapes: Vec<Vec<usize>> = s.inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
-        if runner.as_ref().is_none_or(|(_, sh)| *sh != shapes) {
-            runner = Some((Runner::new(model, &s.inputs, names)?, shapes));
+    super::bias_correction::for_each_value(model, names, samples, count, |j, t| {
+        let a = t.to_f64();
+        if a.ndim() < 2 {
+            return Err(Error::tensor(&names[j], "a measured output of rank < 2"));
         }
-        let (r, _) = runner.as_ref().expect("set above");
-        let out = r.run(&s.inputs)?;
-        let skip = out.len().saturating_sub(names.len());
-        for (j, t) in out[skip..].iter().enumerate() {
-            let a = t.to_f64();
-            if a.ndim() < 2 {
-                return Err(Error::tensor(&names[j], "a measured output of rank < 2"));
-            }
-            let channels = a.shape()[1];
-            let st = acc[j].get_or_insert_with(|| ChannelStats::new(channels));
-            if st.lo.len() != channels {
-                return Err(Error::tensor(
-                    &names[j],
-                    "channel count changed between samples",
-                ));
-            }
-            for (i, c) in a.axis_iter(Axis(1)).enumerate() {
-                for &v in c.iter() {
-                    st.lo[i] = st.lo[i].min(v);
-                    st.hi[i] = st.hi[i].max(v);
-                    st.sum[i] += v;
-                    st.sum_sq[i] += v * v;
-                }
-            }
-            st.n += (a.len() / channels.max(1)) as f64;
+        let channels = a.shape()[1];
+        let st = acc[j].get_or_insert_with(|| ChannelStats::new(channels));
+        if st.lo.len() != channels {
+            return Err(Error::tensor(
+                &names[j],
+                "channel count changed between samples",
+            ));
         }
-    }
+        for (i, c) in a.axis_iter(Axis(1)).enumerate() {
+            for &v in c.iter() {
+                st.lo[i] = st.lo[i].min(v);
+                st.hi[i] = st.hi[i].max(v);
+                st.sum[i] += v;
+                st.sum_sq[i] += v * v;
+            }
+        }
+        st.n += (a.len() / channels.max(1)) as f64;
+        Ok(())
+    })?;
     Ok(acc.into_iter().map(Option::unwrap_or_default).collect())
 }
 

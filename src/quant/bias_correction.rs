@@ -285,15 +285,15 @@ impl Shifts {
     }
 }
 
-/// Per-channel means (over every axis but 1) of the values `names` of `model`, averaged over
-/// `count` samples of `samples` (one runner per input shape), read beside its outputs.
-fn channel_means<S: SampleSource + ?Sized>(
+/// Runs `model` on the first `count` samples of `samples` (one runner per input shape) and
+/// hands `each` the values `names`, read beside its outputs, as `(index in names, value)`.
+pub(super) fn for_each_value<S: SampleSource + ?Sized>(
     model: &Model,
     names: &[String],
     samples: &S,
     count: usize,
-) -> Result<Vec<Vec<f64>>> {
-    let mut sums: Vec<Option<Vec<f64>>> = vec![None; names.len()];
+    mut each: impl FnMut(usize, &TensorData) -> Result<()>,
+) -> Result<()> {
     let mut runner: Option<(Runner, Vec<Vec<usize>>)> = None;
     for k in 0..count {
         let s = samples.read(k)?;
@@ -305,9 +305,24 @@ fn channel_means<S: SampleSource + ?Sized>(
         let out = r.run(&s.inputs)?;
         let skip = out.len().saturating_sub(names.len());
         for (j, t) in out[skip..].iter().enumerate() {
-            add_channel_means(&mut sums[j], &names[j], t, count)?;
+            each(j, t)?;
         }
     }
+    Ok(())
+}
+
+/// Per-channel means (over every axis but 1) of the values `names` of `model`, averaged over
+/// `count` samples of `samples` ([`for_each_value`]).
+fn channel_means<S: SampleSource + ?Sized>(
+    model: &Model,
+    names: &[String],
+    samples: &S,
+    count: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let mut sums: Vec<Option<Vec<f64>>> = vec![None; names.len()];
+    for_each_value(model, names, samples, count, |j, t| {
+        add_channel_means(&mut sums[j], &names[j], t, count)
+    })?;
     Ok(sums.into_iter().map(Option::unwrap_or_default).collect())
 }
 
