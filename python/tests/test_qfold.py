@@ -265,5 +265,13 @@ def test_affine_folding_off(tmp_path):
     # (that model holds DequantizeLinear nodes, which quantize refuses: the digits CNN here)
     q = qfold.quantize(MODEL, tmp_path / "q.onnx", random=4, affine_folding=False)
     assert q["quantization"]["options"]["no_affine_folding"] is True
+    assert q["quantization"]["options"]["affine_folding_measured"] is False
+    # by default the single-value folds are measured (the digits CNN has none: nothing to report)
+    q = qfold.quantize(MODEL, tmp_path / "q2.onnx", random=4)
+    assert q["quantization"]["options"]["affine_folding_measured"] is True
+    assert "affine_folding_choice" not in q
+    q = qfold.quantize(MODEL, tmp_path / "q3.onnx", random=4, affine_folding=True)
+    opts = q["quantization"]["options"]
+    assert opts["no_affine_folding"] is False and opts["affine_folding_measured"] is False
     a = qfold.analyze(MODEL, random=4, samples=1, affine_folding=False)
     assert a["schema"] == "qfold.analyze/1" and a["analysis"]["tensors"]
