@@ -628,25 +628,19 @@ pub fn choose(
     without.equalize = false;
     let mut with = opts.clone();
     with.equalize = true;
-    let cases = super::analyze::take_samples(calib, CHOICE_SAMPLES)?;
-    let samples = cases.len();
     // the reference: the float model as quantization sees it (fused, its opset raised), which
     // computes the same function as `model`
-    let evaluator = {
-        let reference = super::prepare(model, &without)?;
-        super::analyze::Evaluator::new(&reference.float, cases, opts.threads)?
-    };
-    let score = |o: &super::QuantizeOptions| -> Result<Option<f64>> {
-        let _p = crate::progress::phase(if o.equalize {
-            "measuring with equalization"
-        } else {
-            "measuring without equalization"
-        });
-        let (q, _, _) = super::quantize(model, super::Calibration::Source(calib), o)?;
-        Ok(evaluator.score(&q)?.sqnr_db)
-    };
-    let sqnr_without_db = score(&without)?;
-    let sqnr_with_db = score(&with)?;
+    let reference = super::prepare(model, &without)?.float;
+    let (scores, samples) = super::score_variants(
+        model,
+        calib,
+        reference,
+        &[
+            ("measuring without equalization", &without),
+            ("measuring with equalization", &with),
+        ],
+    )?;
+    let (sqnr_without_db, sqnr_with_db) = (scores[0], scores[1]);
     let db = |s: Option<f64>| s.unwrap_or(f64::INFINITY);
     Ok(EqualizeChoice {
         equalized: db(sqnr_with_db) > db(sqnr_without_db),

@@ -495,6 +495,31 @@ pub fn prepare_on(
     Ok(p)
 }
 
+/// Quantizes `model` with each option set of `variants` (each calibrated on `calib`, its
+/// progress phase named by its label) and scores each against `reference` (the float model as
+/// quantization sees it) on the first [`equalize::CHOICE_SAMPLES`] calibration samples: the
+/// worst output's SQNR in dB (`None`: identical to float), and the samples scored. What the
+/// measured choices ([`choose_affine_folding`], [`equalize::choose`]) compare.
+fn score_variants(
+    model: &Model,
+    calib: &dyn crate::verify::SampleSource,
+    reference: Model,
+    variants: &[(&str, &QuantizeOptions)],
+) -> Result<(Vec<Option<f64>>, usize)> {
+    let cases = analyze::take_samples(calib, equalize::CHOICE_SAMPLES)?;
+    let samples = cases.len();
+    let threads = variants.first().map_or(0, |(_, o)| o.threads);
+    let evaluator = analyze::Evaluator::new(&reference, cases, threads)?;
+    drop(reference);
+    let mut scores = Vec::with_capacity(variants.len());
+    for (label, o) in variants {
+        let _p = crate::progress::phase(*label);
+        let (q, _, _) = quantize(model, Calibration::Source(calib), o)?;
+        scores.push(evaluator.score(&q)?.sqnr_db);
+    }
+    Ok((scores, samples))
+}
+
 /// What [`choose_affine_folding`] measured: the worst output's SQNR of the quantized model
 /// against the float one, with and without the single-value channel-affine folds, on the
 /// calibration samples.
@@ -552,23 +577,24 @@ pub fn choose_affine_folding(
     if folds == 0 {
         return Ok(None);
     }
-    let cases = analyze::take_samples(calib, equalize::CHOICE_SAMPLES)?;
-    let samples = cases.len();
     // the reference: the float model as quantization sees it, which computes the same
     // function as `model`
-    let evaluator = analyze::Evaluator::new(&prepared.float, cases, opts.threads)?;
-    drop(prepared);
-    let score = |o: &QuantizeOptions| -> Result<Option<f64>> {
-        let _p = crate::progress::phase(if o.no_scalar_affine_folding {
-            "measuring without the single-value channel-affine folds"
-        } else {
-            "measuring with the single-value channel-affine folds"
-        });
-        let (q, _, _) = quantize(model, Calibration::Source(calib), o)?;
-        Ok(evaluator.score(&q)?.sqnr_db)
-    };
-    let sqnr_with_db = score(&with)?;
-    let sqnr_without_db = score(&without)?;
+    let (scores, samples) = score_variants(
+        model,
+        calib,
+        prepared.float,
+        &[
+            (
+                "measuring with the single-value channel-affine folds",
+                &with,
+            ),
+            (
+                "measuring without the single-value channel-affine folds",
+                &without,
+            ),
+        ],
+    )?;
+    let (sqnr_with_db, sqnr_without_db) = (scores[0], scores[1]);
     let db = |s: Option<f64>| s.unwrap_or(f64::INFINITY);
     Ok(Some(AffineFoldingChoice {
         folded: db(sqnr_with_db) >= db(sqnr_without_db),
