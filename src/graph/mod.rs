@@ -479,6 +479,26 @@ impl<'a> Graph<'a> {
         }
     }
 
+    /// Element type and shape of a constant, read from an initializer's header without
+    /// decoding its data (a Constant node's value is decoded: those are small). `None` when
+    /// `name` is not a constant, its type is unknown or a dimension is negative.
+    pub fn constant_shape(&self, name: &str) -> Option<(ElemType, Vec<usize>)> {
+        match self.const_source(name)? {
+            ConstSource::Initializer(i) => {
+                let t = &self.proto.initializer[i];
+                let dims = t
+                    .dims
+                    .iter()
+                    .map(|&d| usize::try_from(d).ok())
+                    .collect::<Option<Vec<usize>>>()?;
+                Some((ElemType::from_onnx(t.data_type)?, dims))
+            }
+            ConstSource::ConstantNode(p) => constant_node_value(self.node(p))
+                .ok()
+                .map(|t| (t.elem_type(), t.shape().to_vec())),
+        }
+    }
+
     /// Element type of a constant, if known.
     pub fn constant_type(&self, name: &str) -> Option<ElemType> {
         match self.const_source(name)? {

@@ -108,6 +108,19 @@ fn float_constant(g: &Graph, name: &str) -> Result<Option<ArrayD<f64>>> {
     })
 }
 
+/// The shape of a constant float tensor, read without decoding its data (the candidate search
+/// looks at every Conv and Gemm; only the layers rewritten are decoded).
+fn float_shape(g: &Graph, name: &str) -> Option<Vec<usize>> {
+    g.constant_shape(name)
+        .filter(|(ty, _)| ty.is_float())
+        .map(|(_, shape)| shape)
+}
+
+/// Whether a bias of shape `b` adds one value, or one per channel along its last axis.
+fn bias_fits(b: &[usize], channels: usize) -> bool {
+    b.iter().product::<usize>() == 1 || b.last() == Some(&channels)
+}
+
 /// `t` as one value per channel of a rank-`rank` value with `channels` channels on axis 1
 /// (numpy broadcasting), or `None` when it varies along another axis.
 fn per_channel(t: &ArrayD<f64>, channels: usize, rank: usize) -> Option<Vec<f64>> {
@@ -139,26 +152,25 @@ fn writer(g: &Graph, i: usize) -> Result<Option<(usize, usize)>> {
     let Some(w) = n.input.get(1) else {
         return Ok(None);
     };
-    let Some(w) = float_constant(g, w)? else {
+    let Some(w) = float_shape(g, w) else {
         return Ok(None);
     };
     let (channels, rank) = match n.op_type.as_str() {
-        "Conv" if w.ndim() >= 3 => (w.shape()[0], w.ndim()),
-        "Gemm" if w.ndim() == 2 => {
+        "Conv" if w.len() >= 3 => (w[0], w.len()),
+        "Gemm" if w.len() == 2 => {
             if attr::int(n, "transA", defaults::GEMM_TRANS)? != 0
                 || attr::float(n, "beta", defaults::GEMM_BETA)? == 0.0
             {
                 return Ok(None);
             }
             let trans_b = attr::int(n, "transB", defaults::GEMM_TRANS)? != 0;
-            (w.shape()[usize::from(!trans_b)], 2)
+            (w[usize::from(!trans_b)], 2)
         }
         _ => return Ok(None),
     };
     if let Some(b) = n.input.get(2).filter(|s| !s.is_empty()) {
-        match float_constant(g, b)? {
-            Some(b) if b.len() == 1 || (b.ndim() >= 1 && b.shape()[b.ndim() - 1] == channels) => {}
-            _ => return Ok(None),
+        if !float_shape(g, b).is_some_and(|b| bias_fits(&b, channels)) {
+            return Ok(None);
         }
     }
     Ok(Some((channels, rank)))
@@ -177,43 +189,40 @@ fn reader(g: &Graph, r: usize, h: &str, channels: usize) -> Result<bool> {
     let Some(w) = n.input.get(1) else {
         return Ok(false);
     };
-    let Some(w) = float_constant(g, w)? else {
+    let Some(w) = float_shape(g, w) else {
         return Ok(false);
     };
     let out = match n.op_type.as_str() {
-        "Conv" if w.ndim() >= 3 => {
+        "Conv" if w.len() >= 3 => {
             let group = attr::int(n, "group", defaults::GROUP)?.max(1) as usize;
             let pads = attr::ints(n, "pads")?.unwrap_or_default();
             let auto_pad = attr::string(n, "auto_pad")?.unwrap_or_default();
             if pads.iter().any(|&p| p != 0)
                 || !matches!(auto_pad.as_str(), "" | "NOTSET" | "VALID")
-                || w.shape()[0] % group != 0
-                || w.shape()[1].checked_mul(group) != Some(channels)
+                || w[0] % group != 0
+                || w[1].checked_mul(group) != Some(channels)
             {
                 return Ok(false);
             }
-            w.shape()[0]
+            w[0]
         }
-        "Gemm" if w.ndim() == 2 => {
+        "Gemm" if w.len() == 2 => {
             if attr::int(n, "transA", defaults::GEMM_TRANS)? != 0
                 || attr::float(n, "beta", defaults::GEMM_BETA)? == 0.0
             {
                 return Ok(false);
             }
             let trans_b = attr::int(n, "transB", defaults::GEMM_TRANS)? != 0;
-            if w.shape()[usize::from(trans_b)] != channels {
+            if w[usize::from(trans_b)] != channels {
                 return Ok(false);
             }
-            w.shape()[usize::from(!trans_b)]
+            w[usize::from(!trans_b)]
         }
         _ => return Ok(false),
     };
     Ok(match n.input.get(2).filter(|s| !s.is_empty()) {
         None => true,
-        Some(b) => match float_constant(g, b)? {
-            Some(b) => b.len() == 1 || (b.ndim() >= 1 && b.shape()[b.ndim() - 1] == out),
-            None => false,
-        },
+        Some(b) => float_shape(g, b).is_some_and(|b| bias_fits(&b, out)),
     })
 }
 
