@@ -597,21 +597,15 @@ pub fn absorb<S: SampleSource + ?Sized>(model: &mut Model, samples: &S) -> Resul
         });
     }
     for (i, b) in biases {
-        let n = g.node(i);
-        let base = n
-            .input
-            .get(2)
-            .filter(|s| !s.is_empty())
-            .cloned()
-            .unwrap_or_else(|| format!("{}_bias", n.input[1]));
-        let bname = names_gen.fresh(&format!("{base}_absorbed"));
-        patch.add_initializer(TensorData::from_f64(b.values, b.ty)?.to_proto(&bname));
-        let mut node = n.clone();
-        if node.input.len() < 3 {
-            node.input.resize(3, String::new());
-        }
-        node.input[2] = bname;
-        patch.replace_node(i, node);
+        super::bias_correction::write_bias(
+            &mut patch,
+            &mut names_gen,
+            g.node(i),
+            i,
+            b.values,
+            b.ty,
+            "absorbed",
+        )?;
     }
     drop(g);
     patch.apply(model.graph_mut())?;

@@ -258,20 +258,7 @@ impl Shifts {
             for (c, mut col) in bias.axis_iter_mut(Axis(last)).enumerate() {
                 col.mapv_inplace(|v| v - shift[c] / beta);
             }
-            let base = n
-                .input
-                .get(2)
-                .filter(|s| !s.is_empty())
-                .cloned()
-                .unwrap_or_else(|| format!("{}_bias", n.input[1]));
-            let bname = names.fresh(&format!("{base}_corrected"));
-            patch.add_initializer(TensorData::from_f64(bias, ty)?.to_proto(&bname));
-            let mut node = n.clone();
-            if node.input.len() < 3 {
-                node.input.resize(3, String::new());
-            }
-            node.input[2] = bname;
-            patch.replace_node(i, node);
+            write_bias(&mut patch, &mut names, n, i, bias, ty, "corrected")?;
             report.layers.push(CorrectedLayer {
                 node: label(n),
                 max_abs_shift: shift.iter().fold(0.0f64, |a, v| a.max(v.abs())),
@@ -283,6 +270,34 @@ impl Shifts {
         patch.apply(float.graph_mut())?;
         Ok(report)
     }
+}
+
+/// Gives node `i` (`n`, a Conv or Gemm with its weight at input 1) the bias `values` of type
+/// `ty`, under a fresh name made from its old bias's (or its weight's, where it had none) and
+/// `suffix`: the old initializer may be shared with other nodes.
+pub(super) fn write_bias(
+    patch: &mut Patch,
+    names: &mut Names,
+    n: &NodeProto,
+    i: usize,
+    values: ArrayD<f64>,
+    ty: ElemType,
+    suffix: &str,
+) -> Result<()> {
+    let base = match (n.input.get(2).filter(|s| !s.is_empty()), n.input.get(1)) {
+        (Some(b), _) => b.clone(),
+        (None, Some(w)) => format!("{w}_bias"),
+        (None, None) => format!("{}_bias", n.name),
+    };
+    let bname = names.fresh(&format!("{base}_{suffix}"));
+    patch.add_initializer(TensorData::from_f64(values, ty)?.to_proto(&bname));
+    let mut node = n.clone();
+    if node.input.len() < 3 {
+        node.input.resize(3, String::new());
+    }
+    node.input[2] = bname;
+    patch.replace_node(i, node);
+    Ok(())
 }
 
 /// Runs `model` on the first `count` samples of `samples` (one runner per input shape) and
